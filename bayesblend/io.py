@@ -1,0 +1,208 @@
+"""Files: scene FITS and tables, written atomically.
+
+Scene FITS (DESIGN.md "Files"): primary header ``SURVEY``, ``BANDS``
+(comma-separated, in order), ``PIXSCALE``; per band ``b`` the extensions
+``IMAGE_b`` (WCS, ``MAGZERO``, ``FILTER = b``), optional ``VARIANCE_b``,
+``MASK_b`` (non-zero = bad) and ``PSF_b``. Extension names are matched
+case-insensitively. Defaults when reading: ``BANDS`` missing -> the ``FILTER``
+keywords of the ``IMAGE_*`` extensions in file order; ``SURVEY`` missing ->
+``lsst``; ``PIXSCALE`` missing -> from the WCS, else the survey's;
+``MAGZERO`` missing -> the survey's nominal value for that band (an error if
+the band is not in the survey). Every writer writes to a temporary file in the
+destination directory and renames it, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from bayesblend.errors import BayesblendError, SceneFormatError
+from bayesblend.scene import Scene
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_scene(path: str | os.PathLike, scene: Scene) -> Path:
+    """Write ``scene`` as a scene-FITS file (atomically). Returns the path."""
+    primary = fits.PrimaryHDU()
+    h = primary.header
+    h["SURVEY"] = (scene.survey, "survey the scene was taken with")
+    h["BANDS"] = (",".join(scene.bands), "band order of the scene")
+    h["PIXSCALE"] = (float(scene.pixel_scale), "[arcsec/pixel]")
+    h["BUNIT"] = "electron"
+    for k, v in scene.meta.items():
+        h[k[:8].upper()] = v
+    hdus: list[fits.ImageHDU | fits.PrimaryHDU] = [primary]
+    wcs_header = scene.wcs.to_header() if scene.wcs is not None else fits.Header()
+    for i, b in enumerate(scene.bands):
+        img = fits.ImageHDU(scene.image[i], name=f"IMAGE_{b}")
+        img.header.update(wcs_header)
+        img.header["FILTER"] = b
+        img.header["MAGZERO"] = (float(scene.magzero[i]), "AB mag of 1 electron over the exposure")
+        img.header["BUNIT"] = "electron"
+        hdus.append(img)
+        if scene.variance is not None:
+            hdus.append(fits.ImageHDU(scene.variance[i], name=f"VARIANCE_{b}"))
+        if scene.mask is not None:
+            hdus.append(fits.ImageHDU(scene.mask[i].astype(np.uint8), name=f"MASK_{b}"))
+        if scene.psf is not None:
+            hdus.append(fits.ImageHDU(scene.psf[i], name=f"PSF_{b}"))
+    with atomic_path(path) as tmp:
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+    return Path(path)
+
+
+def read_scene(path: str | os.PathLike) -> Scene:
+    """Read a scene-FITS file.
+
+    Raises
+    ------
+    SceneFormatError
+        With a one-line message naming what is wrong, for any file that is not
+        a readable scene (not FITS, no ``IMAGE_*`` extension, shapes that
+        disagree, unknown magnitude zeropoint...).
+    """
+    from bayesblend.survey import get_survey
+
+    path = Path(path)
+    if not path.exists():
+        raise SceneFormatError(f"{path}: no such file")
+    try:
+        hdul = fits.open(path, memmap=False)
+    except Exception as exc:  # astropy raises OSError/TypeError for non-FITS
+        raise SceneFormatError(f"{path}: not a FITS file ({exc.__class__.__name__})") from None
+    with hdul:
+        ext = {h.name.upper(): h for h in hdul[1:]}
+        primary = hdul[0].header
+        if "BANDS" in primary:
+            bands = tuple(b.strip() for b in str(primary["BANDS"]).split(",") if b.strip())
+        else:
+            bands = tuple(
+                str(h.header.get("FILTER", h.name.upper()[6:]))
+                for h in hdul[1:]
+                if h.name.upper().startswith("IMAGE_")
+            )
+        if not bands:
+            raise SceneFormatError(f"{path}: no IMAGE_<band> extension (not a bayesblend scene)")
+        survey_name = str(primary.get("SURVEY", "lsst")).lower()
+        survey = None
+        with contextlib.suppress(BayesblendError):
+            survey = get_survey(survey_name)
+
+        def get(kind: str, b: str) -> fits.ImageHDU | None:
+            return ext.get(f"{kind}_{b}".upper())
+
+        images, variances, masks, psfs, magzero = [], [], [], [], []
+        wcs = None
+        for b in bands:
+            hdu = get("IMAGE", b)
+            if hdu is None:
+                raise SceneFormatError(f"{path}: band {b!r} listed in BANDS has no IMAGE_{b} extension")
+            if hdu.data is None or np.ndim(hdu.data) != 2:
+                raise SceneFormatError(f"{path}: IMAGE_{b} is not a 2-d image")
+            images.append(np.asarray(hdu.data, dtype=np.float32))
+            if "MAGZERO" in hdu.header:
+                magzero.append(float(hdu.header["MAGZERO"]))
+            elif survey is not None and b in survey.band_names:
+                magzero.append(survey.band(b).magzero)
+            else:
+                raise SceneFormatError(
+                    f"{path}: IMAGE_{b} has no MAGZERO and {survey_name!r} gives no default for it"
+                )
+            if wcs is None and "CTYPE1" in hdu.header:
+                with contextlib.suppress(Exception):
+                    wcs = WCS(hdu.header).celestial
+            for kind, store in (("VARIANCE", variances), ("MASK", masks), ("PSF", psfs)):
+                h = get(kind, b)
+                store.append(None if h is None else np.asarray(h.data))
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1:
+            raise SceneFormatError(f"{path}: IMAGE extensions differ in shape: {sorted(shapes)}")
+
+        def stack(kind: str, arrs: list, dtype: type) -> np.ndarray | None:
+            present = [a is not None for a in arrs]
+            if not any(present):
+                return None
+            if not all(present):
+                missing = [b for b, p in zip(bands, present, strict=True) if not p]
+                raise SceneFormatError(f"{path}: {kind} given for some bands but not {missing}")
+            if kind != "PSF" and any(a.shape != images[0].shape for a in arrs):
+                raise SceneFormatError(f"{path}: {kind} planes do not match the image shape")
+            if kind == "PSF" and len({a.shape for a in arrs}) != 1:
+                raise SceneFormatError(f"{path}: PSF images differ in shape between bands")
+            return np.stack(arrs).astype(dtype)
+
+        variance = stack("VARIANCE", variances, np.float32)
+        mask = stack("MASK", masks, np.int64)
+        psf = stack("PSF", psfs, np.float32)
+        if "PIXSCALE" in primary:
+            pixel_scale = float(primary["PIXSCALE"])
+        elif wcs is not None:
+            pixel_scale = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix))) * 3600.0)
+        elif survey is not None:
+            pixel_scale = survey.pixel_scale
+        else:
+            raise SceneFormatError(f"{path}: no PIXSCALE, WCS or known survey to give the pixel scale")
+        reserved = {"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "SURVEY", "BANDS", "PIXSCALE", "BUNIT"}
+        meta = {k: primary[k] for k in primary if k and k not in reserved and k != "COMMENT"}
+    try:
+        return Scene(
+            image=np.stack(images),
+            bands=bands,
+            magzero=np.array(magzero),
+            survey=survey_name,
+            pixel_scale=pixel_scale,
+            psf=psf,
+            variance=variance,
+            mask=None if mask is None else mask != 0,
+            wcs=wcs,
+            meta=meta,
+        )
+    except BayesblendError as exc:
+        raise SceneFormatError(f"{path}: {exc}") from None
+
+
+def write_table(path: str | os.PathLike, table: Table) -> Path:
+    """Write an astropy Table as FITS (or Parquet for a ``.parquet`` suffix), atomically."""
+    path = Path(path)
+    fmt = "parquet" if path.suffix == ".parquet" else "fits"
+    with atomic_path(path) as tmp:
+        if fmt == "parquet":
+            table.write(tmp, format="parquet", overwrite=True)
+        else:
+            table.write(tmp, format="fits", overwrite=True)
+    return path
+
+
+def read_table(path: str | os.PathLike) -> Table:
+    """Read a FITS or Parquet table."""
+    path = Path(path)
+    if not path.exists():
+        raise BayesblendError(f"{path}: no such file")
+    fmt = "parquet" if path.suffix == ".parquet" else "fits"
+    try:
+        return Table.read(path, format=fmt)
+    except Exception as exc:
+        raise BayesblendError(f"{path}: cannot read as a {fmt} table ({exc.__class__.__name__})") from None

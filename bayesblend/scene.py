@@ -1,0 +1,112 @@
+"""The multi-band scene: the in-memory form of a scene-FITS file.
+
+Arrays follow DESIGN.md: ``(band, y, x)``, float32, sky-subtracted, electrons
+over the full exposure, bands in the survey's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy.wcs import WCS
+
+from bayesblend.errors import BayesblendError
+
+
+@dataclass
+class Scene:
+    """A multi-band image with what is needed to model it.
+
+    Attributes
+    ----------
+    image : numpy.ndarray
+        ``(band, y, x)`` float32, sky-subtracted, electrons.
+    bands : tuple of str
+        Band names, in the order of the first axis.
+    magzero : numpy.ndarray
+        ``(band,)`` AB magnitude of one electron over the full exposure
+        (FITS keyword ``MAGZERO``).
+    survey : str
+        Survey name (``lsst``...).
+    pixel_scale : float
+        arcsec per pixel.
+    psf : numpy.ndarray or None
+        ``(band, py, px)`` centred PSF images with unit sum, or None.
+    variance : numpy.ndarray or None
+        ``(band, y, x)`` per-pixel variance, electrons^2, or None.
+    mask : numpy.ndarray or None
+        ``(band, y, x)`` bool, True = bad pixel, or None.
+    wcs : astropy.wcs.WCS or None
+        Celestial WCS shared by all bands.
+    meta : dict
+        Extra primary-header keywords (str -> scalar).
+    """
+
+    image: np.ndarray
+    bands: tuple[str, ...]
+    magzero: np.ndarray
+    survey: str = "lsst"
+    pixel_scale: float = 0.2
+    psf: np.ndarray | None = None
+    variance: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    wcs: WCS | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.image = np.asarray(self.image, dtype=np.float32)
+        if self.image.ndim != 3:
+            raise BayesblendError(f"scene image must be (band, y, x), got shape {self.image.shape}")
+        self.bands = tuple(str(b) for b in self.bands)
+        nb = self.image.shape[0]
+        if len(self.bands) != nb:
+            raise BayesblendError(f"scene has {nb} image planes but {len(self.bands)} band names")
+        if len(set(self.bands)) != nb:
+            raise BayesblendError(f"duplicate band names in {self.bands}")
+        self.magzero = np.asarray(self.magzero, dtype=np.float64).reshape(-1)
+        if self.magzero.shape != (nb,):
+            raise BayesblendError(f"magzero needs one value per band ({nb}), got {self.magzero.size}")
+        for name in ("variance", "mask"):
+            arr = getattr(self, name)
+            if arr is not None:
+                arr = np.asarray(arr, dtype=bool if name == "mask" else np.float32)
+                if arr.shape != self.image.shape:
+                    raise BayesblendError(f"scene {name} has shape {arr.shape}, image has {self.image.shape}")
+                setattr(self, name, arr)
+        if self.psf is not None:
+            self.psf = np.asarray(self.psf, dtype=np.float32)
+            if self.psf.ndim != 3 or self.psf.shape[0] != nb:
+                raise BayesblendError(f"scene PSF must be (band, py, px), got {self.psf.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(ny, nx)`` of the image."""
+        return self.image.shape[1], self.image.shape[2]
+
+    def band_index(self, band: str) -> int:
+        """Index of ``band`` in this scene (a clear error if absent)."""
+        if band not in self.bands:
+            raise BayesblendError(f"band {band!r} not in scene (bands: {', '.join(self.bands)})")
+        return self.bands.index(band)
+
+    def select_bands(self, bands: Sequence[str]) -> Scene:
+        """A scene restricted to (and reordered as) ``bands``."""
+        idx = [self.band_index(b) for b in bands]
+
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[idx]
+
+        return Scene(
+            image=self.image[idx],
+            bands=tuple(bands),
+            magzero=self.magzero[idx],
+            survey=self.survey,
+            pixel_scale=self.pixel_scale,
+            psf=pick(self.psf),
+            variance=pick(self.variance),
+            mask=pick(self.mask),
+            wcs=self.wcs,
+            meta=dict(self.meta),
+        )
