@@ -96,7 +96,7 @@ def _stamp_bounds(
     ny, nx = shape
     if max(shape) <= FULL_CANVAS_MAX:
         return 0, nx, 0, ny
-    half = int(np.clip(np.ceil(radius_px), 16, 256))
+    half = int(np.clip(np.ceil(radius_px), 24, 256))
     x0, x1 = max(int(np.floor(x)) - half, 0), min(int(np.floor(x)) + half + 1, nx)
     y0, y1 = max(int(np.floor(y)) - half, 0), min(int(np.floor(y)) + half + 1, ny)
     if x0 >= x1 or y0 >= y1:
@@ -135,6 +135,8 @@ def render_scene(
         Survey whose pixel grid, PSFs, zeropoints and sky are used.
     layout : astropy.table.Table
         Population columns plus ``x``, ``y`` (pixels, unlensed positions).
+        If it has ``flux_<b>`` for every band drawn (electrons), those fluxes
+        are used instead of the SEDs, with the r-band ``bulge_frac`` in all bands.
     shape : (int, int)
         ``(ny, nx)`` of the scene, pixels.
     noise_seed : int, sequence of int or None
@@ -189,10 +191,23 @@ def render_scene(
     scale = survey.pixel_scale
     n = len(layout)
 
-    flux_all, bt_all = band_fluxes(survey, layout) if n else (np.zeros((0, len(survey.bands))),) * 2
-    flux, bt = flux_all[:, idx], bt_all[:, idx]
+    if n and all(f"flux_{b}" in layout.colnames for b in bands):
+        # Explicit fluxes (electrons) override the SEDs; B/T is then the r-band one in every band.
+        flux = np.stack([np.asarray(layout[f"flux_{b}"], dtype=float) for b in bands], axis=1)
+        bt = np.repeat(np.asarray(layout["bulge_frac"], dtype=float)[:, None], len(bands), axis=1)
+    elif n:
+        flux_all, bt_all = band_fluxes(survey, layout)
+        flux, bt = flux_all[:, idx], bt_all[:, idx]
+    else:
+        flux = bt = np.zeros((0, len(bands)))
     if n and not np.all(np.isfinite(flux) & (flux >= 0)):
-        raise BayesblendError("layout gives a negative or non-finite flux")
+        bad = [b for k, b in enumerate(bands) if not np.all(np.isfinite(flux[:, k]) & (flux[:, k] >= 0))]
+        raise BayesblendError(f"negative or non-finite source flux in band(s) {', '.join(bad)}")
+    if n and not np.all((np.asarray(layout["bulge_frac"]) >= 0) & (np.asarray(layout["bulge_frac"]) <= 1)):
+        raise BayesblendError("bulge_frac must be within [0, 1]")
+    for col in ("disk_hlr", "bulge_hlr"):
+        if n and not np.all(np.asarray(layout[col]) > 0):
+            raise BayesblendError(f"{col} must be positive (arcsec)")
 
     cx, cy = ((nx - 1) / 2.0, (ny - 1) / 2.0) if shear_centre is None else shear_centre
     dx = np.asarray(layout["x"], dtype=float) - cx if n else np.zeros(0)
@@ -224,7 +239,8 @@ def render_scene(
         if np.any(bt[i] < 1):
             comps.append(("disk", galsim.Exponential(half_light_radius=float(row["disk_hlr"]))))
         comps = [(k, c.withGSParams(GSPARAMS).shear(shape_i).shear(g1=g1, g2=g2)) for k, c in comps]
-        radius = (6 * max(row["disk_hlr"], row["bulge_hlr"]) + 2 * max(fwhm)) / scale
+        # box half-width: the Kolmogorov wings and de Vaucouleurs bulges need room (< 0.3 % lost)
+        radius = (8 * max(row["disk_hlr"], row["bulge_hlr"]) + 5 * max(fwhm)) / scale
         bounds = _stamp_bounds(xs[i], ys[i], radius, (ny, nx))
         if bounds is None:
             ref_stamps.append(None)

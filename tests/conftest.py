@@ -1,0 +1,42 @@
+"""Shared fixtures: a small hand-made layout and the LSST survey."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from bayesblend.survey import get_survey
+
+
+@pytest.fixture(scope="session")
+def lsst():
+    return get_survey("lsst")
+
+
+def make_layout(
+    x, y, flux=None, bands=("r",), bulge_frac=0.0, disk_hlr=0.8, bulge_hlr=0.4, e1=0.0, e2=0.0, mag_r=22.0
+) -> Table:
+    """A layout of galaxies with chosen properties (explicit fluxes when ``flux`` is given)."""
+    x = np.atleast_1d(np.asarray(x, float))
+    n = x.size
+
+    def col(v):
+        return np.broadcast_to(np.asarray(v, float), (n,)).copy()
+
+    t = Table()
+    t["mag_r_ref"] = col(mag_r)
+    t["redshift"] = col(0.5)
+    t["bulge_frac"] = col(bulge_frac)
+    t["disk_hlr"] = col(disk_hlr)
+    t["bulge_hlr"] = col(bulge_hlr)
+    t["e1_int"] = col(e1)
+    t["e2_int"] = col(e2)
+    t["sed_bulge"] = np.zeros(n, dtype=np.int16)
+    t["sed_disk"] = np.ones(n, dtype=np.int16)
+    t["x"] = x
+    t["y"] = col(y)
+    if flux is not None:
+        for b in bands:
+            t[f"flux_{b}"] = col(flux)
+    return t
