@@ -58,7 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--of", choices=["isolated", "blends"], default="blends", help="shear pairs of...")
     sim.add_argument("--members", action="store_true", help="store blend members' images in shards")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    tr = sub.add_parser("train", help="train the VAE prior or the amortised deblender encoder")
+    tr.add_argument("what", choices=["vae", "deblender", "flow"])
+    tr.add_argument("--config", required=True, help="TOML config (see configs/)")
+    tr.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from bayesblend.prior.train import TrainConfig, train
+
+    cfg = TrainConfig.from_toml(args.config)
+    if args.what in ("vae", "deblender") and cfg.kind != args.what:
+        raise BayesblendError(f"{args.config} configures a {cfg.kind!r} run, not {args.what!r}")
+    if args.what == "flow":
+        from bayesblend.prior.flow import train_flow_from_run
+
+        out = train_flow_from_run(cfg, progress=not args.quiet)
+        print(f"flow written to {out}")
+        return 0
+    max_s = None if args.max_minutes is None else 60.0 * args.max_minutes
+    result = train(cfg, progress=not args.quiet, max_seconds=max_s)
+    print(f"{cfg.kind}: step {result['step']} of {cfg.steps}, checkpoint in {cfg.out}")
+    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -104,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "train":
+            return _train(args)
     except BayesblendError as exc:
         print(f"bayesblend: error: {exc}", file=sys.stderr)
         return 2

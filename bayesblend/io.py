@@ -27,6 +27,7 @@ from astropy.wcs import WCS
 
 from bayesblend.errors import BayesblendError, SceneFormatError
 from bayesblend.scene import Scene
+from bayesblend.survey import get_survey
 
 
 @contextlib.contextmanager
@@ -38,6 +39,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -84,8 +88,6 @@ def read_scene(path: str | os.PathLike) -> Scene:
         a readable scene (not FITS, no ``IMAGE_*`` extension, shapes that
         disagree, unknown magnitude zeropoint...).
     """
-    from bayesblend.survey import get_survey
-
     path = Path(path)
     if not path.exists():
         raise SceneFormatError(f"{path}: no such file")

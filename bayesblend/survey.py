@@ -204,6 +204,17 @@ class Survey:
         fw = [None] * len(bands) if fwhm is None else list(fwhm)
         return np.stack([self.psf_image(b, size, f) for b, f in zip(bands, fw, strict=True)])
 
+    def model_psf_image(self, size: int = 41) -> np.ndarray:
+        """The model PSF drawn like the band PSFs (pixel-convolved, unit sum), ``(size, size)``.
+
+        The difference kernel of the decoder contract is ``FFT(psf_b) / FFT(model_psf)``
+        of two images drawn the same way, so the pixel response cancels.
+        """
+        if size % 2 == 0 or size < 3:
+            raise BayesblendError(f"PSF image size must be odd and >= 3, got {size}")
+        img = self.model_psf_object().drawImage(nx=size, ny=size, scale=self.pixel_scale).array
+        return (img / img.sum()).astype(np.float32)
+
     def bandpass(self, band: str) -> galsim.Bandpass:
         """GalSim bandpass (AB zeropoint) used to turn SEDs into colours."""
         return _bandpass(self.name, self.band(band).name)

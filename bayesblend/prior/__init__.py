@@ -1,0 +1,1 @@
+"""The learned prior: VAE encoder/decoder, latent flow, amortised deblender, model bundles."""

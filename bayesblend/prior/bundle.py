@@ -1,0 +1,221 @@
+"""Model bundles: ``models/<name>/`` with safetensors weights and ``card.json``.
+
+A bundle holds the networks of a prior (``decoder``, ``encoder``, optionally
+``deblender`` and ``flow``), each as ``<net>.safetensors`` (a flat map from
+parameter path to float32 array: no code is ever unpickled), and ``card.json``
+with the architecture, the training recipe, the held-out metrics and the
+SHA-256 of every weight file. Loading checks every checksum and every
+parameter's shape against the architecture, and refuses a missing, tampered or
+incompatible bundle with a one-line :class:`~bayesblend.errors.BundleError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from bayesblend.errors import BundleError
+from bayesblend.io import atomic_path
+from bayesblend.prior.networks import Decoder, Encoder, scale_input
+
+BUNDLE_FORMAT = 1
+DEFAULT_MODEL = "lsst-v1"
+NETWORKS = ("decoder", "encoder", "deblender", "flow")
+
+
+def models_dir() -> Path:
+    """Where shipped bundles live: ``$BAYESBLEND_MODELS`` or the repository's ``models/``."""
+    env = os.environ.get("BAYESBLEND_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "models"
+
+
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def flatten_params(params: Any) -> dict[str, np.ndarray]:
+    """A Flax parameter tree as ``{"a/b/c": float32 array}``."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        key = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        flat[key] = np.asarray(leaf, dtype=np.float32)
+    return flat
+
+
+def unflatten_like(template: Any, flat: dict[str, np.ndarray], name: str) -> Any:
+    """Fill ``template``'s structure from ``flat``, checking names and shapes."""
+    want = flatten_params(template)
+    missing = sorted(set(want) - set(flat))
+    extra = sorted(set(flat) - set(want))
+    if missing or extra:
+        raise BundleError(
+            f"{name}: weights do not match the architecture (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    for k, v in want.items():
+        if flat[k].shape != v.shape:
+            raise BundleError(
+                f"{name}: parameter {k} has shape {flat[k].shape}, architecture needs {v.shape}"
+            )
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    keys = list(want)
+    return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(flat[k]) for k in keys])
+
+
+@dataclass
+class PriorBundle:
+    """A loaded prior: networks, their parameters and the card.
+
+    Attributes
+    ----------
+    card : dict
+        The bundle's ``card.json``.
+    path : pathlib.Path
+        Bundle directory.
+    decoder, encoder : flax module
+    params : dict
+        Parameters per network name.
+    """
+
+    card: dict
+    path: Path
+    decoder: Decoder
+    encoder: Encoder
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        """Bands the decoder models, in order."""
+        return tuple(self.card["architecture"]["bands"])
+
+    @property
+    def stamp(self) -> int:
+        """Side of the decoder's morphology, pixels."""
+        return int(self.card["architecture"]["stamp"])
+
+    @property
+    def latent_dim(self) -> int:
+        """Dimension of the latent code."""
+        return int(self.card["architecture"]["latent_dim"])
+
+    @property
+    def survey(self) -> str:
+        """Survey the prior was trained for."""
+        return str(self.card["architecture"]["survey"])
+
+    def decode(self, z: jnp.ndarray) -> jnp.ndarray:
+        """Morphology ``(..., band, S, S)`` for latent codes ``(..., latent)``."""
+        return self.decoder.apply(self.params["decoder"], z)
+
+    def encode(self, image: jnp.ndarray, noise_sigma: jnp.ndarray, network: str = "encoder"):
+        """``(mean, log_sigma)`` of q(z | image) from the VAE encoder or the ``deblender``."""
+        if network not in self.params:
+            raise BundleError(f"{self.path}: bundle has no {network!r} network")
+        return self.encoder.apply(self.params[network], scale_input(image, noise_sigma))
+
+
+def _architecture_networks(arch: dict) -> tuple[Encoder, Decoder]:
+    enc = Encoder(latent_dim=int(arch["latent_dim"]), features=tuple(arch["encoder_features"]))
+    dec = Decoder(
+        bands=len(arch["bands"]), stamp=int(arch["stamp"]), features=tuple(arch["decoder_features"])
+    )
+    return enc, dec
+
+
+def save_bundle(path: str | Path, card: dict, params: dict[str, Any]) -> Path:
+    """Write a bundle: one safetensors file per network and ``card.json`` with checksums.
+
+    Parameters
+    ----------
+    path : path
+        Bundle directory (created).
+    card : dict
+        Must hold ``architecture`` (``survey``, ``bands``, ``stamp``,
+        ``latent_dim``, ``encoder_features``, ``decoder_features``); anything
+        else (training recipe, metrics) is kept as given.
+    params : dict
+        Network name (one of decoder, encoder, deblender, flow) -> parameter tree.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, tree in params.items():
+        if name not in NETWORKS:
+            raise BundleError(f"unknown network {name!r}; bundles hold {', '.join(NETWORKS)}")
+        f = path / f"{name}.safetensors"
+        with atomic_path(f) as tmp:
+            save_file(flatten_params(tree), str(tmp))
+        files[name] = {"file": f.name, "sha256": sha256(f)}
+    card = dict(card)
+    card["format"] = BUNDLE_FORMAT
+    card["files"] = files
+    with atomic_path(path / "card.json") as tmp:
+        tmp.write_text(json.dumps(card, indent=1, sort_keys=False))
+    return path
+
+
+def load_bundle(name_or_path: str | Path | None = None) -> PriorBundle:
+    """Load a bundle by name (under :func:`models_dir`) or path, checking every checksum.
+
+    Raises
+    ------
+    BundleError
+        Missing bundle or file, checksum mismatch (tampered), unknown format,
+        or weights that do not fit the card's architecture.
+    """
+    name = DEFAULT_MODEL if name_or_path is None else name_or_path
+    path = Path(name)
+    if not path.exists() and not path.is_absolute():
+        path = models_dir() / str(name)
+    card_file = path / "card.json"
+    if not card_file.exists():
+        raise BundleError(f"no model bundle at {path} (no card.json)")
+    try:
+        card = json.loads(card_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{card_file}: not valid JSON ({exc.msg})") from None
+    if card.get("format") != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{path}: bundle format {card.get('format')!r}, this bayesblend reads {BUNDLE_FORMAT}"
+        )
+    arch = card.get("architecture")
+    if not isinstance(arch, dict):
+        raise BundleError(f"{path}: card.json has no architecture")
+    enc, dec = _architecture_networks(arch)
+    templates = {
+        "decoder": dec.init(jax.random.PRNGKey(0), jnp.zeros((int(arch["latent_dim"]),))),
+        "encoder": enc.init(
+            jax.random.PRNGKey(0), jnp.zeros((len(arch["bands"]), arch["stamp"], arch["stamp"]))
+        ),
+    }
+    templates["deblender"] = templates["encoder"]
+    params = {}
+    for net, meta in card.get("files", {}).items():
+        f = path / meta["file"]
+        if not f.exists():
+            raise BundleError(f"{path}: weight file {meta['file']} is missing")
+        if sha256(f) != meta["sha256"]:
+            raise BundleError(f"{f}: SHA-256 does not match card.json (file changed or tampered with)")
+        flat = load_file(str(f))
+        if net == "flow":
+            params[net] = {k: jnp.asarray(v) for k, v in flat.items()}
+        elif net in templates:
+            params[net] = unflatten_like(templates[net], flat, str(f))
+        else:
+            raise BundleError(f"{path}: unknown network {net!r} in card.json")
+    if "decoder" not in params:
+        raise BundleError(f"{path}: bundle has no decoder")
+    return PriorBundle(card=card, path=path, decoder=dec, encoder=enc, params=params)
