@@ -223,10 +223,16 @@ def train(cfg: TrainConfig, progress: bool = True, max_seconds: float | None = N
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.msgpack"
-    state = {"params": params, "opt_state": opt_state, "step": 0, "history": {}, "seconds": 0.0}
+    hist_file = out / "history.json"
+    state = {"params": params, "opt_state": opt_state, "step": 0, "history": None, "seconds": 0.0}
     if ckpt.exists():
-        state = serialization.from_bytes(state, ckpt.read_bytes())
-        state["history"] = serialization.msgpack_restore(ckpt.read_bytes()).get("history", {})
+        raw = serialization.msgpack_restore(ckpt.read_bytes())
+        state["params"] = serialization.from_state_dict(params, raw["params"])
+        state["opt_state"] = serialization.from_state_dict(opt_state, raw["opt_state"])
+        state["step"] = int(raw["step"])
+        state["seconds"] = float(raw.get("seconds", 0.0))
+        if hist_file.exists():
+            state["history"] = json.loads(hist_file.read_text())
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
     loss_fn = make_loss(enc, dec, model_psf, data.sky, data.stamp)
@@ -268,10 +274,11 @@ def train(cfg: TrainConfig, progress: bool = True, max_seconds: float | None = N
             "params": params,
             "opt_state": opt_state,
             "step": step,
-            "history": history,
             "seconds": seconds0 + time.time() - t_start,
         }
         _save_checkpoint(ckpt, st)
+        with atomic_path(hist_file) as tmp:
+            tmp.write_text(json.dumps(history))
         bar.write(f"step {step}: val nll {vn:.4f} kl {vk:.5f} ({history['seconds'][-1]:.0f} s)")
 
     try:
