@@ -36,8 +36,16 @@ def test_encoder_shapes():
 def tiny_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "iso"
     simulate_dataset(
-        "isolated", 64, out, seed=3, fmt="shards", workers=1, shard_size=32, progress=False,
-        stamp_size=24, mag_range=(20.0, 23.0),
+        "isolated",
+        64,
+        out,
+        seed=3,
+        fmt="shards",
+        workers=1,
+        shard_size=32,
+        progress=False,
+        stamp_size=24,
+        mag_range=(20.0, 23.0),
     )
     return out
 
@@ -64,8 +72,12 @@ def test_tiny_vae_lowers_its_loss_and_resumes(tiny_data, tmp_path):
 
 def _small_bundle(tmp_path):
     arch = {
-        "survey": "lsst", "bands": list("ugrizy"), "stamp": 24, "latent_dim": 4,
-        "encoder_features": [4, 8, 8], "decoder_features": [8, 8, 8, 4],
+        "survey": "lsst",
+        "bands": list("ugrizy"),
+        "stamp": 24,
+        "latent_dim": 4,
+        "encoder_features": [4, 8, 8],
+        "decoder_features": [8, 8, 8, 4],
     }
     enc = Encoder(latent_dim=4, features=(4, 8, 8))
     dec = Decoder(bands=6, stamp=24, features=(8, 8, 8, 4))
