@@ -120,6 +120,25 @@ class PriorBundle:
         """Morphology ``(..., band, S, S)`` for latent codes ``(..., latent)``."""
         return self.decoder.apply(self.params["decoder"], z)
 
+    @property
+    def flow(self):
+        """The latent flow module (None when the bundle has no flow)."""
+        spec = self.card["architecture"].get("flow")
+        if not spec or "flow" not in self.params:
+            return None
+        from bayesblend.prior.flow import RealNVP
+
+        return RealNVP(dim=int(spec["dim"]), layers=int(spec["layers"]), hidden=int(spec["hidden"]))
+
+    def latent_log_prob(self, z: jnp.ndarray) -> jnp.ndarray:
+        """Log prior density of latent codes: the flow if shipped, else N(0, I)."""
+        flow = self.flow
+        if flow is None:
+            return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * z.shape[-1] * jnp.log(2 * jnp.pi)
+        from bayesblend.prior.flow import log_prob
+
+        return log_prob(flow, self.params["flow"], z)
+
     def encode(self, image: jnp.ndarray, noise_sigma: jnp.ndarray, network: str = "encoder"):
         """``(mean, log_sigma)`` of q(z | image) from the VAE encoder or the ``deblender``."""
         if network not in self.params:
@@ -133,6 +152,16 @@ def _architecture_networks(arch: dict) -> tuple[Encoder, Decoder]:
         bands=len(arch["bands"]), stamp=int(arch["stamp"]), features=tuple(arch["decoder_features"])
     )
     return enc, dec
+
+
+def _flow_template(arch: dict):
+    from bayesblend.prior.flow import RealNVP
+
+    spec = arch.get("flow")
+    if not spec:
+        raise BundleError("card.json lists flow weights but no flow architecture")
+    flow = RealNVP(dim=int(spec["dim"]), layers=int(spec["layers"]), hidden=int(spec["hidden"]))
+    return flow.init(jax.random.PRNGKey(0), jnp.zeros((1, int(spec["dim"]))))
 
 
 def save_bundle(path: str | Path, card: dict, params: dict[str, Any]) -> Path:
@@ -211,7 +240,7 @@ def load_bundle(name_or_path: str | Path | None = None) -> PriorBundle:
             raise BundleError(f"{f}: SHA-256 does not match card.json (file changed or tampered with)")
         flat = load_file(str(f))
         if net == "flow":
-            params[net] = {k: jnp.asarray(v) for k, v in flat.items()}
+            params[net] = unflatten_like(_flow_template(arch), flat, str(f))
         elif net in templates:
             params[net] = unflatten_like(templates[net], flat, str(f))
         else:
@@ -219,3 +248,53 @@ def load_bundle(name_or_path: str | Path | None = None) -> PriorBundle:
     if "decoder" not in params:
         raise BundleError(f"{path}: bundle has no decoder")
     return PriorBundle(card=card, path=path, decoder=dec, encoder=enc, params=params)
+
+
+def bundle_from_runs(
+    out: str | Path,
+    vae_run: str | Path,
+    deblender_run: str | Path | None = None,
+    card_extra: dict | None = None,
+) -> Path:
+    """Assemble a bundle from training runs (VAE, its flow, and the amortised deblender).
+
+    Reads each run's ``config.json``, ``checkpoint.msgpack`` and (for the VAE
+    run) ``flow.msgpack`` / ``flow_metrics.json``; the data manifest gives the
+    survey, bands and stamp size. ``card_extra`` (training recipe, hardware,
+    metrics) is merged into the card.
+    """
+    from flax import serialization
+
+    vae_run = Path(vae_run)
+    cfg = json.loads((vae_run / "config.json").read_text())
+    manifest = json.loads(Path(cfg["data"], "dataset.json").read_text())
+    arch = {
+        "survey": manifest["survey"],
+        "bands": list(manifest["bands"]),
+        "stamp": int(manifest["options"].get("stamp_size", 48)),
+        "latent_dim": int(cfg["latent_dim"]),
+        "encoder_features": list(cfg["encoder_features"]),
+        "decoder_features": list(cfg["decoder_features"]),
+        "model_psf_fwhm": float(manifest["model_psf_fwhm"]),
+        "pixel_scale": float(manifest["pixel_scale"]),
+        "encoder_input": "asinh(x / (3 sigma_sky_b)), x in electrons, (band, y, x)",
+        "decoder_output": "softmax over pixels per band: non-negative, unit sum, model frame",
+    }
+    raw = serialization.msgpack_restore((vae_run / "checkpoint.msgpack").read_bytes())
+    params = {"decoder": raw["params"]["decoder"], "encoder": raw["params"]["encoder"]}
+    if (vae_run / "flow.msgpack").exists():
+        from bayesblend.prior.flow import RealNVP
+
+        fm = json.loads((vae_run / "flow_metrics.json").read_text())
+        flow = RealNVP(dim=fm["dim"], layers=fm["layers"], hidden=fm["hidden"])
+        template = flow.init(jax.random.PRNGKey(0), jnp.zeros((1, fm["dim"])))
+        params["flow"] = serialization.from_state_dict(
+            template, serialization.msgpack_restore((vae_run / "flow.msgpack").read_bytes())
+        )
+        arch["flow"] = {"kind": "RealNVP", "dim": fm["dim"], "layers": fm["layers"], "hidden": fm["hidden"]}
+    if deblender_run is not None:
+        draw = serialization.msgpack_restore((Path(deblender_run) / "checkpoint.msgpack").read_bytes())
+        params["deblender"] = draw["params"]["encoder"]
+    card = {"name": Path(out).name, "architecture": arch}
+    card.update(card_extra or {})
+    return save_bundle(out, card, params)

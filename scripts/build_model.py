@@ -1,0 +1,150 @@
+"""Assemble ``models/lsst-v1`` from its training runs, with a model card whose numbers are measured here.
+
+Steps (each skipped when its output exists, so the script resumes):
+1. fit the latent flow to q(z|x) draws of training galaxies (``runs/vae-lsst-v1/flow.msgpack``);
+2. write the bundle (decoder, encoder, deblender, flow) with checksums;
+3. measure the decoder's XLA FLOP count per forward pass and the flow's held-out likelihood;
+4. draw galaxies from flow + decoder and compare |e|, size and colour gradient with the
+   held-out population (``benchmarks/figures/flow_vs_population.png``);
+5. merge ``benchmarks/recon_metrics.json`` (from ``benchmarks/bench_reconstruction.py``) into the card.
+
+Run: ``.venv/bin/python scripts/build_model.py`` (after the VAE and deblender runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bayesblend.evaluate import adaptive_ellipticity  # noqa: E402
+from bayesblend.prior.bundle import bundle_from_runs, load_bundle  # noqa: E402
+from bayesblend.prior.flow import sample, train_flow_from_run  # noqa: E402
+from bayesblend.prior.train import TrainConfig  # noqa: E402
+from bayesblend.simulate.dataset import ShardDataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def decoder_flops(bundle) -> float:
+    f = jax.jit(lambda z: bundle.decode(z))
+    cost = f.lower(jnp.zeros((bundle.latent_dim,))).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+def hsm_size(images: np.ndarray) -> np.ndarray:
+    import galsim
+
+    out = np.full(len(images), np.nan)
+    for i, img in enumerate(images.astype(np.float64)):
+        r = galsim.hsm.FindAdaptiveMom(galsim.Image(img, scale=0.2), strict=False)
+        if r.moments_status == 0:
+            out[i] = r.moments_sigma * 0.2
+    return out
+
+
+def flow_vs_population(bundle, n: int, out: Path) -> dict:
+    """|e|, size (adaptive sigma) and g/i size ratio: flow + decoder draws vs held-out morphologies."""
+    ds = ShardDataset(ROOT / "data" / "lsst-isolated-test")
+    truth = ds.truth()
+    # compare with galaxies whose shapes are measurable (S/N > 10), as the flow's draws are noiseless
+    idx = np.flatnonzero(np.asarray(truth["snr"]) > 10)[:n]
+    target = ds.load("morphology", idx)
+    z = sample(bundle.flow, bundle.params["flow"], jax.random.PRNGKey(0), len(idx))
+    draws = np.asarray(jax.jit(bundle.decode)(z))
+    g, r, i = (bundle.bands.index(b) for b in "gri")
+    stats = {}
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
+    for name, imgs in (("held-out galaxies (S/N > 10)", target), ("flow + decoder draws", draws)):
+        e = np.hypot(*adaptive_ellipticity(imgs[:, r]).T)
+        size = hsm_size(imgs[:, r])
+        grad = hsm_size(imgs[:, g]) / hsm_size(imgs[:, i])
+        axes[0].hist(e[np.isfinite(e)], bins=30, range=(0, 1), histtype="step", density=True, label=name)
+        axes[1].hist(size[np.isfinite(size)], bins=30, range=(0, 1.5), histtype="step", density=True)
+        axes[2].hist(grad[np.isfinite(grad)], bins=30, range=(0.7, 1.3), histtype="step", density=True)
+        stats[name] = {
+            "median_abs_e": float(np.nanmedian(e)),
+            "median_size_arcsec": float(np.nanmedian(size)),
+            "median_size_ratio_g_over_i": float(np.nanmedian(grad)),
+        }
+    axes[0].set_xlabel("|e| (r band, model frame)")
+    axes[1].set_xlabel("adaptive size σ [arcsec] (r)")
+    axes[2].set_xlabel("size ratio g / i (colour gradient)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return stats
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--vae-config", default="configs/vae-lsst-v1.toml")
+    p.add_argument("--deblender-run", default="runs/deblender-lsst-v1")
+    p.add_argument("--out", default="models/lsst-v1")
+    args = p.parse_args()
+    cfg = TrainConfig.from_toml(args.vae_config)
+    run = Path(cfg.out)
+    if not (run / "flow.msgpack").exists():
+        train_flow_from_run(cfg)
+    history = json.loads((run / "history.json").read_text())
+    deb = Path(args.deblender_run)
+    deb_hist = json.loads((deb / "history.json").read_text()) if (deb / "history.json").exists() else None
+    manifest = json.loads(Path(cfg.data, "dataset.json").read_text())
+    card = {
+        "description": "LSST ugrizy galaxy prior: denoising beta-VAE (decoder contract of DESIGN.md), "
+        "RealNVP latent flow, amortised deblender encoder.",
+        "training_data": {
+            "vae": f"bayesblend simulate isolated --n {manifest['n']} --shards --seed {manifest['seed']} "
+            "--max-shift 0.5 --psf-jitter 0.05",
+            "deblender": "bayesblend simulate blends --n 30000 --shards --seed 3 "
+            "--max-shift 0.5 --psf-jitter 0.05",
+            "held_out": "seeds 2 (isolated) and 4 (blends), 5000 each",
+        },
+        "training": {
+            "vae_config": str(args.vae_config),
+            "vae_steps": history["step"][-1],
+            "vae_seconds": history["seconds"][-1],
+            "vae_final_val_nll_per_pixel": history["val_nll"][-1],
+            "vae_final_val_kl_per_pixel": history["val_kl"][-1],
+            "deblender_steps": deb_hist["step"][-1] if deb_hist else None,
+            "deblender_seconds": deb_hist["seconds"][-1] if deb_hist else None,
+            "hardware": f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU",
+            "date": str(datetime.date.today()),
+            "seed": cfg.seed,
+        },
+        "flow_metrics": json.loads((run / "flow_metrics.json").read_text()),
+    }
+    bundle_from_runs(args.out, run, deb if (deb / "checkpoint.msgpack").exists() else None, card)
+    bundle = load_bundle(args.out)
+    card["decoder_flops_per_forward"] = decoder_flops(bundle)
+    card["flow_vs_population"] = flow_vs_population(
+        bundle, 2000, ROOT / "benchmarks" / "figures" / "flow_vs_population.png"
+    )
+    metrics = ROOT / "benchmarks" / "recon_metrics.json"
+    if metrics.exists():
+        m = json.loads(metrics.read_text())
+        card["held_out_metrics"] = {
+            kind: {k: v for k, v in res.items() if k != "bins"}
+            | {"command": "benchmarks/bench_reconstruction.py"}
+            for kind, res in m.items()
+        }
+    bundle_from_runs(args.out, run, deb if (deb / "checkpoint.msgpack").exists() else None, card)
+    print(json.dumps({k: card[k] for k in ("decoder_flops_per_forward", "flow_vs_population")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
