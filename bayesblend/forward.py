@@ -14,6 +14,7 @@ Every function here is jit- and vmap-friendly (static shapes only).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -107,3 +108,64 @@ def render_source(
     spec = jnp.fft.rfft2(grid) * kernel * shift_phase(offset, n)[None]
     image = jnp.fft.irfft2(spec, s=(n, n))[:, lo : lo + s, lo : lo + s]
     return flux[:, None, None] * image
+
+
+def render_scene(
+    morphology: jnp.ndarray,
+    flux: jnp.ndarray,
+    offset: jnp.ndarray,
+    anchor: jnp.ndarray,
+    kernel: jnp.ndarray,
+    shape: tuple[int, int],
+) -> jnp.ndarray:
+    """Sum of sources rendered on their stamps and pasted into a scene canvas.
+
+    Parameters
+    ----------
+    morphology : jax.Array
+        ``(source, band, S, S)`` model-frame morphologies.
+    flux : jax.Array
+        ``(source, band)`` electrons (zero for padded sources).
+    offset : jax.Array
+        ``(source, 2)`` sub-pixel ``(dx, dy)`` of each source from its stamp centre.
+    anchor : jax.Array of int
+        ``(source, 2)`` canvas pixel ``(x0, y0)`` of each stamp's first pixel;
+        anywhere in ``[-S, W] x [-S, H]`` (sources across or beyond the edge
+        are clipped by the canvas).
+    kernel : jax.Array
+        ``(band, n, n // 2 + 1)`` difference kernel of the scene's PSFs.
+    shape : (int, int)
+        ``(H, W)`` of the canvas (static).
+
+    Returns
+    -------
+    jax.Array
+        ``(band, H, W)`` electrons.
+    """
+    s = morphology.shape[-1]
+    nb = morphology.shape[-3]
+    h, w = shape
+    stamps = jax.vmap(render_source, in_axes=(0, 0, 0, None))(morphology, flux, offset, kernel)
+    canvas = jnp.zeros((nb, h + 2 * s, w + 2 * s), dtype=stamps.dtype)
+    anchor = jnp.clip(anchor, -s, jnp.array([w, h])) + s
+
+    def paste(canvas, item):
+        stamp, (x0, y0) = item
+        start = (jnp.int32(0), y0.astype(jnp.int32), x0.astype(jnp.int32))
+        current = jax.lax.dynamic_slice(canvas, start, (nb, s, s))
+        return jax.lax.dynamic_update_slice(canvas, current + stamp, start), None
+
+    canvas, _ = jax.lax.scan(paste, canvas, (stamps, anchor))
+    return canvas[:, s : s + h, s : s + w]
+
+
+def anchor_and_offset(x: np.ndarray, y: np.ndarray, stamp: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer stamp anchors and sub-pixel offsets placing stamp centres at positions ``(x, y)``.
+
+    A stamp of side S has its centre at ``(S - 1) / 2``; the anchor is the
+    nearest integer placement and the offset (within +-0.5 pixel) the rest.
+    """
+    c = (stamp - 1) / 2.0
+    pos = np.stack([np.asarray(x, float), np.asarray(y, float)], axis=-1) - c
+    anchor = np.round(pos).astype(np.int32)
+    return anchor, (pos - anchor).astype(np.float32)

@@ -1,0 +1,96 @@
+"""Pure-JAX measurements on model-frame morphologies: adaptive moments, ellipticity, size.
+
+Adaptive moments (Bernstein & Jarvis 2002; Hirata & Seljak 2003) iterate an
+elliptical Gaussian weight to match the image's second moments. This is the
+algorithm of GalSim's ``FindAdaptiveMom``, written here in JAX so it runs
+under ``jit`` and ``vmap`` on thousands of posterior samples at once (a Python
+call per sample to GalSim would dominate the cost). A fixed number of
+iterations keeps shapes static; the weight's covariance converges to the
+image's (twice the weighted moments), as in GalSim.
+
+Morphologies live in the model frame, convolved with the narrow Gaussian model
+PSF; its covariance ``sigma_psf^2 I`` is subtracted from the converged
+covariance before the shape is formed (exact for Gaussian profiles, a
+percent-level correction of an already small dilution otherwise).
+Ellipticities are shear-type, ``g = (a - b) / (a + b)``, with +e2 along +45
+degrees counter-clockwise from +x.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FWHM_TO_SIGMA = 1.0 / 2.354820045
+
+
+def adaptive_moments(image: jnp.ndarray, iterations: int = 40) -> dict[str, jnp.ndarray]:
+    """Adaptive moments of one image ``(y, x)``.
+
+    Returns
+    -------
+    dict
+        ``x``, ``y`` (centroid, pixels), ``cov`` (2 x 2 covariance of the
+        matched elliptical Gaussian, pixels^2) and ``flux`` (weighted amplitude).
+    """
+    ny, nx = image.shape
+    yy, xx = jnp.mgrid[0:ny, 0:nx].astype(image.dtype)
+    img = image
+    total = jnp.sum(img)
+    x0 = jnp.sum(img * xx) / total
+    y0 = jnp.sum(img * yy) / total
+    cov0 = jnp.eye(2, dtype=image.dtype) * 2.0
+
+    def body(_, state):
+        x, y, cov = state
+        inv = jnp.linalg.inv(cov)
+        dx, dy = xx - x, yy - y
+        r2 = inv[0, 0] * dx * dx + 2 * inv[0, 1] * dx * dy + inv[1, 1] * dy * dy
+        w = jnp.exp(-0.5 * r2)
+        wi = w * img
+        s = jnp.sum(wi)
+        mx = jnp.sum(wi * dx) / s
+        my = jnp.sum(wi * dy) / s
+        mxx = jnp.sum(wi * dx * dx) / s - mx * mx
+        myy = jnp.sum(wi * dy * dy) / s - my * my
+        mxy = jnp.sum(wi * dx * dy) / s - mx * my
+        # the weighted moments of a Gaussian of covariance C under a weight of covariance W
+        # are (C^-1 + W^-1)^-1; at the fixed point C = W, so the update is W <- 2 M.
+        new_cov = 2.0 * jnp.array([[mxx, mxy], [mxy, myy]])
+        new_cov = 0.5 * (new_cov + cov)  # damping for robust convergence
+        return x + mx, y + my, new_cov
+
+    x, y, cov = jax.lax.fori_loop(0, iterations, body, (x0, y0, cov0))
+    return {"x": x, "y": y, "cov": cov, "flux": total}
+
+
+def shape_from_cov(cov: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Shear-type ellipticity ``(e1, e2)`` and size ``det(cov)^(1/4)`` from a 2 x 2 covariance."""
+    a, b, c = cov[..., 0, 0], cov[..., 1, 1], cov[..., 0, 1]
+    tr = a + b
+    det = jnp.clip(a * b - c * c, 1e-12, None)
+    denom = tr + 2.0 * jnp.sqrt(det)
+    return (a - b) / denom, 2.0 * c / denom, det**0.25
+
+
+def morphology_shape(
+    morphology: jnp.ndarray, model_psf_fwhm_pixels: float, iterations: int = 40
+) -> dict[str, jnp.ndarray]:
+    """PSF-corrected ellipticity and size of a model-frame morphology ``(y, x)`` (one band).
+
+    Returns
+    -------
+    dict
+        ``e1``, ``e2`` (shear-type), ``size`` (pixels: ``det(cov)^(1/4)`` of the
+        PSF-corrected covariance, the sigma of an equal-area round Gaussian),
+        ``x``, ``y``.
+    """
+    m = adaptive_moments(morphology, iterations)
+    sig2 = (model_psf_fwhm_pixels * FWHM_TO_SIGMA) ** 2
+    cov = m["cov"] - sig2 * jnp.eye(2, dtype=m["cov"].dtype)
+    e1, e2, size = shape_from_cov(cov)
+    return {"e1": e1, "e2": e2, "size": size, "x": m["x"], "y": m["y"]}
+
+
+#: Vectorised over any leading axes (samples, sources...).
+batched_morphology_shape = jax.vmap(morphology_shape, in_axes=(0, None, None))
