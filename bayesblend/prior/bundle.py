@@ -130,10 +130,21 @@ class PriorBundle:
 
         return RealNVP(dim=int(spec["dim"]), layers=int(spec["layers"]), hidden=int(spec["hidden"]))
 
-    def latent_log_prob(self, z: jnp.ndarray) -> jnp.ndarray:
-        """Log prior density of latent codes: the flow if shipped, else N(0, I)."""
+    @property
+    def default_latent_prior(self) -> str:
+        """``"flow"`` or ``"normal"``: the latent prior the card recommends (flow when shipped)."""
+        default = self.card.get("default_latent_prior", "flow")
+        return default if (default == "normal" or self.flow is not None) else "normal"
+
+    def latent_log_prob(self, z: jnp.ndarray, prior: str | None = None) -> jnp.ndarray:
+        """Log prior density of latent codes under ``prior`` (``flow``/``normal``, default: the card's)."""
+        prior = self.default_latent_prior if prior is None else prior
+        if prior not in ("flow", "normal"):
+            raise BundleError(f"latent prior must be 'flow' or 'normal', got {prior!r}")
         flow = self.flow
-        if flow is None:
+        if prior == "flow" and flow is None:
+            raise BundleError(f"{self.path}: bundle has no flow; use prior='normal'")
+        if prior == "normal":
             return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * z.shape[-1] * jnp.log(2 * jnp.pi)
         from bayesblend.prior.flow import log_prob
 
