@@ -22,12 +22,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from bayesblend.errors import BayesblendError
 from bayesblend.forward import anchor_and_offset, difference_kernel, fft_size
-from bayesblend.model import SceneSpec
+from bayesblend.model import SceneSpec, scene_model
 from bayesblend.prior.bundle import PriorBundle
 from bayesblend.scene import Scene
 from bayesblend.survey import get_survey
@@ -146,3 +148,133 @@ def prepare_blend(
         has_variance=sc.variance is not None,
     )
     return PreparedBlend(spec, data, k, x, y, tuple(bundle.bands), np.asarray(sc.magzero))
+
+
+def _latent_maps(bundle: PriorBundle, prior: str):
+    """``(to_latent, to_base)`` for the scene model's ``u`` under ``prior`` (flow or normal)."""
+    if prior == "normal":
+        return None, (lambda z: z)
+    from bayesblend.prior.flow import RealNVP
+
+    flow, fp = bundle.flow, bundle.params["flow"]
+    if flow is None:
+        raise BayesblendError(f"{bundle.path}: no flow in this bundle; use prior='normal'")
+    return (
+        lambda u: flow.apply(fp, u, method=RealNVP.sample_from_base),
+        lambda z: flow.apply(fp, z, method=RealNVP.to_base),
+    )
+
+
+def cutouts(image: jnp.ndarray, anchor: jnp.ndarray, stamp: int) -> jnp.ndarray:
+    """Stamps ``(source, band, S, S)`` cut from ``image`` ``(band, H, W)`` at ``anchor`` (zero outside)."""
+    nb = image.shape[0]
+    padded = jnp.pad(image, ((0, 0), (stamp, stamp), (stamp, stamp)))
+    h, w = image.shape[1:]
+
+    def one(a):
+        a = jnp.clip(a, -stamp, jnp.array([w, h])) + stamp
+        return jax.lax.dynamic_slice(padded, (0, a[1], a[0]), (nb, stamp, stamp))
+
+    return jax.vmap(one)(anchor)
+
+
+def amortised_init(bundle: PriorBundle, prep: PreparedBlend, prior: str) -> dict[str, jnp.ndarray]:
+    """The amortised solution in the scene model's parameters (``u``, ``log_flux``, ``offset``).
+
+    The deblender encoder (the VAE encoder if the bundle has none) on a stamp
+    around each source gives its mean code; the fluxes are the joint
+    least-squares amplitudes of all sources' templates on the scene
+    (:func:`joint_flux`), so that no source absorbs its neighbours' light.
+    """
+    from bayesblend.amortised import template_flux
+    from bayesblend.forward import render_source
+
+    data = prep.data
+    net = "deblender" if "deblender" in bundle.params else "encoder"
+    stamps = cutouts(data["image"], data["anchor"], bundle.stamp)
+    mean, _ = bundle.encode(stamps, jnp.sqrt(data["sky"]), network=net)
+    morph = bundle.decode(mean)
+    tmpl = jax.vmap(render_source, in_axes=(0, 0, 0, None))(
+        morph, jnp.ones(morph.shape[:2]), data["offset0"], data["kernel"]
+    )
+    del tmpl, template_flux
+    flux = joint_flux(morph, data, prep.spec)
+    floor = jnp.exp(data["log_flux0"]) * 0.05
+    _, to_base = _latent_maps(bundle, prior)
+    return {
+        "u": to_base(mean),
+        "log_flux": jnp.log(jnp.maximum(flux, floor)),
+        "offset": data["offset0"],
+    }
+
+
+def joint_flux(morphology: jnp.ndarray, data: dict, spec: SceneSpec) -> jnp.ndarray:
+    """Joint weighted least-squares fluxes ``(source, band)`` of fixed morphologies on the scene.
+
+    Per band, solves ``(T^T W T) f = T^T W d`` with T the unit-flux templates of
+    all sources rendered on the canvas, W the inverse variance (sky + data
+    Poisson term, masked pixels excluded) and d the data. Padded sources get zero.
+    """
+    from bayesblend.forward import render_scene
+
+    n = spec.n_sources
+    nb = morphology.shape[1]
+    eye = jnp.eye(n)
+
+    def one(k):
+        unit = jnp.zeros((n, nb)).at[k].set(1.0)
+        return render_scene(morphology, unit, data["offset0"], data["anchor"], data["kernel"], spec.shape)
+
+    templates = jax.vmap(one)(jnp.arange(n))  # (source, band, H, W)
+    if spec.has_variance:
+        var = data["variance"]
+    else:
+        var = data["sky"][:, None, None] + jnp.clip(data["image"], 0.0, None)
+    w = jnp.where(data["valid"], 1.0 / var, 0.0)
+    a = jnp.einsum("ibyx,jbyx,byx->bij", templates, templates, w)
+    rhs = jnp.einsum("ibyx,byx,byx->bi", templates, w, data["image"])
+    valid = data["source_valid"].astype(a.dtype)
+    # padded sources: identity rows keep the system regular and give them zero flux
+    a = a * valid[None, :, None] * valid[None, None, :] + eye[None] * (1 - valid)[None, :, None]
+    a = a + 1e-6 * jnp.trace(a, axis1=1, axis2=2)[:, None, None] / n * eye[None]
+    f = jnp.linalg.solve(a, (rhs * valid[None])[..., None])[..., 0]
+    return f.T * valid[:, None]
+
+
+def map_fit(
+    bundle: PriorBundle,
+    prep: PreparedBlend,
+    init: dict[str, jnp.ndarray],
+    prior: str,
+    steps: int = 300,
+    learning_rate: float = 0.05,
+) -> tuple[dict[str, jnp.ndarray], jnp.ndarray]:
+    """Maximum a posteriori parameters by Adam on the joint log density; returns (params, trace).
+
+    All scene-model parameters are unconstrained reals, so the optimisation is
+    plain gradient descent in ``(u, log_flux, offset)``. ``trace`` is the
+    negative log density every step (for convergence checks).
+    """
+    from numpyro.infer.util import log_density
+
+    to_latent, _ = _latent_maps(bundle, prior)
+    decode = bundle.decode
+    spec, data = prep.spec, prep.data
+
+    def neg_log_post(params):
+        return -log_density(scene_model, (spec, data, decode, to_latent), {}, params)[0]
+
+    tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=0.1))
+
+    @jax.jit
+    def run(params):
+        def step(carry, _):
+            p, o = carry
+            loss, g = jax.value_and_grad(neg_log_post)(p)
+            upd, o = tx.update(g, o, p)
+            return (optax.apply_updates(p, upd), o), loss
+
+        (p, _), trace = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
+        return p, trace
+
+    return run(init)

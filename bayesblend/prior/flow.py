@@ -93,6 +93,13 @@ class RealNVP(nn.Module):
             logdet = logdet + ld
         return -0.5 * jnp.sum(u**2, axis=-1) - 0.5 * self.dim * LOG_2PI + logdet
 
+    def to_base(self, z: jnp.ndarray) -> jnp.ndarray:
+        """Map latent codes to the base space (the inverse of :meth:`sample_from_base`)."""
+        u = z
+        for c in self.couplings:
+            u, _ = c.forward(u)
+        return u
+
     def sample_from_base(self, u: jnp.ndarray) -> jnp.ndarray:
         """Map base draws ``u ~ N(0, I)`` to latent codes."""
         z = u
