@@ -27,9 +27,9 @@ def main() -> None:
                 hi = next(v for k, v in a.items() if k.endswith("_hi"))
                 e_rng = f"[{a['p16']:+.3f}, {a['p84']:+.3f}]"
                 m_rng = f"[{b['p16']:+.3f}, {b['p84']:+.3f}]"
-                print(
-                    f"| {lo:g}–{hi:g} | {int(a['n'])} | {a['median']:+.4f} | {e_rng} | {b['median']:+.4f} | {m_rng} |"
-                )
+                cells = [f"{lo:g}–{hi:g}", str(int(a["n"])), f"{a['median']:+.4f}", e_rng]
+                cells += [f"{b['median']:+.4f}", m_rng]
+                print("| " + " | ".join(cells) + " |")
             print()
 
 
