@@ -96,6 +96,29 @@ def flow_vs_population(bundle, n: int, out: Path) -> dict:
     return stats
 
 
+def _stages(cfg: TrainConfig) -> list[dict]:
+    """Steps, time and final validation of every training stage (following init_from back)."""
+    stages = []
+    run, config = Path(cfg.out), cfg
+    while True:
+        h = json.loads((run / "history.json").read_text())
+        stages.insert(
+            0,
+            {
+                "run": str(run),
+                "steps": h["step"][-1],
+                "seconds": h["seconds"][-1],
+                "final_val_nll_per_pixel": h["val_nll"][-1],
+                "learning_rate": config.learning_rate,
+            },
+        )
+        if not config.init_from:
+            return stages
+        run = Path(config.init_from)
+        raw = json.loads((run / "config.json").read_text())
+        config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--vae-config", default="configs/vae-lsst-v1.toml")
@@ -134,6 +157,7 @@ def main() -> None:
             "seed": cfg.seed,
         },
         "flow_metrics": json.loads((run / "flow_metrics.json").read_text()),
+        "vae_stages": _stages(cfg),
         "default_latent_prior": "flow",
         "latent_prior_note": "The flow is fitted to q(z|x) draws of training galaxies brightened to "
         "S/N >= 100 (informative codes for every galaxy); its decoded draws match the held-out "
