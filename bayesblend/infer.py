@@ -1,4 +1,4 @@
-"""Inference on a blend: amortised, MAP, SVI and NUTS, one entry point, one result type.
+"""Inference on a blend: preparation, the amortised start and MAP.
 
 :func:`prepare_blend` turns a :class:`~bayesblend.scene.Scene` and source
 positions into the static :class:`~bayesblend.model.SceneSpec` and the arrays
@@ -6,14 +6,14 @@ of :func:`~bayesblend.model.scene_model`, padding the sources to a few fixed
 counts (:data:`PAD_SIZES`) so that every blend of the same size and padded
 count reuses one compilation. The methods build on each other:
 
-- ``amortised``: the deblender encoder on a stamp around each source gives z;
-  fluxes from a linear fit of each template; positions at the detections.
-- ``map``: Adam on the joint log density (all parameters are unconstrained
-  reals), started from the amortised solution.
-- ``svi``: NumPyro SVI with a low-rank multivariate normal guide, started at MAP.
-- ``nuts``: NumPyro NUTS with a dense mass matrix, several chains started at MAP.
+- amortised (:func:`amortised_init`): the deblender encoder on a stamp around
+  each source gives z; the fluxes are the joint linear least-squares
+  amplitudes of all templates; positions at the detections.
+- MAP (:func:`map_fit`): Adam on the joint log density (all parameters are
+  unconstrained reals), started from the amortised solution.
 
-The posterior draws live in a :class:`~bayesblend.posterior.Posterior`.
+SVI and NUTS, started at MAP, and the ``Posterior`` result type come next
+(issue 4).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from bayesblend.errors import BayesblendError
-from bayesblend.forward import anchor_and_offset, difference_kernel, fft_size
+from bayesblend.forward import anchor_and_offset, difference_kernel, fft_size, render_scene
 from bayesblend.model import SceneSpec, scene_model
 from bayesblend.prior.bundle import PriorBundle
 from bayesblend.scene import Scene
@@ -36,7 +36,6 @@ from bayesblend.survey import get_survey
 
 #: Padded source counts: a blend of k sources is padded to the smallest size >= k.
 PAD_SIZES = (1, 2, 4, 8, 16)
-METHODS = ("amortised", "map", "svi", "nuts")
 
 
 def padded_count(k: int) -> int:
@@ -95,7 +94,7 @@ def prepare_blend(
     valid = np.isfinite(image)
     if sc.mask is not None:
         valid &= ~sc.mask
-    if not valid.all() and not np.isfinite(image).all():
+    if not np.isfinite(image).all():
         warnings.warn(f"{np.sum(~np.isfinite(image))} non-finite pixels masked", stacklevel=2)
     if not valid.any():
         raise BayesblendError("every pixel of the blend is masked")
@@ -186,18 +185,11 @@ def amortised_init(bundle: PriorBundle, prep: PreparedBlend, prior: str) -> dict
     least-squares amplitudes of all sources' templates on the scene
     (:func:`joint_flux`), so that no source absorbs its neighbours' light.
     """
-    from bayesblend.amortised import template_flux
-    from bayesblend.forward import render_source
-
     data = prep.data
     net = "deblender" if "deblender" in bundle.params else "encoder"
     stamps = cutouts(data["image"], data["anchor"], bundle.stamp)
     mean, _ = bundle.encode(stamps, jnp.sqrt(data["sky"]), network=net)
     morph = bundle.decode(mean)
-    tmpl = jax.vmap(render_source, in_axes=(0, 0, 0, None))(
-        morph, jnp.ones(morph.shape[:2]), data["offset0"], data["kernel"]
-    )
-    del tmpl, template_flux
     flux = joint_flux(morph, data, prep.spec)
     floor = jnp.exp(data["log_flux0"]) * 0.05
     _, to_base = _latent_maps(bundle, prior)
@@ -215,8 +207,6 @@ def joint_flux(morphology: jnp.ndarray, data: dict, spec: SceneSpec) -> jnp.ndar
     all sources rendered on the canvas, W the inverse variance (sky + data
     Poisson term, masked pixels excluded) and d the data. Padded sources get zero.
     """
-    from bayesblend.forward import render_scene
-
     n = spec.n_sources
     nb = morphology.shape[1]
     eye = jnp.eye(n)
