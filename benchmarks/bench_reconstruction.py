@@ -72,16 +72,13 @@ def held_out(kind: str, seed: int) -> ShardDataset:
 
 
 def evaluate(bundle, ds: ShardDataset, network: str, n: int) -> dict:
-    truth = ds.truth()
-    if "is_target" in truth.colnames:
-        truth = truth[np.asarray(truth["is_target"])]
+    truth = ds.target_truth()
     idx = np.arange(min(n, len(ds)))
     truth = truth[idx]
     noisy = ds.load("noisy", idx)
     target = ds.load("target" if network == "deblender" else "noiseless", idx)
     psf = np.asarray(ds.psf(idx))
-    c = (noisy.shape[-1] - 1) / 2
-    offset = np.stack([np.asarray(truth["x"]) - c, np.asarray(truth["y"]) - c], 1)
+    offset = ds.offsets(truth, ds.stamp)
     t0 = time.perf_counter()
     rec = reconstruct(bundle, noisy, psf, offset, network=network)
     seconds = time.perf_counter() - t0

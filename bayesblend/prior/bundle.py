@@ -276,13 +276,16 @@ def bundle_from_runs(
     """
     from flax import serialization
 
+    from bayesblend.simulate.dataset import ShardDataset
+
     vae_run = Path(vae_run)
     cfg = json.loads((vae_run / "config.json").read_text())
-    manifest = json.loads(Path(cfg["data"], "dataset.json").read_text())
+    data = ShardDataset(cfg["data"])
+    manifest = data.manifest
     arch = {
         "survey": manifest["survey"],
         "bands": list(manifest["bands"]),
-        "stamp": int(manifest["options"].get("stamp_size", 48)),
+        "stamp": data.stamp,
         "latent_dim": int(cfg["latent_dim"]),
         "encoder_features": list(cfg["encoder_features"]),
         "decoder_features": list(cfg["decoder_features"]),

@@ -109,23 +109,12 @@ class TrainingData:
         self.kind = kind
         self.sky = np.asarray(m["sky"], dtype=np.float32)
         self.bands = list(m["bands"])
-        truth = self.ds.truth()
-        if "is_target" in truth.colnames:
-            truth = truth[np.asarray(truth["is_target"])]
-        stamp = int(m["options"].get("stamp_size", 48))
-        c = (stamp - 1) / 2.0
-        self.offsets = np.stack([np.asarray(truth["x"]) - c, np.asarray(truth["y"]) - c], 1).astype(
-            np.float32
-        )
-        self.stamp = stamp
+        self.stamp = self.ds.stamp
+        self.offsets = self.ds.offsets(self.ds.target_truth(), self.stamp)
         n = len(self.ds)
-        if len(self.offsets) != n:
-            raise BayesblendError(f"{path}: truth has {len(self.offsets)} targets for {n} items")
         nval = min(validation_items, n // 5)
         self.train_idx = np.arange(n - nval)
         self.val_idx = np.arange(n - nval, n)
-        self._input = self.ds.arrays("noiseless")
-        self._target = self.ds.arrays("target" if kind == "deblender" else "noiseless")
 
     def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Arrays for items ``idx``: target, clean input, psf, offset, flux (in-stamp)."""
@@ -199,7 +188,7 @@ def train(cfg: TrainConfig, progress: bool = True, max_seconds: float | None = N
 
     data = TrainingData(cfg.data, cfg.kind, cfg.validation_items)
     survey = get_survey(data.ds.manifest["survey"])
-    psf_size = data.batch(data.train_idx[:1])["psf"].shape[-1]
+    psf_size = data.ds.psf([0]).shape[-1]
     model_psf = survey.model_psf_image(psf_size)
     enc, dec = build_networks(cfg, len(data.bands), data.stamp)
     key = jax.random.PRNGKey(cfg.seed)

@@ -340,5 +340,25 @@ class ShardDataset:
         """The concatenated truth table."""
         return stack_truth([read_table(self.path / s["dir"] / "truth.fits") for s in self.manifest["shards"]])
 
+    @property
+    def stamp(self) -> int:
+        """Side of the stamps, pixels."""
+        return int(self.manifest["options"].get("stamp_size", 48))
+
+    def target_truth(self) -> Table:
+        """One truth row per item: the stamp's galaxy, or a blend's centred target."""
+        truth = self.truth()
+        if "is_target" in truth.colnames:
+            truth = truth[np.asarray(truth["is_target"])]
+        if len(truth) != len(self):
+            raise BayesblendError(f"{self.path}: truth has {len(truth)} targets for {len(self)} items")
+        return truth
+
+    @staticmethod
+    def offsets(truth: Table, stamp: int) -> np.ndarray:
+        """``(n, 2)`` ``(dx, dy)`` of each row's position from the stamp centre ``(S - 1) / 2``, pixels."""
+        c = (stamp - 1) / 2.0
+        return np.stack([np.asarray(truth["x"]) - c, np.asarray(truth["y"]) - c], 1).astype(np.float32)
+
 
 __all__ = ["KINDS", "SHEAR_DESIGN", "ShardDataset", "simulate_dataset"]
