@@ -126,9 +126,7 @@ class PriorBundle:
         spec = self.card["architecture"].get("flow")
         if not spec or "flow" not in self.params:
             return None
-        from bayesblend.prior.flow import RealNVP
-
-        return RealNVP(dim=int(spec["dim"]), layers=int(spec["layers"]), hidden=int(spec["hidden"]))
+        return _flow_module(spec)
 
     @property
     def default_latent_prior(self) -> str:
@@ -165,14 +163,19 @@ def _architecture_networks(arch: dict) -> tuple[Encoder, Decoder]:
     return enc, dec
 
 
-def _flow_template(arch: dict):
+def _flow_module(spec: dict):
+    """The RealNVP an architecture's ``flow`` entry (``dim``, ``layers``, ``hidden``) describes."""
     from bayesblend.prior.flow import RealNVP
 
+    return RealNVP(dim=int(spec["dim"]), layers=int(spec["layers"]), hidden=int(spec["hidden"]))
+
+
+def _flow_template(arch: dict):
+    """A parameter tree of the architecture's flow (the structure weights are loaded into)."""
     spec = arch.get("flow")
     if not spec:
         raise BundleError("card.json lists flow weights but no flow architecture")
-    flow = RealNVP(dim=int(spec["dim"]), layers=int(spec["layers"]), hidden=int(spec["hidden"]))
-    return flow.init(jax.random.PRNGKey(0), jnp.zeros((1, int(spec["dim"]))))
+    return _flow_module(spec).init(jax.random.PRNGKey(0), jnp.zeros((1, int(spec["dim"]))))
 
 
 def save_bundle(path: str | Path, card: dict, params: dict[str, Any]) -> Path:
@@ -297,15 +300,11 @@ def bundle_from_runs(
     raw = serialization.msgpack_restore((vae_run / "checkpoint.msgpack").read_bytes())
     params = {"decoder": raw["params"]["decoder"], "encoder": raw["params"]["encoder"]}
     if (vae_run / "flow.msgpack").exists():
-        from bayesblend.prior.flow import RealNVP
-
         fm = json.loads((vae_run / "flow_metrics.json").read_text())
-        flow = RealNVP(dim=fm["dim"], layers=fm["layers"], hidden=fm["hidden"])
-        template = flow.init(jax.random.PRNGKey(0), jnp.zeros((1, fm["dim"])))
-        params["flow"] = serialization.from_state_dict(
-            template, serialization.msgpack_restore((vae_run / "flow.msgpack").read_bytes())
-        )
         arch["flow"] = {"kind": "RealNVP", "dim": fm["dim"], "layers": fm["layers"], "hidden": fm["hidden"]}
+        params["flow"] = serialization.from_state_dict(
+            _flow_template(arch), serialization.msgpack_restore((vae_run / "flow.msgpack").read_bytes())
+        )
     if deblender_run is not None:
         draw = serialization.msgpack_restore((Path(deblender_run) / "checkpoint.msgpack").read_bytes())
         params["deblender"] = draw["params"]["encoder"]
