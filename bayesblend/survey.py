@@ -188,8 +188,6 @@ class Survey:
         numpy.ndarray
             ``(size, size)`` float32 image with unit sum.
         """
-        if size % 2 == 0 or size < 3:
-            raise BayesblendError(f"PSF image size must be odd and >= 3, got {size}")
         f = self.band(band).psf_fwhm if fwhm is None else float(fwhm)
         return _psf_image(self, band, size, f).copy()
 
@@ -210,10 +208,7 @@ class Survey:
         The difference kernel of the decoder contract is ``FFT(psf_b) / FFT(model_psf)``
         of two images drawn the same way, so the pixel response cancels.
         """
-        if size % 2 == 0 or size < 3:
-            raise BayesblendError(f"PSF image size must be odd and >= 3, got {size}")
-        img = self.model_psf_object().drawImage(nx=size, ny=size, scale=self.pixel_scale).array
-        return (img / img.sum()).astype(np.float32)
+        return _psf_image(self, None, size, self.model_psf_fwhm).copy()
 
     def bandpass(self, band: str) -> galsim.Bandpass:
         """GalSim bandpass (AB zeropoint) used to turn SEDs into colours."""
@@ -221,8 +216,12 @@ class Survey:
 
 
 @functools.lru_cache(maxsize=256)
-def _psf_image(survey: Survey, band: str, size: int, fwhm: float) -> np.ndarray:
-    img = survey.psf_object(band, fwhm).drawImage(nx=size, ny=size, scale=survey.pixel_scale)
+def _psf_image(survey: Survey, band: str | None, size: int, fwhm: float) -> np.ndarray:
+    """A PSF on ``size`` pixels (pixel-convolved, unit sum): band ``band``'s, or the model PSF for None."""
+    if size % 2 == 0 or size < 3:
+        raise BayesblendError(f"PSF image size must be odd and >= 3, got {size}")
+    obj = survey.model_psf_object() if band is None else survey.psf_object(band, fwhm)
+    img = obj.drawImage(nx=size, ny=size, scale=survey.pixel_scale)
     arr = img.array.astype(np.float64)
     return (arr / arr.sum()).astype(np.float32)
 
