@@ -17,14 +17,29 @@ from astropy.table import Table
 SIGMA_PERCENTILES = (2.275, 15.866, 50.0, 84.134, 97.725)
 
 
-def adaptive_ellipticity(images: np.ndarray, scale: float = 0.2) -> np.ndarray:
-    """Shear-type ellipticity ``(n, 2)`` of each image ``(n, y, x)``; NaN where HSM fails."""
-    out = np.full((len(images), 2), np.nan)
+def adaptive_shape(images: np.ndarray, scale: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """HSM adaptive moments of each image ``(n, y, x)``; NaN where HSM fails.
+
+    Returns
+    -------
+    ellipticity : numpy.ndarray
+        ``(n, 2)`` shear-type ``(g1, g2)``.
+    size : numpy.ndarray
+        ``(n,)`` adaptive-moment sigma, arcsec (``scale`` is arcsec per pixel).
+    """
+    g = np.full((len(images), 2), np.nan)
+    size = np.full(len(images), np.nan)
     for i, img in enumerate(np.asarray(images, dtype=np.float64)):
         res = galsim.hsm.FindAdaptiveMom(galsim.Image(img, scale=scale), strict=False)
         if res.moments_status == 0:
-            out[i] = res.observed_shape.g1, res.observed_shape.g2
-    return out
+            g[i] = res.observed_shape.g1, res.observed_shape.g2
+            size[i] = res.moments_sigma * scale
+    return g, size
+
+
+def adaptive_ellipticity(images: np.ndarray, scale: float = 0.2) -> np.ndarray:
+    """Shear-type ellipticity ``(n, 2)`` of each image ``(n, y, x)``; NaN where HSM fails."""
+    return adaptive_shape(images, scale)[0]
 
 
 def binned_stats(x: np.ndarray, y: np.ndarray, edges: np.ndarray, name: str = "x") -> Table:

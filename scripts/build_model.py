@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bayesblend.evaluate import adaptive_ellipticity  # noqa: E402
+from bayesblend.evaluate import adaptive_shape  # noqa: E402
 from bayesblend.prior.bundle import bundle_from_runs, load_bundle  # noqa: E402
 from bayesblend.prior.flow import sample, train_flow_from_run  # noqa: E402
 from bayesblend.prior.train import TrainConfig  # noqa: E402
@@ -42,17 +42,6 @@ def decoder_flops(bundle) -> float:
     cost = f.lower(jnp.zeros((bundle.latent_dim,))).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"])
-
-
-def hsm_size(images: np.ndarray) -> np.ndarray:
-    import galsim
-
-    out = np.full(len(images), np.nan)
-    for i, img in enumerate(images.astype(np.float64)):
-        r = galsim.hsm.FindAdaptiveMom(galsim.Image(img, scale=0.2), strict=False)
-        if r.moments_status == 0:
-            out[i] = r.moments_sigma * 0.2
-    return out
 
 
 def flow_vs_population(bundle, n: int, out: Path) -> dict:
@@ -74,9 +63,9 @@ def flow_vs_population(bundle, n: int, out: Path) -> dict:
         ("N(0, I) + decoder draws", normal),
     )
     for name, imgs in sets:
-        e = np.hypot(*adaptive_ellipticity(imgs[:, r]).T)
-        size = hsm_size(imgs[:, r])
-        grad = hsm_size(imgs[:, g]) / hsm_size(imgs[:, i])
+        e_r, size = adaptive_shape(imgs[:, r])
+        e = np.hypot(*e_r.T)
+        grad = adaptive_shape(imgs[:, g])[1] / adaptive_shape(imgs[:, i])[1]
         axes[0].hist(e[np.isfinite(e)], bins=30, range=(0, 1), histtype="step", density=True, label=name)
         axes[1].hist(size[np.isfinite(size)], bins=30, range=(0, 1.5), histtype="step", density=True)
         axes[2].hist(grad[np.isfinite(grad)], bins=30, range=(0.7, 1.3), histtype="step", density=True)
