@@ -24,7 +24,7 @@ B_closest and B_tot (blends).
 Run: ``.venv/bin/python benchmarks/bench_reconstruction.py --model models/lsst-v1``
 
 Writes ``benchmarks/figures/recon_*.png`` and ``benchmarks/recon_metrics.json``,
-and prints Markdown tables for RESULTS.md.
+and prints its Markdown tables for RESULTS.md (``benchmarks/recon_tables.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from recon_tables import main as print_tables  # noqa: E402  (benchmarks/, beside this script)
 
 from bayesblend.amortised import reconstruct  # noqa: E402
 from bayesblend.evaluate import adaptive_ellipticity, binned_stats  # noqa: E402
@@ -140,20 +141,6 @@ def figure(result: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def markdown(result: dict, key: str) -> str:
-    lines = [
-        f"| {key} bin | n | median Δ\\|e\\| | Δ\\|e\\| 16–84 % | median Δmag_r | Δmag_r 16–84 % |",
-        "|---|---|---|---|---|---|",
-    ]
-    te, tm = result["bins"][key]["e"], result["bins"][key]["mag"]
-    for a, b in zip(te, tm, strict=True):
-        lines.append(
-            f"| {a[f'{key}_lo']:g}–{a[f'{key}_hi']:g} | {a['n']} | {a['median']:+.4f} | "
-            f"[{a['p16']:+.3f}, {a['p84']:+.3f}] | {b['median']:+.4f} | [{b['p16']:+.3f}, {b['p84']:+.3f}] |"
-        )
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="models/lsst-v1")
@@ -167,11 +154,6 @@ def main() -> None:
         results["blends"] = evaluate(bundle, held_out("blends", 4), "deblender", args.n)
     for kind, res in results.items():
         figure(res, HERE / "figures" / f"recon_{kind}.png", f"{args.model}: {kind} (held-out)")
-        print(f"\n### {kind}: {res['n']} stamps, {res['per_stamp_ms']:.2f} ms/stamp amortised")
-        print("S/N > 10:", json.dumps(res["summary_snr_gt_10"]), " all:", json.dumps(res["summary_all"]))
-        for key in res["bins"]:
-            print()
-            print(markdown(res, key))
     serial = {
         kind: {
             **{k: v for k, v in res.items() if k != "bins"},
@@ -186,6 +168,7 @@ def main() -> None:
         for kind, res in results.items()
     }
     (HERE / "recon_metrics.json").write_text(json.dumps(serial, indent=1))
+    print_tables()  # the Markdown tables for RESULTS.md, from the file just written
 
 
 if __name__ == "__main__":
