@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bayesblend.io import atomic_path, write_scene, write_table  # noqa: E402
-from bayesblend.plots import composite  # noqa: E402
+from bayesblend.io import write_scene, write_table  # noqa: E402
+from bayesblend.plots import draw_scene, save_figure  # noqa: E402
 from bayesblend.simulate.scenes import simulate_blend, stack_truth  # noqa: E402
 
 
@@ -45,9 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = int(np.ceil(len(blends) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.3 * rows), dpi=110, squeeze=False)
     for ax, r in zip(axes.ravel(), blends, strict=False):
-        ax.imshow(composite(r.scene), origin="lower", interpolation="nearest")
         t = r.truth
-        ax.scatter(t["x"], t["y"], s=70, facecolors="none", edgecolors="cyan", linewidths=0.9)
+        draw_scene(ax, r.scene, t)
         ax.scatter(t["x"][0], t["y"][0], s=70, marker="+", color="yellow", linewidths=0.9)
         ax.set_title(
             f"blend {t['blend_id'][0]}: {len(t)} galaxies, target r={t['mag_r'][0]:.1f}\n"
@@ -60,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.axis("off")
     fig.suptitle("Simulated LSST 10-year blends (gri composite; circles: truth, +: target)", fontsize=9)
     fig.tight_layout()
-    with atomic_path(out / "blends.png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, out / "blends.png")
     print(f"demo: {len(blends)} simulated blends -> {out}/blend_*.fits, truth -> {out}/truth.fits")
     print(f"demo: figure -> {out / 'blends.png'}")
     return 0

@@ -41,6 +41,30 @@ def composite(scene: Scene, bands: Sequence[str] = ("i", "r", "g"), q: float = 8
     return make_lupton_rgb(*planes, minimum=-1.0, stretch=6.0, Q=q)
 
 
+def draw_scene(
+    ax,
+    scene: Scene,
+    truth: Table,
+    bands: Sequence[str] = ("i", "r", "g"),
+    marker_size: float = 70,
+    linewidth: float = 0.9,
+) -> None:
+    """Draw the composite of ``scene`` on ``ax`` with the truth positions circled."""
+    ax.imshow(composite(scene, bands), origin="lower", interpolation="nearest")
+    ax.scatter(
+        truth["x"], truth["y"], s=marker_size, facecolors="none", edgecolors="cyan", linewidths=linewidth
+    )
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` atomically (format from the suffix, PNG by default) and close it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
+
+
 def plot_scene_truth(
     scene: Scene,
     truth: Table,
@@ -54,10 +78,8 @@ def plot_scene_truth(
     Truth sources are circles labelled with their r magnitude; detections (a
     table with ``x``, ``y``) are crosses.
     """
-    rgb = composite(scene, bands)
     fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=120)
-    ax.imshow(rgb, origin="lower", interpolation="nearest")
-    ax.scatter(truth["x"], truth["y"], s=90, facecolors="none", edgecolors="cyan", linewidths=1.0)
+    draw_scene(ax, scene, truth, bands, marker_size=90, linewidth=1.0)
     magcol = "mag_r" if "mag_r" in truth.colnames else None
     if magcol:
         for row in truth:
@@ -75,8 +97,4 @@ def plot_scene_truth(
     ax.set_ylabel("y [pixel]")
     ax.set_title(title or f"{'/'.join(bands)} composite, truth circles", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
