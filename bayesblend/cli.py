@@ -59,6 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--members", action="store_true", help="store blend members' images in shards")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    dbl = sub.add_parser("deblend", help="deblend scene-FITS files: catalogue, posterior samples, figures")
+    dbl.add_argument("scenes", nargs="+", metavar="SCENE.fits")
+    dbl.add_argument("--sources", default=None, help="FITS/Parquet table with x, y (one scene only)")
+    dbl.add_argument("--method", choices=["amortised", "map", "svi", "nuts"], default="nuts")
+    dbl.add_argument("--out", default="deblended", help="output directory")
+    dbl.add_argument("--prior", default=None, help="model bundle name or path (default: lsst-v1)")
+    dbl.add_argument("--latent-prior", choices=["flow", "normal"], default=None)
+    dbl.add_argument("--seed", type=int, default=0)
+    dbl.add_argument("--chains", type=int, default=None, help="NUTS chains")
+    dbl.add_argument("--draws", type=int, default=None, help="draws per chain")
+    dbl.add_argument("--warmup", type=int, default=None, help="NUTS warm-up steps")
+    dbl.add_argument("--truth", default=None, help="truth table to mark in the figures (simulations)")
+    dbl.add_argument("--parquet", action="store_true", help="also write catalog.parquet")
+    dbl.add_argument("--no-figures", action="store_true")
+    dbl.add_argument("--quiet", action="store_true", help="no progress bar")
+
     tr = sub.add_parser("train", help="train the VAE prior or the amortised deblender encoder")
     tr.add_argument("what", choices=["vae", "deblender", "flow"])
     tr.add_argument("--config", required=True, help="TOML config (see configs/)")
@@ -121,11 +137,71 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deblend(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bayesblend.infer import deblend
+    from bayesblend.io import read_scene, read_table
+
+    if args.sources is not None and len(args.scenes) != 1:
+        raise BayesblendError("--sources goes with exactly one scene")
+    scenes = [read_scene(p) for p in args.scenes]
+    sources = None if args.sources is None else read_table(args.sources)
+    settings = {
+        k: v
+        for k, v in (("num_chains", args.chains), ("num_draws", args.draws), ("num_warmup", args.warmup))
+        if v is not None
+    }
+    truth = read_table(args.truth) if args.truth else None
+    post = deblend(
+        scenes if len(scenes) > 1 else scenes[0],
+        sources=sources,
+        method=args.method,
+        prior=args.prior,
+        seed=args.seed,
+        latent_prior=args.latent_prior,
+        progress=not args.quiet,
+        **settings,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    catalog = post.write_catalog(out / "catalog.fits")
+    if args.parquet:
+        post.write_catalog(out / "catalog.parquet")
+    post.to_netcdf(out / "posterior.nc")
+    written = [str(catalog), str(out / "posterior.nc")]
+    if not args.no_figures and post.n_blends:
+        from bayesblend.plots import plot_blend
+
+        for i in range(post.n_blends):
+            t = None
+            if truth is not None:
+                scene_idx = int(post.sources["scene"][post.sources["blend_id"] == i][0])
+                t = truth[truth["scene"] == scene_idx] if "scene" in truth.colnames else truth
+            plot_blend(post, i, out / "figures" / f"blend_{i:04d}.png", truth=t)
+        written.append(f"{out / 'figures'}/ ({post.n_blends} figures)")
+    print(
+        f"deblend ({args.method}): {post.n_sources} sources in {post.n_blends} blends from {len(scenes)} scene(s)"
+    )
+    for w in written:
+        print(f"  {w}")
+    return 0
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"bayesblend: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bayesblend`` command; returns the exit code."""
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _one_line_warning
     try:
+        if args.command == "deblend":
+            return _deblend(args)
         if args.command == "simulate":
             return _simulate(args)
         if args.command == "train":

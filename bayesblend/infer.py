@@ -1,167 +1,159 @@
-"""Inference on a blend: preparation, the amortised start and MAP.
+"""Inference on blends: amortised, MAP, SVI and NUTS, batched under ``vmap``, giving a Posterior.
 
-:func:`prepare_blend` turns a :class:`~bayesblend.scene.Scene` and source
-positions into the static :class:`~bayesblend.model.SceneSpec` and the arrays
-of :func:`~bayesblend.model.scene_model`, padding the sources to a few fixed
-counts (:data:`PAD_SIZES`) so that every blend of the same size and padded
-count reuses one compilation. The methods build on each other:
+Every method starts from the one before it:
 
-- amortised (:func:`amortised_init`): the deblender encoder on a stamp around
-  each source gives z; the fluxes are the joint linear least-squares
-  amplitudes of all templates; positions at the detections.
-- MAP (:func:`map_fit`): Adam on the joint log density (all parameters are
-  unconstrained reals), started from the amortised solution.
+- ``amortised``: the deblender encoder on a stamp around each source gives
+  q(z | blend) (a diagonal Gaussian); the fluxes of each draw are the joint
+  non-negative least-squares amplitudes of all sources' templates
+  (:func:`joint_flux`) plus their Gaussian (Fisher) error; positions stay at
+  the detections. Fastest, and the start of the others.
+- ``map``: Adam on the joint log posterior from the amortised start (every
+  parameter is an unconstrained real). The result carries the Laplace
+  approximation around the optimum as its draws: the Hessian's eigenvalues
+  are floored at ``laplace_min_precision`` so the covariance is always proper.
+- ``svi``: NumPyro SVI with a full-covariance (``AutoMultivariateNormal``) or
+  low-rank (``AutoLowRankMultivariateNormal``) guide, started at MAP (the full
+  guide with the Laplace covariance).
+- ``nuts``: NumPyro NUTS, several chains started from Laplace draws around MAP,
+  with the Laplace covariance as the dense inverse mass matrix. In the flow's
+  base space the posterior is close to Gaussian, so this mass matrix needs no
+  further adaptation (``adapt_mass_matrix=False`` by default: a dense estimate
+  from a short warm-up window is worse than the Hessian) and warm-up only
+  tunes the step size. These are the levers that make NUTS affordable.
 
-SVI and NUTS, started at MAP, and the ``Posterior`` result type come next
-(issue 4).
+Blends with the same :class:`~bayesblend.model.SceneSpec` (padded source count
+and cutout shape) run together: one per-blend function is ``vmap``-ed over a
+batch and ``jit``-compiled once per (spec, method, configuration); the network
+weights are arguments, not constants, so compilation stays small.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
+from bayesblend.blends import PreparedBlend, blend_region, group_sources, prepare_blend
 from bayesblend.errors import BayesblendError
-from bayesblend.forward import anchor_and_offset, difference_kernel, fft_size, render_scene
-from bayesblend.model import SceneSpec, scene_model
-from bayesblend.prior.bundle import PriorBundle
+from bayesblend.forward import render_scene
+from bayesblend.model import SceneSpec, prior_precision, scene_mean, scene_model
+from bayesblend.posterior import Posterior
+from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.scene import Scene
-from bayesblend.survey import get_survey
 
-#: Padded source counts: a blend of k sources is padded to the smallest size >= k.
-PAD_SIZES = (1, 2, 4, 8, 16)
-
-
-def padded_count(k: int) -> int:
-    """The padded source count for ``k`` sources."""
-    for p in PAD_SIZES:
-        if k <= p:
-            return p
-    raise BayesblendError(f"blends of more than {PAD_SIZES[-1]} sources are not supported (got {k})")
+#: The inference methods, fastest first.
+METHODS = ("amortised", "map", "svi", "nuts")
 
 
-@dataclass
-class PreparedBlend:
-    """A blend ready for the scene model: static spec, arrays, and what is needed to report.
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Settings of the inference methods (hashable: one compilation per distinct config).
 
     Attributes
     ----------
-    spec : SceneSpec
-    data : dict of jax.Array
-        The arrays of :func:`bayesblend.model.scene_model`.
-    n_real : int
-        Number of real (unpadded) sources.
-    x, y : numpy.ndarray
-        Detected positions of the real sources, pixels.
-    bands : tuple of str
-    magzero : numpy.ndarray
+    num_chains, num_draws : int
+        NUTS chains and kept draws per chain; the other methods give
+        ``num_draws`` independent draws as one chain.
+    num_warmup : int
+        NUTS warm-up steps per chain (step-size adaptation).
+    max_tree_depth : int
+        NUTS tree depth limit (at most ``2**depth - 1`` leapfrog steps per draw).
+    target_accept : float
+        NUTS target acceptance probability.
+    adapt_mass_matrix : bool
+        Adapt the (dense, Laplace-initialised) mass matrix during warm-up.
+    init_spread : float
+        Chains start at MAP plus this many Laplace standard deviations of scatter.
+    map_steps : int
+        Adam steps of MAP.
+    map_learning_rate : float
+        Initial Adam learning rate (cosine-decayed to a tenth).
+    newton_steps : int
+        Damped Gauss-Newton steps polishing the Adam optimum.
+    laplace_min_precision : float
+        Floor of the precision's eigenvalues (a guard; the Gauss-Newton
+        precision is already at least the prior's).
+    svi_guide : str
+        ``"full"`` or ``"lowrank"``.
+    svi_rank : int
+        Rank of the low-rank guide.
+    svi_steps, svi_particles : int
+        Optimisation steps and ELBO particles per step.
+    svi_learning_rate : float
+    batch_size : int
+        Blends per ``vmap`` batch.
+    linking_length : float
+        Sources closer than this (pixels) are fitted together as one blend.
+    region_margin : int
+        Pixels around a blend's sources in its cutout.
+    log_flux_sigma, position_sigma : float
+        Prior widths (natural log of flux; pixels).
     """
 
-    spec: SceneSpec
-    data: dict
-    n_real: int
-    x: np.ndarray
-    y: np.ndarray
-    bands: tuple[str, ...]
-    magzero: np.ndarray
+    num_chains: int = 2
+    num_draws: int = 300
+    num_warmup: int = 150
+    max_tree_depth: int = 6
+    target_accept: float = 0.8
+    adapt_mass_matrix: bool = False
+    init_spread: float = 0.5
+    map_steps: int = 300
+    map_learning_rate: float = 0.05
+    newton_steps: int = 4
+    laplace_min_precision: float = 0.1
+    svi_guide: str = "full"
+    svi_rank: int = 8
+    svi_steps: int = 300
+    svi_particles: int = 4
+    svi_learning_rate: float = 0.005
+    batch_size: int = 4
+    linking_length: float = 16.0
+    region_margin: int = 16
+    log_flux_sigma: float = 2.0
+    position_sigma: float = 0.5
+
+    def __post_init__(self) -> None:
+        positive = (
+            "num_chains",
+            "num_draws",
+            "max_tree_depth",
+            "map_steps",
+            "svi_steps",
+            "svi_particles",
+            "svi_rank",
+            "batch_size",
+            "log_flux_sigma",
+            "position_sigma",
+            "laplace_min_precision",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise BayesblendError(f"inference setting {name} must be positive, got {getattr(self, name)}")
+        if self.num_warmup < 0 or self.region_margin < 0 or self.linking_length < 0:
+            raise BayesblendError("num_warmup, region_margin and linking_length must be >= 0")
+        if not 0 < self.target_accept < 1:
+            raise BayesblendError(f"target_accept must be in (0, 1), got {self.target_accept}")
+        if self.svi_guide not in ("full", "lowrank"):
+            raise BayesblendError(f"svi_guide must be 'full' or 'lowrank', got {self.svi_guide!r}")
+
+    def replace(self, **changes) -> InferenceConfig:
+        """A copy with ``changes`` (unknown names are an error)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise BayesblendError(f"unknown inference setting(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
 
 
-def prepare_blend(
-    scene: Scene,
-    x: Sequence[float],
-    y: Sequence[float],
-    bundle: PriorBundle,
-    log_flux_sigma: float = 2.0,
-    position_sigma: float = 0.5,
-) -> PreparedBlend:
-    """Arrays of the scene model for sources at ``(x, y)`` in ``scene`` (bands in the bundle's order).
-
-    Bad pixels (non-finite values) are masked with a warning; a missing PSF is
-    replaced by the survey's default PSF with a warning; missing bands are an error.
-    """
-    missing = [b for b in bundle.bands if b not in scene.bands]
-    if missing:
-        raise BayesblendError(f"scene lacks band(s) {', '.join(missing)} that the prior needs")
-    sc = scene.select_bands(bundle.bands)
-    survey = get_survey(bundle.survey)
-    image = np.asarray(sc.image, dtype=np.float32)
-    valid = np.isfinite(image)
-    if sc.mask is not None:
-        valid &= ~sc.mask
-    if not np.isfinite(image).all():
-        warnings.warn(f"{np.sum(~np.isfinite(image))} non-finite pixels masked", stacklevel=2)
-    if not valid.any():
-        raise BayesblendError("every pixel of the blend is masked")
-    image = np.where(valid, image, 0.0).astype(np.float32)
-    psf = sc.psf
-    if psf is None:
-        warnings.warn("scene has no PSF: using the survey's default PSF per band", stacklevel=2)
-        psf = survey.psf_images(bundle.bands)
-    kernel = difference_kernel(psf, survey.model_psf_image(psf.shape[-1]), fft_size(bundle.stamp))
-    sky = np.array([survey.sky_counts(b) for b in bundle.bands], dtype=np.float32)
-    x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
-    k = len(x)
-    if k == 0:
-        raise BayesblendError("no sources to deblend")
-    n = padded_count(k)
-    anchor, offset0 = anchor_and_offset(x, y, bundle.stamp)
-    # detection flux estimate: a 5x5 box sum over the PSF's fraction in the box, floored at 3 sigma
-    c = psf.shape[-1] // 2
-    frac = psf[:, c - 2 : c + 3, c - 2 : c + 3].sum(axis=(1, 2))
-    flux0 = np.zeros((k, len(bundle.bands)))
-    ny, nx = image.shape[1:]
-    for i in range(k):
-        xi, yi = int(round(x[i])), int(round(y[i]))
-        box = image[:, max(yi - 2, 0) : yi + 3, max(xi - 2, 0) : xi + 3]
-        flux0[i] = box.sum(axis=(1, 2)) / frac
-    floor = 3 * np.sqrt(sky * 25) / frac
-    log_flux0 = np.log(np.maximum(flux0, floor))
-    pad = n - k
-
-    def padded(a, fill):
-        return np.concatenate([a, np.repeat(fill[None], pad, 0)]) if pad else a
-
-    data = {
-        "image": jnp.asarray(image),
-        "variance": jnp.asarray(sc.variance if sc.variance is not None else np.ones_like(image)),
-        "valid": jnp.asarray(valid),
-        "sky": jnp.asarray(sky),
-        "kernel": kernel,
-        "anchor": jnp.asarray(padded(anchor, np.array([-bundle.stamp, -bundle.stamp], np.int32))),
-        "offset0": jnp.asarray(padded(offset0, np.zeros(2, np.float32))),
-        "log_flux0": jnp.asarray(padded(log_flux0, np.zeros(len(bundle.bands))), dtype=jnp.float32),
-        "source_valid": jnp.asarray(np.arange(n) < k),
-    }
-    spec = SceneSpec(
-        shape=(ny, nx),
-        n_sources=n,
-        latent_dim=bundle.latent_dim,
-        log_flux_sigma=log_flux_sigma,
-        position_sigma=position_sigma,
-        has_variance=sc.variance is not None,
-    )
-    return PreparedBlend(spec, data, k, x, y, tuple(bundle.bands), np.asarray(sc.magzero))
-
-
-def _latent_maps(bundle: PriorBundle, prior: str):
-    """``(to_latent, to_base)`` for the scene model's ``u`` under ``prior`` (flow or normal)."""
-    if prior == "normal":
-        return None, (lambda z: z)
-    from bayesblend.prior.flow import RealNVP
-
-    flow, fp = bundle.flow, bundle.params["flow"]
-    if flow is None:
-        raise BayesblendError(f"{bundle.path}: no flow in this bundle; use prior='normal'")
-    return (
-        lambda u: flow.apply(fp, u, method=RealNVP.sample_from_base),
-        lambda z: flow.apply(fp, z, method=RealNVP.to_base),
-    )
+# --------------------------------------------------------------------------------------------
+# building blocks (one blend, pure JAX)
 
 
 def cutouts(image: jnp.ndarray, anchor: jnp.ndarray, stamp: int) -> jnp.ndarray:
@@ -177,94 +169,481 @@ def cutouts(image: jnp.ndarray, anchor: jnp.ndarray, stamp: int) -> jnp.ndarray:
     return jax.vmap(one)(anchor)
 
 
-def amortised_init(bundle: PriorBundle, prep: PreparedBlend, prior: str) -> dict[str, jnp.ndarray]:
-    """The amortised solution in the scene model's parameters (``u``, ``log_flux``, ``offset``).
-
-    The deblender encoder (the VAE encoder if the bundle has none) on a stamp
-    around each source gives its mean code; the fluxes are the joint
-    least-squares amplitudes of all sources' templates on the scene
-    (:func:`joint_flux`), so that no source absorbs its neighbours' light.
-    """
-    data = prep.data
-    net = "deblender" if "deblender" in bundle.params else "encoder"
-    stamps = cutouts(data["image"], data["anchor"], bundle.stamp)
-    mean, _ = bundle.encode(stamps, jnp.sqrt(data["sky"]), network=net)
-    morph = bundle.decode(mean)
-    flux = joint_flux(morph, data, prep.spec)
-    floor = jnp.exp(data["log_flux0"]) * 0.05
-    _, to_base = _latent_maps(bundle, prior)
-    return {
-        "u": to_base(mean),
-        "log_flux": jnp.log(jnp.maximum(flux, floor)),
-        "offset": data["offset0"],
-    }
-
-
-def joint_flux(morphology: jnp.ndarray, data: dict, spec: SceneSpec) -> jnp.ndarray:
-    """Joint weighted least-squares fluxes ``(source, band)`` of fixed morphologies on the scene.
-
-    Per band, solves ``(T^T W T) f = T^T W d`` with T the unit-flux templates of
-    all sources rendered on the canvas, W the inverse variance (sky + data
-    Poisson term, masked pixels excluded) and d the data. Padded sources get zero.
-    """
-    n = spec.n_sources
-    nb = morphology.shape[1]
-    eye = jnp.eye(n)
-
-    def one(k):
-        unit = jnp.zeros((n, nb)).at[k].set(1.0)
-        return render_scene(morphology, unit, data["offset0"], data["anchor"], data["kernel"], spec.shape)
-
-    templates = jax.vmap(one)(jnp.arange(n))  # (source, band, H, W)
+def _inverse_variance(data: dict, spec: SceneSpec) -> jnp.ndarray:
     if spec.has_variance:
         var = data["variance"]
     else:
         var = data["sky"][:, None, None] + jnp.clip(data["image"], 0.0, None)
-    w = jnp.where(data["valid"], 1.0 / var, 0.0)
+    return jnp.where(data["valid"], 1.0 / var, 0.0)
+
+
+def joint_flux(
+    morphology: jnp.ndarray, offset: jnp.ndarray, data: dict, spec: SceneSpec, sweeps: int = 50
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Joint non-negative weighted least-squares fluxes of fixed morphologies on the scene.
+
+    Per band, minimises ``|W^(1/2) (d - T f)|^2`` over ``f >= 0``, with T the
+    unit-flux templates of all sources rendered on the canvas, W the inverse
+    variance and d the data, by projected coordinate descent on the normal
+    equations (``sweeps`` passes; exact for the small systems here). The
+    unconstrained solve lets overlapping templates trade flux into large
+    positive and negative pairs; the constraint keeps every source physical.
+
+    Returns
+    -------
+    flux : jax.Array
+        ``(source, band)`` electrons (zero for padded sources).
+    normal : jax.Array
+        ``(band, source, source)`` the normal matrix ``T^T W T`` (its inverse
+        is the flux covariance at fixed morphology).
+    """
+    n = spec.n_sources
+    nb = morphology.shape[1]
+    valid = data["source_valid"].astype(jnp.float32)
+
+    def one(k):
+        unit = jnp.zeros((n, nb)).at[k].set(1.0)
+        return render_scene(morphology, unit, offset, data["anchor"], data["kernel"], spec.shape)
+
+    templates = jax.vmap(one)(jnp.arange(n))  # (source, band, H, W)
+    w = _inverse_variance(data, spec)
     a = jnp.einsum("ibyx,jbyx,byx->bij", templates, templates, w)
     rhs = jnp.einsum("ibyx,byx,byx->bi", templates, w, data["image"])
-    valid = data["source_valid"].astype(a.dtype)
-    # padded sources: identity rows keep the system regular and give them zero flux
+    eye = jnp.eye(n)
+    # padded sources (and templates that fall entirely off the data): unit diagonal, zero flux
     a = a * valid[None, :, None] * valid[None, None, :] + eye[None] * (1 - valid)[None, :, None]
-    a = a + 1e-6 * jnp.trace(a, axis1=1, axis2=2)[:, None, None] / n * eye[None]
-    f = jnp.linalg.solve(a, (rhs * valid[None])[..., None])[..., 0]
-    return f.T * valid[:, None]
+    diag = jnp.maximum(jnp.diagonal(a, axis1=1, axis2=2), 1e-12)
+    a = a + eye[None] * (diag[:, :, None] * 1e-6)
+    rhs = rhs * valid[None]
+
+    def coordinate(k, f):
+        r = rhs[:, k] - jnp.einsum("bj,bj->b", a[:, k, :], f) + a[:, k, k] * f[:, k]
+        return f.at[:, k].set(jnp.maximum(r / jnp.maximum(a[:, k, k], 1e-12), 0.0))
+
+    def sweep(f, _):
+        return jax.lax.fori_loop(0, n, coordinate, f), None
+
+    f0 = jnp.maximum(rhs / jnp.maximum(diag, 1e-12), 0.0)
+    f, _ = jax.lax.scan(sweep, f0, None, length=sweeps)
+    return f.T * valid[:, None], a
 
 
-def map_fit(
-    bundle: PriorBundle,
-    prep: PreparedBlend,
-    init: dict[str, jnp.ndarray],
-    prior: str,
-    steps: int = 300,
-    learning_rate: float = 0.05,
-) -> tuple[dict[str, jnp.ndarray], jnp.ndarray]:
-    """Maximum a posteriori parameters by Adam on the joint log density; returns (params, trace).
-
-    All scene-model parameters are unconstrained reals, so the optimisation is
-    plain gradient descent in ``(u, log_flux, offset)``. ``trace`` is the
-    negative log density every step (for convergence checks).
-    """
+def _potential(nets: Networks, w: dict, spec: SceneSpec, data: dict) -> Callable:
     from numpyro.infer.util import log_density
 
-    to_latent, _ = _latent_maps(bundle, prior)
-    decode = bundle.decode
-    spec, data = prep.spec, prep.data
+    decode = partial(nets.decode, w)
+    to_latent = nets.to_latent(w)
 
-    def neg_log_post(params):
+    def potential(params):
         return -log_density(scene_model, (spec, data, decode, to_latent), {}, params)[0]
 
-    tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps, alpha=0.1))
+    return potential
 
-    @jax.jit
-    def run(params):
-        def step(carry, _):
-            p, o = carry
-            loss, g = jax.value_and_grad(neg_log_post)(p)
-            upd, o = tx.update(g, o, p)
-            return (optax.apply_updates(p, upd), o), loss
 
-        (p, _), trace = jax.lax.scan(step, (params, tx.init(params)), None, length=steps)
-        return p, trace
+def _amortised(nets: Networks, w: dict, spec: SceneSpec, data: dict, stamp: int):
+    """Encoder mean and sigma per source, and the start (u, log_flux, offset) at the mean."""
+    stamps = cutouts(data["image"], data["anchor"], stamp)
+    mean, log_sigma = nets.encode(w, stamps, jnp.sqrt(data["sky"]))
+    flux, _ = joint_flux(nets.decode(w, mean), data["offset0"], data, spec)
+    floor = jnp.exp(data["log_flux0"]) * 0.05
+    start = {
+        "u": nets.to_base(w, mean),
+        "log_flux": jnp.log(jnp.maximum(flux, floor)),
+        "offset": data["offset0"],
+    }
+    return mean, jnp.exp(log_sigma), start
 
-    return run(init)
+
+def _map(potential: Callable, start: dict, cfg: InferenceConfig):
+    tx = optax.adam(optax.cosine_decay_schedule(cfg.map_learning_rate, cfg.map_steps, alpha=0.1))
+
+    def step(carry, _):
+        p, o = carry
+        loss, g = jax.value_and_grad(potential)(p)
+        upd, o = tx.update(g, o, p)
+        return (optax.apply_updates(p, upd), o), loss
+
+    (p, _), trace = jax.lax.scan(step, (start, tx.init(start)), None, length=cfg.map_steps)
+    return p, jnp.append(trace, potential(p))
+
+
+def _gauss_newton(nets: Networks, w: dict, spec: SceneSpec, data: dict, flat, unravel) -> jnp.ndarray:
+    """Gauss-Newton precision ``J^T W J + P`` at ``flat``: positive definite by construction.
+
+    J is the Jacobian of the expected scene with respect to the flattened
+    parameters (one forward-mode column per parameter, ``lax.map``-ed), W the
+    inverse variance of the unmasked pixels and P the diagonal prior
+    precision. Unlike the exact Hessian it never has negative eigenvalues away
+    from the optimum, so it serves as the Newton matrix, the Laplace
+    covariance and NUTS's mass matrix.
+    """
+    decode = partial(nets.decode, w, forward_mode=True)
+    to_latent = nets.to_latent(w)
+
+    def mean_fn(f):
+        return scene_mean(spec, data, decode, to_latent, unravel(f))
+
+    d = flat.shape[0]
+    if spec.has_variance:
+        var = data["variance"]
+    else:
+        var = data["sky"][:, None, None] + jnp.clip(mean_fn(flat), 0.0, None)
+    wgt = jnp.where(data["valid"], 1.0 / var, 0.0)
+
+    def column(e):
+        return jax.jvp(mean_fn, (flat,), (e,))[1]
+
+    jac = jax.lax.map(column, jnp.eye(d, dtype=flat.dtype), batch_size=min(d, 24))
+    prec, _ = ravel_pytree(prior_precision(spec, data["log_flux0"].shape[-1]))
+    h = jnp.einsum("ibyx,jbyx,byx->ij", jac, jac, wgt) + jnp.diag(prec)
+    return 0.5 * (h + h.T)
+
+
+def _newton_laplace(nets, w, spec, data, potential: Callable, params: dict, cfg: InferenceConfig):
+    """Polish MAP by damped Gauss-Newton steps, then the Laplace covariance there.
+
+    Returns the flat optimum, ``unravel``, the covariance and a square root of it.
+    """
+    flat, unravel = ravel_pytree(params)
+
+    def pot(f):
+        return potential(unravel(f))
+
+    scales = jnp.array([1.0, 0.5, 0.25, 0.0])
+
+    def newton(f, _):
+        g = jax.grad(pot)(f)
+        step = jnp.linalg.solve(_gauss_newton(nets, w, spec, data, f, unravel), g)
+        cands = f[None] - scales[:, None] * step[None]
+        vals = jax.vmap(pot)(cands)
+        vals = jnp.where(jnp.isfinite(vals), vals, jnp.inf)
+        return cands[jnp.argmin(vals)], jnp.min(vals)
+
+    flat, trace = jax.lax.scan(newton, flat, None, length=cfg.newton_steps)
+    h = _gauss_newton(nets, w, spec, data, flat, unravel)
+    lam, vec = jnp.linalg.eigh(h)
+    lam = jnp.maximum(lam, cfg.laplace_min_precision)
+    cov = (vec / lam) @ vec.T
+    return flat, unravel, 0.5 * (cov + cov.T), vec / jnp.sqrt(lam), trace
+
+
+def _gaussian_draws(flat, root, unravel, n: int, key):
+    eps = jax.random.normal(key, (n, flat.shape[0]), flat.dtype)
+    return jax.vmap(unravel)(flat + eps @ root.T)
+
+
+def _with_chain(tree):
+    return jax.tree_util.tree_map(lambda a: a[None], tree)
+
+
+def _blend_fit(
+    nets: Networks, method: str, spec: SceneSpec, cfg: InferenceConfig, stamp: int, w: dict, data: dict, key
+) -> dict:
+    """One blend: draws ``(chain, draw, source, ...)`` of u, log_flux, offset, and statistics."""
+    k_draw, k_svi, k_nuts = jax.random.split(key, 3)
+    mean, sigma, start = _amortised(nets, w, spec, data, stamp)
+    if method == "amortised":
+        n = cfg.num_draws
+        z = mean + sigma * jax.random.normal(k_draw, (n,) + mean.shape)
+        k_flux = jax.random.split(k_svi, n)
+
+        def one(zi, ki):
+            f, a = joint_flux(nets.decode(w, zi), data["offset0"], data, spec)
+            chol = jnp.linalg.cholesky(jnp.linalg.inv(a))  # (band, source, source)
+            f = f.T + jnp.einsum("bij,bj->bi", chol, jax.random.normal(ki, f.T.shape))
+            return jnp.maximum(f.T, jnp.exp(data["log_flux0"]) * 0.01)
+
+        flux = jax.lax.map(lambda a: one(*a), (z, k_flux), batch_size=64)
+        draws = {
+            "u": nets.to_base(w, z),
+            "log_flux": jnp.log(flux),
+            "offset": jnp.broadcast_to(data["offset0"], (n,) + data["offset0"].shape),
+        }
+        return {"draws": _with_chain(draws), "point": start, "stats": {}}
+    potential = _potential(nets, w, spec, data)
+    point, trace = _map(potential, start, cfg)
+    flat, unravel, cov, root, newton_trace = _newton_laplace(nets, w, spec, data, potential, point, cfg)
+    point = unravel(flat)
+    out = {"point": point, "map_trace": jnp.concatenate([trace, newton_trace])}
+    if method == "map":
+        out["draws"] = _with_chain(_gaussian_draws(flat, root, unravel, cfg.num_draws, k_draw))
+        out["stats"] = {}
+        return out
+    if method == "svi":
+        return out | _svi(nets, w, spec, data, point, flat, cov, cfg, k_svi)
+    if method == "nuts":
+        return out | _nuts(potential, flat, unravel, cov, root, cfg, k_nuts)
+    raise BayesblendError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _svi(nets, w, spec, data, point, flat, cov, cfg: InferenceConfig, key) -> dict:
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal
+    from numpyro.infer.initialization import init_to_value
+
+    decode = partial(nets.decode, w)
+    to_latent = nets.to_latent(w)
+
+    def model(d):
+        scene_model(spec, d, decode, to_latent)
+
+    init = init_to_value(values=point)
+    if cfg.svi_guide == "full":
+        guide = AutoMultivariateNormal(model, init_loc_fn=init)
+        init_params = {"auto_loc": flat, "auto_scale_tril": jnp.linalg.cholesky(cov)}
+    else:
+        guide = AutoLowRankMultivariateNormal(model, init_loc_fn=init, rank=cfg.svi_rank, init_scale=0.1)
+        init_params = {"auto_loc": flat}
+    svi = SVI(model, guide, optax.adam(cfg.svi_learning_rate), Trace_ELBO(num_particles=cfg.svi_particles))
+    k_init, k_draw = jax.random.split(key)
+    state = svi.init(k_init, data, init_params=init_params)
+    state, losses = jax.lax.scan(lambda s, _: svi.update(s, data), state, None, length=cfg.svi_steps)
+    params = svi.get_params(state)
+    draws = guide.sample_posterior(k_draw, params, sample_shape=(cfg.num_draws,))
+    draws = {k: draws[k] for k in ("u", "log_flux", "offset")}
+    return {"draws": _with_chain(draws), "elbo_trace": losses, "stats": {}}
+
+
+def _nuts(potential, flat, unravel, cov, root, cfg: InferenceConfig, key) -> dict:
+    from numpyro.infer.hmc import hmc
+
+    init_kernel, sample_kernel = hmc(potential_fn=potential, algo="NUTS")
+    k_start, k_chain = jax.random.split(key)
+    eps = jax.random.normal(k_start, (cfg.num_chains, flat.shape[0]), flat.dtype)
+    starts = flat + cfg.init_spread * eps @ root.T
+    total = cfg.num_warmup + cfg.num_draws
+
+    def chain(start, k):
+        state = init_kernel(
+            unravel(start),
+            num_warmup=cfg.num_warmup,
+            inverse_mass_matrix=cov,
+            dense_mass=True,
+            adapt_mass_matrix=cfg.adapt_mass_matrix,
+            target_accept_prob=cfg.target_accept,
+            max_tree_depth=cfg.max_tree_depth,
+            find_heuristic_step_size=True,
+            rng_key=k,
+        )
+
+        def step(s, _):
+            s = sample_kernel(s)
+            return s, (s.z, s.diverging, s.num_steps, s.accept_prob, s.potential_energy, s.energy)
+
+        _, (z, div, steps, acc, pe, en) = jax.lax.scan(step, state, None, length=total)
+        keep = slice(cfg.num_warmup, total)
+        stats = {
+            "diverging": div[keep],
+            "n_steps": steps[keep],
+            "tree_depth": jnp.ceil(jnp.log2(steps[keep].astype(jnp.float32) + 1.0)).astype(jnp.int32),
+            "acceptance_rate": acc[keep],
+            "lp": -pe[keep],
+            "energy": en[keep],
+            "warmup_n_steps": jnp.sum(steps[: cfg.num_warmup]),
+        }
+        return jax.tree_util.tree_map(lambda a: a[keep], z), stats
+
+    draws, stats = jax.vmap(chain)(starts, jax.random.split(k_chain, cfg.num_chains))
+    return {"draws": draws, "stats": stats}
+
+
+# --------------------------------------------------------------------------------------------
+# batches
+
+_COMPILED: dict = {}
+
+
+def _batch_function(nets: Networks, method: str, spec: SceneSpec, cfg: InferenceConfig) -> Callable:
+    """The jitted, vmapped per-blend fit for this (networks, method, spec, config): compiled once."""
+    key = (nets, method, spec, cfg)
+    if key not in _COMPILED:
+        fit = partial(_blend_fit, nets, method, spec, cfg, nets.bundle.stamp)
+        _COMPILED[key] = jax.jit(jax.vmap(fit, in_axes=(None, 0, 0)))
+    return _COMPILED[key]
+
+
+def fit_blends(
+    bundle: PriorBundle,
+    blends: Sequence[PreparedBlend],
+    method: str = "nuts",
+    latent_prior: str | None = None,
+    seed: int = 0,
+    config: InferenceConfig | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """Fit prepared blends with ``method``; one result dict per blend (numpy arrays).
+
+    Blends are grouped by spec and run in ``vmap`` batches of
+    ``config.batch_size`` (the last batch padded by repetition, so every batch
+    has one shape). Blend ``i`` draws from the key ``fold_in(PRNGKey(seed), i)``,
+    so results do not depend on the batching.
+    """
+    if method not in METHODS:
+        raise BayesblendError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    cfg = config or InferenceConfig()
+    nets = Networks(bundle, bundle.check_latent_prior(latent_prior))
+    weights = nets.weights()
+    base = jax.random.PRNGKey(seed)
+    by_spec: dict[SceneSpec, list[int]] = {}
+    for i, b in enumerate(blends):
+        by_spec.setdefault(b.spec, []).append(i)
+    batches = [
+        (spec, idx[j : j + cfg.batch_size])
+        for spec, idx in by_spec.items()
+        for j in range(0, len(idx), cfg.batch_size)
+    ]
+    results: list[dict | None] = [None] * len(blends)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(blends), desc=f"deblend ({method})", unit="blend")
+    for spec, idx in batches:
+        full = idx + [idx[-1]] * (min(cfg.batch_size, len(blends)) - len(idx))
+        data = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[blends[i].data for i in full])
+        keys = jnp.stack([jax.random.fold_in(base, i) for i in full])
+        out = jax.device_get(_batch_function(nets, method, spec, cfg)(weights, data, keys))
+        for j, i in enumerate(idx):
+            results[i] = jax.tree_util.tree_map(lambda a, j=j: np.asarray(a[j]), out)
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# the entry point
+
+
+def _as_positions(sources, scene: Scene) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(x, y)`` from a table or array of sources, or None to run detection."""
+    if sources is None:
+        return None
+    from astropy.table import Table
+
+    if isinstance(sources, str | bytes) or hasattr(sources, "__fspath__"):
+        from bayesblend.io import read_table
+
+        sources = read_table(sources)
+    if isinstance(sources, Table):
+        names = {c.lower(): c for c in sources.colnames}
+        if "x" not in names or "y" not in names:
+            raise BayesblendError(f"source list needs columns x and y (pixels), has {sources.colnames}")
+        x, y = np.asarray(sources[names["x"]], float), np.asarray(sources[names["y"]], float)
+    else:
+        arr = np.asarray(sources, float)
+        if arr.ndim != 2 or arr.shape[-1] != 2:
+            raise BayesblendError(
+                f"sources must be a table with x, y or an (n, 2) array, got shape {arr.shape}"
+            )
+        x, y = arr[:, 0], arr[:, 1]
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise BayesblendError("source positions must be finite numbers")
+    ny, nx = scene.shape
+    outside = (x < -0.5) | (x > nx - 0.5) | (y < -0.5) | (y > ny - 0.5)
+    if outside.any():
+        warnings.warn(f"{int(outside.sum())} source(s) outside the scene dropped", stacklevel=3)
+        x, y = x[~outside], y[~outside]
+    return x, y
+
+
+def prepare_scene(
+    scene: Scene, x: np.ndarray, y: np.ndarray, bundle: PriorBundle, config: InferenceConfig
+) -> tuple[list[PreparedBlend], list[np.ndarray], list[bool]]:
+    """Group a scene's sources into blends and prepare each cutout; also the groups and split flags."""
+    groups = group_sources(x, y, config.linking_length)
+    fof = group_sources(x, y, config.linking_length, max_sources=len(x) or 1)
+    sizes = {int(i): len(g) for g in fof for i in g}
+    preps, split = [], []
+    for g in groups:
+        x0, y0, h, w = blend_region(x[g], y[g], scene.shape, config.region_margin + bundle.stamp // 2)
+        cut = scene.cutout(x0, y0, h, w)
+        preps.append(
+            prepare_blend(
+                cut,
+                x[g] - x0,
+                y[g] - y0,
+                bundle,
+                config.log_flux_sigma,
+                config.position_sigma,
+                origin=(x0, y0),
+            )
+        )
+        split.append(sizes[int(g[0])] > len(g))
+    return preps, groups, split
+
+
+def deblend(
+    scene: Scene | Sequence[Scene],
+    sources=None,
+    method: str = "nuts",
+    prior: PriorBundle | str | None = None,
+    seed: int = 0,
+    latent_prior: str | None = None,
+    config: InferenceConfig | None = None,
+    progress: bool = False,
+    **settings,
+) -> Posterior:
+    """Deblend one scene or several: detect (or take) sources, group them into blends, infer.
+
+    Parameters
+    ----------
+    scene : Scene or sequence of Scene
+        Multi-band scenes (bands must include the prior's).
+    sources : None, astropy Table, (n, 2) array, path, or a sequence of these (one per scene)
+        Source positions ``x, y`` in pixels (0-based); None runs
+        :func:`bayesblend.detect.detect_sources`.
+    method : str
+        ``"amortised"``, ``"map"``, ``"svi"`` or ``"nuts"``.
+    prior : PriorBundle or str, optional
+        The prior bundle (or its name or path); default the shipped ``lsst-v1``.
+    seed : int
+        Seed of every random draw.
+    latent_prior : str, optional
+        ``"flow"`` or ``"normal"`` (default: the bundle's recommendation).
+    config : InferenceConfig, optional
+        Settings; ``**settings`` override single fields (e.g. ``num_draws=500``).
+    progress : bool
+        Show a progress bar over blends.
+
+    Returns
+    -------
+    Posterior
+    """
+    from bayesblend.detect import detect_sources
+    from bayesblend.prior.bundle import load_bundle
+
+    if method not in METHODS:
+        raise BayesblendError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    bundle = prior if isinstance(prior, PriorBundle) else load_bundle(prior)
+    cfg = (config or InferenceConfig()).replace(**settings) if settings else (config or InferenceConfig())
+    latent_prior = bundle.check_latent_prior(latent_prior)
+    scenes = [scene] if isinstance(scene, Scene) else list(scene)
+    if not scenes or not all(isinstance(s, Scene) for s in scenes):
+        raise BayesblendError("deblend needs a Scene or a sequence of Scene objects")
+    if isinstance(scene, Scene) or sources is None:
+        per_scene = [sources] * len(scenes)
+    else:
+        per_scene = list(sources)
+        if len(per_scene) != len(scenes):
+            raise BayesblendError(f"{len(scenes)} scenes but {len(per_scene)} source lists")
+    preps: list[PreparedBlend] = []
+    members: list[dict] = []
+    for si, (sc, src) in enumerate(zip(scenes, per_scene, strict=True)):
+        missing = [b for b in bundle.bands if b not in sc.bands]
+        if missing:
+            raise BayesblendError(f"scene lacks band(s) {', '.join(missing)} that the prior needs")
+        pos = _as_positions(src, sc)
+        if pos is None:
+            det = detect_sources(sc.select_bands(bundle.bands), survey=bundle.survey)
+            pos = (np.asarray(det["x"], float), np.asarray(det["y"], float))
+        x, y = pos
+        if len(x) == 0:
+            continue
+        p, groups, split = prepare_scene(sc, x, y, bundle, cfg)
+        for g, s in zip(groups, split, strict=True):
+            members.append({"scene": si, "index": g, "split": s})
+        preps.extend(p)
+    results = fit_blends(bundle, preps, method, latent_prior, seed, cfg, progress)
+    return Posterior.from_fits(bundle, latent_prior, method, seed, cfg, scenes, preps, members, results)

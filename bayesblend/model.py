@@ -16,8 +16,11 @@ Scene mean = the sum of the rendered sources (:func:`bayesblend.forward.render_s
 Likelihood: an independent Gaussian per pixel, written with NumPyro's own
 ``Normal(...).mask(...).to_event(3)``. The variance is the data's variance
 plane when given, else ``sky + max(mean, 0)`` (sky plus the model's Poisson
-term). Masked pixels carry no weight. Padded sources have zero flux and their
-priors are masked, so they contribute nothing to the density.
+term). Masked pixels carry no weight. Padded sources have zero flux, so they
+add nothing to the scene; their parameters keep their (proper, normalised)
+priors and are independent of everything else, so they leave the posterior of
+the real sources unchanged. (Masking their priors instead leaves them flat and
+improper, and NUTS then lets them drift without bound.)
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
-from numpyro import handlers
 
 from bayesblend.forward import render_scene
 
@@ -60,6 +62,30 @@ class SceneSpec:
     has_variance: bool = True
 
 
+def scene_mean(
+    spec: SceneSpec,
+    data: dict[str, jnp.ndarray],
+    decode: Callable[[jnp.ndarray], jnp.ndarray],
+    to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None,
+    params: dict[str, jnp.ndarray],
+) -> jnp.ndarray:
+    """Expected scene ``(band, H, W)``, electrons, for parameters ``u``, ``log_flux``, ``offset``."""
+    u = params["u"]
+    z = u if to_latent is None else to_latent(u)
+    flux = jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
+    return render_scene(decode(z), flux, params["offset"], data["anchor"], data["kernel"], spec.shape)
+
+
+def prior_precision(spec: SceneSpec, n_bands: int) -> dict[str, jnp.ndarray]:
+    """Diagonal prior precision of every parameter (``u``, ``log_flux``, ``offset``), same shapes."""
+    n = spec.n_sources
+    return {
+        "u": jnp.ones((n, spec.latent_dim)),
+        "log_flux": jnp.full((n, n_bands), spec.log_flux_sigma**-2),
+        "offset": jnp.full((n, 2), spec.position_sigma**-2),
+    }
+
+
 def scene_model(
     spec: SceneSpec,
     data: dict[str, jnp.ndarray],
@@ -84,8 +110,7 @@ def scene_model(
         Flow map from base draws ``u`` to latent codes (None: ``z = u``).
     """
     n, nb = spec.n_sources, data["log_flux0"].shape[-1]
-    valid_src = data["source_valid"]
-    with numpyro.plate("source", n, dim=-1), handlers.mask(mask=valid_src):
+    with numpyro.plate("source", n, dim=-1):
         u = numpyro.sample("u", dist.Normal(jnp.zeros((n, spec.latent_dim)), 1.0).to_event(1))
         log_flux = numpyro.sample(
             "log_flux", dist.Normal(data["log_flux0"], spec.log_flux_sigma * jnp.ones((n, nb))).to_event(1)
@@ -93,10 +118,7 @@ def scene_model(
         offset = numpyro.sample(
             "offset", dist.Normal(data["offset0"], spec.position_sigma * jnp.ones((n, 2))).to_event(1)
         )
-    z = u if to_latent is None else to_latent(u)
-    morph = decode(z)
-    flux = jnp.exp(log_flux) * valid_src[:, None]
-    mean = render_scene(morph, flux, offset, data["anchor"], data["kernel"], spec.shape)
+    mean = scene_mean(spec, data, decode, to_latent, {"u": u, "log_flux": log_flux, "offset": offset})
     if spec.has_variance:
         var = data["variance"]
     else:

@@ -98,3 +98,122 @@ def plot_scene_truth(
     ax.set_title(title or f"{'/'.join(bands)} composite, truth circles", fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_blend(posterior, blend_id: int, path: str | os.PathLike, truth: Table | None = None) -> Path:
+    """The deblending figure of one blend.
+
+    Rows 1-3, one column per band: the data, the model at the point estimate
+    (MAP; the amortised start for ``amortised``) and the residual in units of
+    the noise. Row 4: a gri composite with detected (+) and fitted (x)
+    positions, the posterior of (e1, e2) per source and the posterior of the
+    r-band magnitude per source (with the truth when ``truth`` is given,
+    matched by position).
+    """
+    b = posterior.blends[blend_id]
+    bands = posterior.bands
+    nb = len(bands)
+    data = np.where(np.asarray(b.data["valid"]), np.asarray(b.data["image"]), np.nan)
+    model = posterior.model_image(blend_id)
+    if b.spec.has_variance:
+        var = np.asarray(b.data["variance"])
+    else:
+        var = np.asarray(b.data["sky"])[:, None, None] + np.clip(model, 0, None)
+    resid = (data - model) / np.sqrt(var)
+    ncol = max(nb, 3)
+    fig, axes = plt.subplots(4, ncol, figsize=(1.9 * ncol, 8.2), dpi=110, squeeze=False)
+    for j, band in enumerate(bands):
+        lo, hi = np.nanpercentile(data[j], [1, 99.7])
+        for row, (img, cmap, lim) in enumerate(
+            [(data[j], "gray_r", (lo, hi)), (model[j], "gray_r", (lo, hi)), (resid[j], "RdBu_r", (-5, 5))]
+        ):
+            ax = axes[row, j]
+            ax.imshow(img, origin="lower", cmap=cmap, vmin=lim[0], vmax=lim[1], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(band, fontsize=9)
+        if j == 0:
+            for row, label in enumerate(["data", "model", "residual / sigma"]):
+                axes[row, 0].set_ylabel(label, fontsize=8)
+    for j in range(nb, ncol):
+        for row in range(3):
+            axes[row, j].axis("off")
+    sel = np.flatnonzero(np.asarray(posterior.sources["blend_id"]) == blend_id)
+    cat = posterior.catalog()[sel]
+    ox, oy = b.origin
+    ax = axes[3, 0]
+    comp_bands = [x for x in ("i", "r", "g") if x in bands] or list(bands[:3])
+    ax.imshow(composite(b.scene, comp_bands), origin="lower", interpolation="nearest")
+    ax.scatter(
+        cat["x_det"] - ox,
+        cat["y_det"] - oy,
+        marker="+",
+        s=60,
+        color="orange",
+        linewidths=1.0,
+        label="detected",
+    )
+    ax.scatter(cat["x"] - ox, cat["y"] - oy, marker="x", s=40, color="cyan", linewidths=1.0, label="fitted")
+    for i, row in enumerate(cat):
+        ax.annotate(
+            str(i),
+            (row["x"] - ox, row["y"] - oy),
+            xytext=(4, 4),
+            textcoords="offset points",
+            color="white",
+            fontsize=7,
+        )
+    ax.legend(fontsize=6, loc="lower right")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    colors = plt.cm.tab10(np.arange(len(sel)) % 10)
+    ax = axes[3, 1]
+    sb = "r" if "r" in bands else bands[len(bands) // 2]
+    ib = bands.index(sb)
+    tmatch = _match_truth(cat, truth)
+    for i, s in enumerate(sel):
+        e1 = posterior.draws["e1"][:, :, s].ravel()
+        e2 = posterior.draws["e2"][:, :, s].ravel()
+        ax.scatter(e1, e2, s=2, alpha=0.3, color=colors[i])
+        if tmatch is not None and tmatch[i] >= 0 and "e1" in truth.colnames:
+            ax.scatter(
+                truth["e1"][tmatch[i]],
+                truth["e2"][tmatch[i]],
+                marker="*",
+                s=80,
+                color=colors[i],
+                edgecolors="k",
+                linewidths=0.5,
+            )
+    ax.set_xlabel("e1", fontsize=8)
+    ax.set_ylabel("e2", fontsize=8)
+    ax.set_title("posterior e (star: truth)", fontsize=8)
+    ax.tick_params(labelsize=6)
+    ax = axes[3, 2]
+    for i, s in enumerate(sel):
+        m = posterior.draws["mag"][:, :, s, ib].ravel()
+        ax.hist(m, bins=30, histtype="step", color=colors[i], density=True, label=str(i))
+        if tmatch is not None and tmatch[i] >= 0 and f"mag_{sb}" in truth.colnames:
+            ax.axvline(truth[f"mag_{sb}"][tmatch[i]], color=colors[i], ls="--", lw=0.8)
+    ax.set_xlabel(f"mag_{sb}", fontsize=8)
+    ax.set_title("posterior magnitude (dashed: truth)", fontsize=8)
+    ax.tick_params(labelsize=6)
+    ax.legend(fontsize=6)
+    for j in range(3, ncol):
+        axes[3, j].axis("off")
+    fig.suptitle(f"blend {blend_id}: {len(sel)} source(s), method {posterior.method}", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _match_truth(cat: Table, truth: Table | None, radius: float = 2.0) -> np.ndarray | None:
+    """Index of the nearest truth source within ``radius`` pixels of each row (-1: none)."""
+    if truth is None or len(truth) == 0:
+        return None
+    d = np.hypot(
+        np.asarray(cat["x"])[:, None] - np.asarray(truth["x"])[None],
+        np.asarray(cat["y"])[:, None] - np.asarray(truth["y"])[None],
+    )
+    idx = np.argmin(d, axis=1)
+    return np.where(d[np.arange(len(cat)), idx] < radius, idx, -1)

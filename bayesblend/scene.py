@@ -110,3 +110,47 @@ class Scene:
             wcs=self.wcs,
             meta=dict(self.meta),
         )
+
+    def cutout(self, x0: int, y0: int, height: int, width: int) -> Scene:
+        """The ``height x width`` region whose first pixel is scene pixel ``(x0, y0)``.
+
+        The region may extend beyond the scene: pixels outside it are zero and
+        masked, so a blend near an edge gets a cutout of the same fixed shape as
+        any other (one compilation per shape). The WCS is shifted to match.
+        """
+        ny, nx = self.shape
+        ys, ye = max(y0, 0), min(y0 + height, ny)
+        xs, xe = max(x0, 0), min(x0 + width, nx)
+        if ys >= ye or xs >= xe:
+            raise BayesblendError(f"cutout at ({x0}, {y0}) of {width}x{height} lies outside the scene")
+        sl = (slice(None), slice(ys - y0, ye - y0), slice(xs - x0, xe - x0))
+        src = (slice(None), slice(ys, ye), slice(xs, xe))
+        nb = len(self.bands)
+
+        def cut(a: np.ndarray | None, fill: float, dtype: type) -> np.ndarray | None:
+            if a is None:
+                return None
+            out = np.full((nb, height, width), fill, dtype=dtype)
+            out[sl] = a[src]
+            return out
+
+        outside = np.ones((nb, height, width), bool)
+        outside[sl] = False
+        mask = outside if self.mask is None else (cut(self.mask, True, bool) | outside)
+        variance = cut(self.variance, 1.0, np.float32)
+        wcs = None
+        if self.wcs is not None:
+            wcs = self.wcs.deepcopy()
+            wcs.wcs.crpix = wcs.wcs.crpix - np.array([x0, y0])
+        return Scene(
+            image=cut(self.image, 0.0, np.float32),
+            bands=self.bands,
+            magzero=self.magzero,
+            survey=self.survey,
+            pixel_scale=self.pixel_scale,
+            psf=self.psf,
+            variance=variance,
+            mask=mask if mask.any() else None,
+            wcs=wcs,
+            meta=dict(self.meta),
+        )

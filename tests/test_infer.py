@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import bayesblend
+from bayesblend.blends import PAD_SIZES, padded_count, prepare_blend
 from bayesblend.errors import BayesblendError
-from bayesblend.infer import PAD_SIZES, padded_count, prepare_blend
 from bayesblend.simulate.scenes import simulate_blend
 
 
@@ -55,18 +55,3 @@ def test_missing_band_nan_pixels_missing_psf_and_fully_masked(prior, blend):
         prepare_blend(scene, t["x"], t["y"], prior)
     with pytest.raises(BayesblendError, match="no sources"):
         prepare_blend(blend.scene, [], [], prior)
-
-
-def test_map_from_the_amortised_start_improves_the_fit(prior):
-    from bayesblend.infer import amortised_init, map_fit
-
-    r = simulate_blend(21, 3, n_range=(2, 3), mag_range=(20.0, 24.0))
-    t = r.truth
-    prep = prepare_blend(r.scene, t["x"], t["y"], prior)
-    init = amortised_init(prior, prep, "flow")
-    params, trace = map_fit(prior, prep, init, "flow", steps=150)
-    trace = np.asarray(trace)
-    assert np.all(np.isfinite(trace)) and trace[-1] < trace[0]
-    flux_r = float(np.exp(params["log_flux"][0, 2]))
-    truth_r = t["flux_r"][0] * t["frac_in_image_r"][0]
-    assert abs(flux_r / truth_r - 1) < 0.15

@@ -52,12 +52,12 @@ def test_numpyro_log_density_equals_hand_written(lsst, has_variance):
         "offset": data["offset0"] + 0.2,
     }
     lp, _ = log_density(scene_model, (spec, data, blob_decoder), {}, params)
-    # by hand: priors of the two real sources, Gaussian likelihood of unmasked pixels
+    # by hand: priors of all sources (the padded one's too), Gaussian likelihood of unmasked pixels
     real = np.asarray(data["source_valid"])
     prior = (
-        norm.logpdf(params["u"][real], 0.0, 1.0).sum()
-        + norm.logpdf(params["log_flux"][real], data["log_flux0"][real], 2.0).sum()
-        + norm.logpdf(params["offset"][real], data["offset0"][real], 0.5).sum()
+        norm.logpdf(params["u"], 0.0, 1.0).sum()
+        + norm.logpdf(params["log_flux"], data["log_flux0"], 2.0).sum()
+        + norm.logpdf(params["offset"], data["offset0"], 0.5).sum()
     )
     flux = jnp.exp(params["log_flux"]) * real[:, None]
     mean = render_scene(
@@ -66,11 +66,18 @@ def test_numpyro_log_density_equals_hand_written(lsst, has_variance):
     var = data["variance"] if has_variance else data["sky"][:, None, None] + jnp.clip(mean, 0, None)
     ll = jnp.where(data["valid"], norm.logpdf(data["image"], mean, jnp.sqrt(var)), 0.0).sum()
     assert float(lp) == pytest.approx(float(prior + ll), rel=1e-5)
-    # the masked pixels and the padded source really do not count
+    # the masked pixels do not count, and the padded source adds nothing to the scene
     data2 = dict(data, image=data["image"].at[1, 4, 11].set(1e6))
     assert float(log_density(scene_model, (spec, data2, blob_decoder), {}, params)[0]) == pytest.approx(
         float(lp)
     )
+    bright = dict(params, log_flux=params["log_flux"].at[2].set(20.0))
+    lp_bright = float(log_density(scene_model, (spec, data, blob_decoder), {}, bright)[0])
+    prior_change = float(
+        norm.logpdf(20.0, data["log_flux0"][2], 2.0).sum()
+        - norm.logpdf(params["log_flux"][2], data["log_flux0"][2], 2.0).sum()
+    )
+    assert lp_bright - float(lp) == pytest.approx(prior_change, rel=1e-4)
 
 
 def test_pasting_matches_direct_rendering_and_clips_at_edges(lsst):

@@ -134,25 +134,106 @@ class PriorBundle:
         default = self.card.get("default_latent_prior", "flow")
         return default if (default == "normal" or self.flow is not None) else "normal"
 
-    def latent_log_prob(self, z: jnp.ndarray, prior: str | None = None) -> jnp.ndarray:
-        """Log prior density of latent codes under ``prior`` (``flow``/``normal``, default: the card's)."""
+    def check_latent_prior(self, prior: str | None) -> str:
+        """``prior`` (or the card's default when None), checked to be usable with this bundle."""
         prior = self.default_latent_prior if prior is None else prior
         if prior not in ("flow", "normal"):
             raise BundleError(f"latent prior must be 'flow' or 'normal', got {prior!r}")
-        flow = self.flow
-        if prior == "flow" and flow is None:
-            raise BundleError(f"{self.path}: bundle has no flow; use prior='normal'")
+        if prior == "flow" and self.flow is None:
+            raise BundleError(f"{self.path}: bundle has no flow; use the 'normal' latent prior")
+        return prior
+
+    def latent_log_prob(self, z: jnp.ndarray, prior: str | None = None) -> jnp.ndarray:
+        """Log prior density of latent codes under ``prior`` (``flow``/``normal``, default: the card's)."""
+        prior = self.check_latent_prior(prior)
         if prior == "normal":
             return -0.5 * jnp.sum(z**2, axis=-1) - 0.5 * z.shape[-1] * jnp.log(2 * jnp.pi)
         from bayesblend.prior.flow import log_prob
 
-        return log_prob(flow, self.params["flow"], z)
+        return log_prob(self.flow, self.params["flow"], z)
 
     def encode(self, image: jnp.ndarray, noise_sigma: jnp.ndarray, network: str = "encoder"):
         """``(mean, log_sigma)`` of q(z | image) from the VAE encoder or the ``deblender``."""
         if network not in self.params:
             raise BundleError(f"{self.path}: bundle has no {network!r} network")
         return self.encoder.apply(self.params[network], scale_input(image, noise_sigma))
+
+
+@dataclass(frozen=True, eq=False)
+class Networks:
+    """A bundle's networks as pure functions of their weights, for one latent prior.
+
+    Inference passes the weights (:meth:`weights`) as arguments of its jitted
+    functions instead of closing over them, so they are not baked into the
+    compiled program as constants. Instances compare equal (and hash alike)
+    when they wrap the same bundle object and latent prior, so they can key a
+    compilation cache.
+
+    Attributes
+    ----------
+    bundle : PriorBundle
+    latent_prior : str
+        ``"flow"``: latent codes are the flow's image of standard-normal base
+        draws ``u``; ``"normal"``: ``z = u``.
+    """
+
+    bundle: PriorBundle
+    latent_prior: str
+
+    def __hash__(self) -> int:
+        return hash((id(self.bundle), self.latent_prior))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Networks)
+            and other.bundle is self.bundle
+            and other.latent_prior == self.latent_prior
+        )
+
+    @property
+    def encoder_name(self) -> str:
+        """The amortised deblender when the bundle has one, else the VAE encoder."""
+        return "deblender" if "deblender" in self.bundle.params else "encoder"
+
+    def weights(self) -> dict:
+        """The weights these functions use (a pytree to pass to jitted code)."""
+        names = ["decoder", self.encoder_name] + (["flow"] if self.latent_prior == "flow" else [])
+        return {k: self.bundle.params[k] for k in names}
+
+    def decode(self, w: dict, z: jnp.ndarray, forward_mode: bool = False) -> jnp.ndarray:
+        """Morphologies ``(..., band, S, S)`` of latent codes ``(..., latent)``.
+
+        ``forward_mode=True`` uses the plain convolutions, which support
+        ``jax.jvp`` (the default ones have fast reverse-mode gradients only).
+        """
+        dec = self.bundle.decoder.clone(loop_friendly=False) if forward_mode else self.bundle.decoder
+        return dec.apply(w["decoder"], z)
+
+    def to_latent(self, w: dict):
+        """The map from base draws ``u`` to latent codes, or None for the identity."""
+        if self.latent_prior == "normal":
+            return None
+        from bayesblend.prior.flow import RealNVP
+
+        flow = self.bundle.flow
+        return lambda u: flow.apply(w["flow"], u, method=RealNVP.sample_from_base)
+
+    def latent(self, w: dict, u: jnp.ndarray) -> jnp.ndarray:
+        """Latent codes of base draws ``u``."""
+        f = self.to_latent(w)
+        return u if f is None else f(u)
+
+    def to_base(self, w: dict, z: jnp.ndarray) -> jnp.ndarray:
+        """Base draws ``u`` of latent codes ``z`` (the inverse of :meth:`latent`)."""
+        if self.latent_prior == "normal":
+            return z
+        from bayesblend.prior.flow import RealNVP
+
+        return self.bundle.flow.apply(w["flow"], z, method=RealNVP.to_base)
+
+    def encode(self, w: dict, stamps: jnp.ndarray, noise_sigma: jnp.ndarray):
+        """``(mean, log_sigma)`` of q(z | stamps) from the amortised encoder."""
+        return self.bundle.encoder.apply(w[self.encoder_name], scale_input(stamps, noise_sigma))
 
 
 def _architecture_networks(arch: dict) -> tuple[Encoder, Decoder]:

@@ -24,6 +24,112 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_same(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=_DIMS)
+
+
+def _conv_up2(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    return jax.lax.conv_transpose(x, kernel, (2, 2), "SAME", dimension_numbers=_DIMS)
+
+
+def _flip(kernel: jnp.ndarray) -> jnp.ndarray:
+    """The kernel of the input gradient: spatially flipped, input and output channels swapped."""
+    return kernel[::-1, ::-1].swapaxes(2, 3)
+
+
+@jax.custom_vjp
+def conv_same(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """3x3 'SAME' convolution (NHWC, HWIO) whose input gradient is itself a plain convolution.
+
+    XLA on the CPU runs the convolutions that JAX's automatic transpose
+    produces 5-15x slower inside ``while`` loops than outside (non-canonical
+    kernel layout; jax-ml/jax#12868), and MAP, SVI and NUTS take every
+    gradient inside a loop. Writing the input gradient as a forward
+    convolution with the flipped kernel keeps it on the fast path. Values
+    are those of ``flax.linen.Conv`` (tested).
+    """
+    return _conv_same(x, kernel)
+
+
+def _conv_same_fwd(x, kernel):
+    return _conv_same(x, kernel), (x, kernel)
+
+
+def _conv_same_bwd(res, g):
+    x, kernel = res
+    gk = jax.vjp(lambda k: _conv_same(x, k), kernel)[1](g)[0]  # dropped by XLA unless training
+    return _conv_same(g, _flip(kernel)), gk
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+@jax.custom_vjp
+def conv_up2(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """3x3 stride-2 'SAME' transposed convolution with a loop-friendly input gradient (see :func:`conv_same`).
+
+    The input gradient is a stride-2 convolution with the flipped kernel and
+    padding (0, 1), equal to JAX's own transpose (tested).
+    """
+    return _conv_up2(x, kernel)
+
+
+def _conv_up2_fwd(x, kernel):
+    return _conv_up2(x, kernel), (x, kernel)
+
+
+def _conv_up2_bwd(res, g):
+    x, kernel = res
+    gk = jax.vjp(lambda k: _conv_up2(x, k), kernel)[1](g)[0]
+    gx = jax.lax.conv_general_dilated(g, _flip(kernel), (2, 2), ((0, 1), (0, 1)), dimension_numbers=_DIMS)
+    return gx, gk
+
+
+conv_up2.defvjp(_conv_up2_fwd, _conv_up2_bwd)
+
+
+def _batched(op, x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """Apply an NHWC op to ``x`` with any number (including zero) of leading batch axes."""
+    lead = x.shape[:-3]
+    y = op(x.reshape((-1,) + x.shape[-3:]), kernel)
+    return y.reshape(lead + y.shape[-3:])
+
+
+class Conv(nn.Module):
+    """3x3 stride-1 'SAME' convolution; parameters named and initialised as ``flax.linen.Conv``.
+
+    ``loop_friendly`` selects :func:`conv_same` (fast reverse-mode gradients
+    in loops, no forward-mode) or the plain op (both modes).
+    """
+
+    features: int
+    loop_friendly: bool = True
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        op = conv_same if self.loop_friendly else _conv_same
+        return _batched(op, x, kernel) + bias
+
+
+class ConvTranspose(nn.Module):
+    """3x3 stride-2 'SAME' transposed convolution; parameters as ``flax.linen.ConvTranspose``."""
+
+    features: int
+    loop_friendly: bool = True
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        op = conv_up2 if self.loop_friendly else _conv_up2
+        return _batched(op, x, kernel) + bias
+
+
 #: Scale, in units of the sky noise, below which the encoder input is linear.
 ASINH_SOFTENING = 3.0
 
@@ -45,11 +151,17 @@ class Decoder(nn.Module):
         Output side S (divisible by 8).
     features : tuple of int
         Channels at the 1/8, 1/4, 1/2 and full resolution stages.
+    loop_friendly : bool
+        Convolutions with hand-written input gradients that stay fast inside
+        XLA loops on the CPU (:func:`conv_same`); they have no forward-mode
+        rule, so forward-mode users (Jacobian columns) take a clone with
+        ``loop_friendly=False``. Same parameters, same values.
     """
 
     bands: int = 6
     stamp: int = 48
     features: Sequence[int] = (64, 48, 32, 16)
+    loop_friendly: bool = True
 
     @nn.compact
     def __call__(self, z: jnp.ndarray) -> jnp.ndarray:
@@ -59,10 +171,10 @@ class Decoder(nn.Module):
         x = nn.gelu(nn.Dense(base * base * f[0])(x))
         x = x.reshape(z.shape[:-1] + (base, base, f[0]))
         for k, ch in enumerate(f[1:]):
-            x = nn.gelu(nn.ConvTranspose(ch, (3, 3), strides=(2, 2), padding="SAME")(x))
+            x = nn.gelu(ConvTranspose(ch, self.loop_friendly)(x))
             if k < len(f) - 2:  # no extra conv at full resolution: it would dominate the cost
-                x = nn.gelu(nn.Conv(ch, (3, 3), padding="SAME")(x))
-        logits = nn.Conv(self.bands, (3, 3), padding="SAME")(x)  # (..., S, S, band)
+                x = nn.gelu(Conv(ch, self.loop_friendly)(x))
+        logits = Conv(self.bands, self.loop_friendly)(x)  # (..., S, S, band)
         logits = jnp.moveaxis(logits, -1, -3)  # (..., band, S, S)
         flat = logits.reshape(logits.shape[:-2] + (-1,))
         return jax.nn.softmax(flat, axis=-1).reshape(logits.shape)

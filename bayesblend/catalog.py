@@ -1,0 +1,119 @@
+"""The posterior catalogue: its columns, units, flags and header.
+
+One row per source (DESIGN.md "Files"). Central values are posterior medians,
+``_std`` columns posterior standard deviations and ``_p16``/``_p84`` the
+central 68 % interval. Ellipticities are shear-type, ``g = (a - b)/(a + b)``,
+with +e2 along +45 degrees counter-clockwise from +x (GalSim's ``g1, g2``);
+``size`` is ``det(Q)^(1/4)`` of the PSF-corrected adaptive second moments of
+the model-frame morphology in the shape band (the sigma of an equal-area
+round Gaussian), in arcsec. Convergence columns (``r_hat_max``,
+``ess_bulk_min``) are filled for NUTS only (NaN otherwise): the other methods
+give independent draws from an approximation, which those statistics do not
+test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import astropy.units as u
+import numpy as np
+from astropy.table import Table
+
+#: Flag bits of the ``flags`` column.
+FLAGS = {
+    "EDGE": 1,  # detected centre within 3 pixels of the scene edge (light lost off the image)
+    "MASKED_CENTRE": 2,  # a masked or non-finite pixel within 2 pixels of the centre, in some band
+    "SPLIT_BLEND": 4,  # the source's linked group exceeded the largest padded size and was split
+    "NOT_CONVERGED": 8,  # NUTS: r_hat_max > 1.05
+    "LOW_ESS": 16,  # NUTS: ess_bulk_min < 100
+    "DIVERGENT": 32,  # NUTS: divergent transitions in the source's blend
+    "LOW_SNR": 64,  # posterior flux_r median / std < 5
+    "MOVED": 128,  # fitted centre more than 2 pixels from the detection
+}
+#: Thresholds behind the flags.
+R_HAT_MAX = 1.05
+ESS_MIN = 100.0
+SNR_MIN = 5.0
+MOVED_PIXELS = 2.0
+EDGE_PIXELS = 3.0
+
+ELLIPTICITY_CONVENTION = "shear-type g=(a-b)/(a+b); +e2 along +45 deg CCW from +x (GalSim g1,g2)"
+
+
+def columns(bands: Sequence[str]) -> list[tuple[str, type, u.UnitBase | None, str]]:
+    """``(name, dtype, unit, description)`` of every catalogue column, in order."""
+    cols: list[tuple[str, type, u.UnitBase | None, str]] = [
+        ("id", np.int64, None, "source id, unique in the catalogue"),
+        ("blend_id", np.int64, None, "id of the blend the source was fitted in"),
+        ("scene", np.int64, None, "index of the scene (input order)"),
+        ("x", np.float64, u.pix, "posterior median x, 0-based, centre of first pixel at 0"),
+        ("y", np.float64, u.pix, "posterior median y"),
+        ("x_det", np.float64, u.pix, "detected (prior) x"),
+        ("y_det", np.float64, u.pix, "detected (prior) y"),
+        ("ra", np.float64, u.deg, "right ascension (NaN without a WCS)"),
+        ("dec", np.float64, u.deg, "declination (NaN without a WCS)"),
+    ]
+    for b in bands:
+        cols += [
+            (f"flux_{b}", np.float64, u.ct, f"posterior median flux in {b}"),
+            (f"flux_{b}_std", np.float64, u.ct, f"posterior std of flux in {b}"),
+            (f"flux_{b}_p16", np.float64, u.ct, f"16th percentile of flux in {b}"),
+            (f"flux_{b}_p84", np.float64, u.ct, f"84th percentile of flux in {b}"),
+            (f"mag_{b}", np.float64, u.mag, f"posterior median AB magnitude in {b}"),
+            (f"mag_{b}_std", np.float64, u.mag, f"posterior std of the magnitude in {b}"),
+        ]
+    cols += [
+        ("e1", np.float64, None, "posterior median shear-type ellipticity e1"),
+        ("e2", np.float64, None, "posterior median shear-type ellipticity e2"),
+        ("e1_std", np.float64, None, "posterior std of e1"),
+        ("e2_std", np.float64, None, "posterior std of e2"),
+        ("e1_e2_cov", np.float64, None, "posterior covariance of e1 and e2"),
+        ("size", np.float64, u.arcsec, "posterior median size det(Q)^(1/4), PSF-corrected"),
+        ("size_std", np.float64, u.arcsec, "posterior std of size"),
+        ("r_hat_max", np.float64, None, "largest split r-hat over the source's parameters (NUTS)"),
+        ("ess_bulk_min", np.float64, None, "smallest bulk ESS over the source's parameters (NUTS)"),
+        ("n_divergent", np.int64, None, "divergent transitions in the source's blend (NUTS)"),
+        ("flags", np.int64, None, "bitmask: header keyword FLAG_<bit> names each bit"),
+    ]
+    return cols
+
+
+def make_table(values: dict[str, np.ndarray], bands: Sequence[str], meta: dict) -> Table:
+    """A catalogue with every column of :func:`columns` (missing values: NaN/0) and ``meta``.
+
+    ``values`` maps column names to arrays of one length (possibly zero).
+    """
+    n = len(next(iter(values.values()))) if values else 0
+    t = Table()
+    for name, dtype, unit, desc in columns(bands):
+        fill = np.nan if np.issubdtype(dtype, np.floating) else 0
+        col = np.asarray(values.get(name, np.full(n, fill)), dtype=dtype)
+        if col.shape != (n,):
+            raise ValueError(f"catalogue column {name} has shape {col.shape}, expected ({n},)")
+        t[name] = col
+        t[name].description = desc
+        if unit is not None:
+            t[name].unit = unit
+    t.meta.update(header(bands, meta))
+    return t
+
+
+def header(bands: Sequence[str], meta: dict) -> dict:
+    """FITS-ready header keywords: provenance, conventions and the flag bits."""
+    h = {
+        "BANDS": ",".join(bands),
+        "ELLCONV": ELLIPTICITY_CONVENTION,
+        "E2SIGN": "+e2 along +45 deg counter-clockwise from +x",
+        "SIZEDEF": "det(Q)^(1/4) of PSF-corrected adaptive moments, arcsec",
+        "MAGSYS": "AB, mag = MAGZERO - 2.5 log10(flux)",
+    }
+    for name, bit in FLAGS.items():
+        h[f"FLAG_{bit}"] = name
+    h.update({k: v for k, v in meta.items()})
+    return h
+
+
+def empty(bands: Sequence[str], meta: dict) -> Table:
+    """A catalogue with no rows and the full schema (no sources were found)."""
+    return make_table({}, bands, meta)

@@ -1,0 +1,460 @@
+"""The Posterior: draws per source, derived quantities, diagnostics, ArviZ and the catalogue.
+
+Every method of :mod:`bayesblend.infer` returns one. It holds, per real source
+(padded sources are dropped), the draws ``(chain, draw, source, ...)`` of the
+sampled parameters (``u``: the latent code in the flow's base space,
+``log_flux`` per band, ``offset`` in pixels) and of the derived quantities:
+
+- ``z``: latent code; ``flux`` (electrons) and ``mag`` (AB) per band;
+- ``x``, ``y``: position in the scene, pixels, 0-based;
+- ``e1``, ``e2``, ``size``: JAX adaptive moments (:mod:`bayesblend.measure`)
+  of the model-frame morphology in the shape band (``r`` for LSST), with the
+  narrow model PSF's covariance subtracted; shear-type ellipticity; size
+  ``det(Q)^(1/4)`` in arcsec.
+
+The morphology of every draw is decoded and measured once, under ``jit``, in
+fixed-size chunks (``lax.map``), never in a Python loop over draws.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from astropy.table import Table
+
+from bayesblend import catalog as cat
+from bayesblend.forward import render_scene
+from bayesblend.io import atomic_path, write_table
+from bayesblend.measure import morphology_shape
+from bayesblend.prior.bundle import Networks, PriorBundle
+
+#: Sampled parameters and derived quantities kept per source.
+SAMPLED = ("u", "log_flux", "offset")
+DERIVED = ("z", "flux", "mag", "x", "y", "e1", "e2", "size")
+_CHUNK = 256
+
+
+def shape_band(bands: Sequence[str]) -> str:
+    """The band whose morphology gives e1, e2 and size: r when present, else the middle band."""
+    return "r" if "r" in bands else bands[len(bands) // 2]
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _measure(nets: Networks, w: dict, u: jnp.ndarray, band: int, model_psf_fwhm_pixels: float):
+    """``z``, e1, e2, size (pixels) of base draws ``u`` ``(N, latent)``, N a multiple of the chunk."""
+
+    def one(ui):
+        z = nets.latent(w, ui)
+        m = nets.decode(w, z)[band]
+        s = morphology_shape(m, model_psf_fwhm_pixels)
+        return z, s["e1"], s["e2"], s["size"]
+
+    return jax.lax.map(one, u, batch_size=_CHUNK)
+
+
+def _derive_shapes(nets: Networks, u: np.ndarray, band: int, psf_pixels: float):
+    flat = u.reshape(-1, u.shape[-1])
+    n = flat.shape[0]
+    size = _CHUNK * int(2 ** np.ceil(np.log2(max(n, _CHUNK) / _CHUNK)))  # few distinct shapes
+    padded = np.zeros((size, flat.shape[1]), np.float32)
+    padded[:n] = flat
+    z, e1, e2, s = jax.device_get(_measure(nets, nets.weights(), jnp.asarray(padded), band, psf_pixels))
+    shape = u.shape[:-1]
+    return z[:n].reshape(u.shape), e1[:n].reshape(shape), e2[:n].reshape(shape), s[:n].reshape(shape)
+
+
+class Posterior:
+    """Posterior draws of every source of one or more scenes.
+
+    Build it with :func:`bayesblend.deblend`. Attributes are numpy arrays with
+    axes ``(chain, draw, source, ...)``.
+
+    Attributes
+    ----------
+    method : str
+    seed : int
+    latent_prior : str
+    bands : tuple of str
+    draws : dict of numpy.ndarray
+        Sampled parameters (:data:`SAMPLED`) and derived quantities (:data:`DERIVED`).
+    sources : astropy.table.Table
+        One row per source: ``id``, ``blend_id``, ``scene``, ``x_det``, ``y_det``, ``split``.
+    stats : dict of numpy.ndarray
+        NUTS sample statistics ``(chain, draw, blend)``: ``diverging``,
+        ``tree_depth``, ``n_steps``, ``acceptance_rate``, ``lp``, ``energy``.
+    blends : list of PreparedBlend
+        The fitted cutouts (for model images and figures).
+    points : list of dict
+        Per blend, the point estimate the method started its draws from (MAP
+        for map, svi and nuts; the encoder mean for amortised).
+    traces : list of dict
+        Per blend, the optimisation traces (``map_trace``: -log p per step;
+        ``elbo_trace``: SVI loss per step).
+    """
+
+    def __init__(
+        self,
+        *,
+        method: str,
+        seed: int,
+        latent_prior: str,
+        config,
+        bundle: PriorBundle,
+        scenes: Sequence,
+        draws: dict[str, np.ndarray],
+        sources: Table,
+        stats: dict[str, np.ndarray],
+        blends: list,
+        points: list[dict],
+        traces: list[dict],
+        magzero: np.ndarray,
+    ) -> None:
+        self.method = method
+        self.seed = seed
+        self.latent_prior = latent_prior
+        self.config = config
+        self.bundle = bundle
+        self.scenes = list(scenes)
+        self.bands = tuple(bundle.bands)
+        self.draws = draws
+        self.sources = sources
+        self.stats = stats
+        self.blends = blends
+        self.points = points
+        self.traces = traces
+        self.magzero = magzero
+        self._diagnostics: dict[str, np.ndarray] | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_fits(cls, bundle, latent_prior, method, seed, config, scenes, blends, members, results):
+        """Assemble the per-blend results of :func:`bayesblend.infer.fit_blends`."""
+        nb = len(bundle.bands)
+        chains = config.num_chains if method == "nuts" else 1
+        ndraw = config.num_draws
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in (*SAMPLED, "x", "y")}
+        rows: dict[str, list] = {
+            k: [] for k in ("blend_id", "scene", "x_det", "y_det", "split", "masked", "edge")
+        }
+        magzero = []
+        c = (bundle.stamp - 1) / 2.0
+        for i, (b, m, r) in enumerate(zip(blends, members, results, strict=True)):
+            k = b.n_real
+            for name in SAMPLED:
+                parts[name].append(r["draws"][name][:, :, :k])
+            anchor = np.asarray(b.data["anchor"])[:k]
+            off = r["draws"]["offset"][:, :, :k]
+            parts["x"].append(anchor[:, 0] + c + off[..., 0] + b.origin[0])
+            parts["y"].append(anchor[:, 1] + c + off[..., 1] + b.origin[1])
+            rows["blend_id"] += [i] * k
+            rows["scene"] += [m["scene"]] * k
+            rows["x_det"] += list(b.x + b.origin[0])
+            rows["y_det"] += list(b.y + b.origin[1])
+            rows["split"] += [m["split"]] * k
+            valid = np.asarray(b.data["valid"])
+            ny, nx = valid.shape[1:]
+            for xs, ys in zip(b.x, b.y, strict=True):
+                xi, yi = int(round(xs)), int(round(ys))
+                box = valid[:, max(yi - 2, 0) : yi + 3, max(xi - 2, 0) : xi + 3]
+                rows["masked"].append(bool(box.size == 0 or not box.all()))
+            sny, snx = scenes[m["scene"]].shape
+            xd, yd = b.x + b.origin[0], b.y + b.origin[1]
+            e = cat.EDGE_PIXELS
+            rows["edge"] += list((xd < e) | (yd < e) | (xd > snx - 1 - e) | (yd > sny - 1 - e))
+            magzero += [b.magzero] * k
+        if parts["u"]:
+            draws = {k: np.concatenate(v, axis=2) for k, v in parts.items()}
+        else:
+            ld = bundle.latent_dim
+            shapes = {"u": (ld,), "log_flux": (nb,), "offset": (2,), "x": (), "y": ()}
+            draws = {k: np.zeros((chains, ndraw, 0) + s, np.float32) for k, s in shapes.items()}
+        draws["flux"] = np.exp(draws["log_flux"])
+        mz = np.asarray(magzero, float).reshape(-1, nb)
+        with np.errstate(divide="ignore"):
+            draws["mag"] = mz - 2.5 * np.log10(draws["flux"])
+        nets = Networks(bundle, latent_prior)
+        band = bundle.bands.index(shape_band(bundle.bands))
+        scale = float(bundle.card["architecture"]["pixel_scale"])
+        psf_pixels = float(bundle.card["architecture"]["model_psf_fwhm"]) / scale
+        if draws["u"].shape[2]:
+            z, e1, e2, size = _derive_shapes(nets, draws["u"], band, psf_pixels)
+        else:
+            z = draws["u"].copy()
+            e1 = e2 = size = np.zeros(draws["u"].shape[:3], np.float32)
+        draws.update(z=z, e1=e1, e2=e2, size=size * scale)
+        sources = Table({"id": np.arange(len(rows["blend_id"]), dtype=np.int64)})
+        for k_, v in rows.items():
+            sources[k_] = np.asarray(v, dtype=float if k_ in ("x_det", "y_det") else None)
+        stats: dict[str, np.ndarray] = {}
+        if method == "nuts" and results:
+            for name in ("diverging", "tree_depth", "n_steps", "acceptance_rate", "lp", "energy"):
+                stats[name] = np.stack([r["stats"][name] for r in results], axis=-1)
+        points = [r["point"] for r in results]
+        traces = [{k: r[k] for k in ("map_trace", "elbo_trace") if k in r} for r in results]
+        return cls(
+            method=method,
+            seed=seed,
+            latent_prior=latent_prior,
+            config=config,
+            bundle=bundle,
+            scenes=scenes,
+            draws=draws,
+            sources=sources,
+            stats=stats,
+            blends=list(blends),
+            points=points,
+            traces=traces,
+            magzero=mz,
+        )
+
+    # ------------------------------------------------------------------ basic views
+    @property
+    def n_sources(self) -> int:
+        """Number of (real) sources."""
+        return len(self.sources)
+
+    @property
+    def n_blends(self) -> int:
+        """Number of fitted blends."""
+        return len(self.blends)
+
+    def __repr__(self) -> str:
+        c, d = self.draws["u"].shape[:2]
+        return (
+            f"Posterior(method={self.method!r}, sources={self.n_sources}, blends={self.n_blends}, "
+            f"chains={c}, draws={d}, bands={','.join(self.bands)})"
+        )
+
+    # ------------------------------------------------------------------ diagnostics
+    def diagnostics(self) -> dict[str, np.ndarray]:
+        """Per source: ``r_hat_max``, ``ess_bulk_min`` (NUTS; NaN otherwise) and ``n_divergent``.
+
+        Computed with ArviZ over ``log_flux`` (every band), ``offset``, ``u``,
+        ``e1`` and ``e2``.
+        """
+        if self._diagnostics is not None:
+            return self._diagnostics
+        n = self.n_sources
+        out = {
+            "r_hat_max": np.full(n, np.nan),
+            "ess_bulk_min": np.full(n, np.nan),
+            "n_divergent": np.zeros(n, int),
+        }
+        if self.method == "nuts" and n:
+            az = _arviz()
+            ds = self.to_inference_data().posterior[["log_flux", "offset", "u", "e1", "e2"]]
+            rhat = az.rhat(ds)
+            ess = az.ess(ds, method="bulk")
+
+            def reduce(d, fn):
+                per = [fn(d[v].values.reshape(n, -1), axis=1) for v in d.data_vars]
+                return fn(np.stack(per, axis=1), axis=1)
+
+            out["r_hat_max"] = reduce(rhat, np.nanmax)
+            out["ess_bulk_min"] = reduce(ess, np.nanmin)
+            div = self.stats["diverging"].sum(axis=(0, 1))  # per blend
+            out["n_divergent"] = div[np.asarray(self.sources["blend_id"])].astype(int)
+        self._diagnostics = out
+        return out
+
+    # ------------------------------------------------------------------ ArviZ
+    def to_inference_data(self, observed: bool = True):
+        """The draws as ``arviz.InferenceData``.
+
+        Groups: ``posterior`` (dims ``chain, draw, source`` and ``band``,
+        ``latent`` or ``xy``), ``sample_stats`` (NUTS: ``diverging``,
+        ``tree_depth``, ``n_steps``, ``acceptance_rate``, ``lp``, ``energy``
+        with dims ``chain, draw, blend``), ``observed_data`` (each blend's
+        cutout, ``blend, band, y, x``, NaN-padded to the largest cutout and
+        where masked) and ``constant_data`` (the source table).
+        """
+        az = _arviz()
+        dims = {
+            "u": ["source", "latent"],
+            "z": ["source", "latent"],
+            "log_flux": ["source", "band"],
+            "flux": ["source", "band"],
+            "mag": ["source", "band"],
+            "offset": ["source", "xy"],
+        }
+        dims.update({k: ["source"] for k in ("x", "y", "e1", "e2", "size")})
+        stats_dims = {k: ["blend"] for k in self.stats}
+        coords = {
+            "source": np.asarray(self.sources["id"]),
+            "band": list(self.bands),
+            "latent": np.arange(self.bundle.latent_dim),
+            "xy": ["x", "y"],
+            "blend": np.arange(self.n_blends),
+        }
+        kwargs = {}
+        if observed and self.blends:
+            h = max(b.spec.shape[0] for b in self.blends)
+            w = max(b.spec.shape[1] for b in self.blends)
+            obs = np.full((self.n_blends, len(self.bands), h, w), np.nan, np.float32)
+            for i, b in enumerate(self.blends):
+                img = np.where(np.asarray(b.data["valid"]), np.asarray(b.data["image"]), np.nan)
+                obs[i, :, : img.shape[1], : img.shape[2]] = img
+            kwargs["observed_data"] = {"image": obs}
+            dims["image"] = ["blend", "band", "y", "x"]
+        const = {c: np.asarray(self.sources[c]) for c in ("blend_id", "scene", "x_det", "y_det")}
+        dims.update({c: ["source"] for c in const})
+        attrs = {
+            "method": self.method,
+            "seed": int(self.seed),
+            "latent_prior": self.latent_prior,
+            "bundle": str(self.bundle.card.get("name", self.bundle.path)),
+            "config": json.dumps(asdict(self.config)),
+            "ellipticity_convention": cat.ELLIPTICITY_CONVENTION,
+            "size_unit": "arcsec",
+            "flux_unit": "electron",
+            "inference_library": "bayesblend",
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return az.from_dict(
+                posterior={k: v for k, v in self.draws.items()},
+                sample_stats=self.stats or None,
+                constant_data=const,
+                coords=coords,
+                dims=dims | stats_dims,
+                attrs=attrs,
+                **kwargs,
+            )
+
+    def to_netcdf(self, path: str | Path) -> Path:
+        """Write the InferenceData as netCDF (atomically)."""
+        idata = self.to_inference_data()
+        with atomic_path(path) as tmp:
+            idata.to_netcdf(str(tmp))
+        return Path(path)
+
+    # ------------------------------------------------------------------ catalogue
+    def meta(self) -> dict:
+        """Catalogue header keywords: the bundle, method, seed and draws."""
+        c, d = self.draws["u"].shape[:2]
+        return {
+            "BUNDLE": str(self.bundle.card.get("name", self.bundle.path)),
+            "METHOD": self.method,
+            "SEED": int(self.seed),
+            "LATPRIOR": self.latent_prior,
+            "NCHAIN": int(c),
+            "NDRAW": int(d),
+            "SHAPEBND": shape_band(self.bands),
+        }
+
+    def catalog(self) -> Table:
+        """The posterior catalogue (columns of :func:`bayesblend.catalog.columns`)."""
+        if self.n_sources == 0:
+            return cat.empty(self.bands, self.meta())
+        d = self.draws
+        axes = (0, 1)
+
+        def flat(a):  # (chain, draw, source, ...) -> (samples, source, ...)
+            return a.reshape((-1,) + a.shape[2:])
+
+        v: dict[str, np.ndarray] = {
+            "id": np.asarray(self.sources["id"]),
+            "blend_id": np.asarray(self.sources["blend_id"]),
+            "scene": np.asarray(self.sources["scene"]),
+            "x": np.median(d["x"], axis=axes),
+            "y": np.median(d["y"], axis=axes),
+            "x_det": np.asarray(self.sources["x_det"]),
+            "y_det": np.asarray(self.sources["y_det"]),
+        }
+        ra = np.full(self.n_sources, np.nan)
+        dec = np.full(self.n_sources, np.nan)
+        for si, sc in enumerate(self.scenes):
+            sel = v["scene"] == si
+            if sc.wcs is not None and sel.any():
+                sky = sc.wcs.pixel_to_world(v["x"][sel], v["y"][sel])
+                ra[sel], dec[sel] = sky.ra.deg, sky.dec.deg
+        v["ra"], v["dec"] = ra, dec
+        flux, mag = flat(d["flux"]), flat(d["mag"])
+        for j, b in enumerate(self.bands):
+            p16, p50, p84 = np.percentile(flux[:, :, j], [16, 50, 84], axis=0)
+            v[f"flux_{b}"], v[f"flux_{b}_p16"], v[f"flux_{b}_p84"] = p50, p16, p84
+            v[f"flux_{b}_std"] = flux[:, :, j].std(axis=0)
+            v[f"mag_{b}"] = np.median(mag[:, :, j], axis=0)
+            v[f"mag_{b}_std"] = mag[:, :, j].std(axis=0)
+        e1, e2 = flat(d["e1"]), flat(d["e2"])
+        v["e1"], v["e2"] = np.median(e1, axis=0), np.median(e2, axis=0)
+        v["e1_std"], v["e2_std"] = e1.std(axis=0), e2.std(axis=0)
+        v["e1_e2_cov"] = ((e1 - e1.mean(0)) * (e2 - e2.mean(0))).mean(axis=0)
+        v["size"], v["size_std"] = np.median(flat(d["size"]), axis=0), flat(d["size"]).std(axis=0)
+        diag = self.diagnostics()
+        v.update(diag)
+        flags = np.zeros(self.n_sources, np.int64)
+        src = self.sources
+        flags |= np.where(np.asarray(src["edge"]), cat.FLAGS["EDGE"], 0)
+        flags |= np.where(np.asarray(src["masked"]), cat.FLAGS["MASKED_CENTRE"], 0)
+        flags |= np.where(np.asarray(src["split"]), cat.FLAGS["SPLIT_BLEND"], 0)
+        flags |= np.where(diag["r_hat_max"] > cat.R_HAT_MAX, cat.FLAGS["NOT_CONVERGED"], 0)
+        flags |= np.where(diag["ess_bulk_min"] < cat.ESS_MIN, cat.FLAGS["LOW_ESS"], 0)
+        flags |= np.where(diag["n_divergent"] > 0, cat.FLAGS["DIVERGENT"], 0)
+        sb = shape_band(self.bands)
+        snr = v[f"flux_{sb}"] / np.maximum(v[f"flux_{sb}_std"], 1e-30)
+        flags |= np.where(snr < cat.SNR_MIN, cat.FLAGS["LOW_SNR"], 0)
+        moved = np.hypot(v["x"] - v["x_det"], v["y"] - v["y_det"]) > cat.MOVED_PIXELS
+        flags |= np.where(moved, cat.FLAGS["MOVED"], 0)
+        v["flags"] = flags
+        return cat.make_table(v, self.bands, self.meta())
+
+    def write_catalog(self, path: str | Path) -> Path:
+        """Write the catalogue as FITS, or Parquet for a ``.parquet`` path (atomically)."""
+        return write_table(path, self.catalog())
+
+    # ------------------------------------------------------------------ images
+    def model_image(self, blend_id: int, draw: tuple[int, int] | None = None) -> np.ndarray:
+        """Model of blend ``blend_id``'s cutout ``(band, y, x)``, electrons.
+
+        ``draw=(chain, draw)`` renders that posterior draw; None renders the
+        point estimate (MAP, or the amortised start).
+        """
+        b = self.blends[blend_id]
+        if draw is None:
+            params = self.points[blend_id]
+        else:
+            sel = self.sources["blend_id"] == blend_id
+            idx = np.flatnonzero(sel)
+            params = {}
+            for k in SAMPLED:
+                real = self.draws[k][draw[0], draw[1], idx]
+                pad = np.asarray(self.points[blend_id][k])[len(idx) :]
+                params[k] = np.concatenate([real, pad])
+        nets = Networks(self.bundle, self.latent_prior)
+        return np.asarray(_render(nets, nets.weights(), b.spec.shape, params, b.data))
+
+    def source_images(self, blend_id: int) -> np.ndarray:
+        """Each source of a blend rendered alone at the point estimate, ``(source, band, y, x)``."""
+        b = self.blends[blend_id]
+        nets = Networks(self.bundle, self.latent_prior)
+        params = self.points[blend_id]
+        out = []
+        for k in range(b.n_real):
+            keep = np.zeros(b.spec.n_sources, bool)
+            keep[k] = True
+            data = dict(b.data, source_valid=jnp.asarray(keep))
+            out.append(np.asarray(_render(nets, nets.weights(), b.spec.shape, params, data)))
+        return np.stack(out)
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _render(nets: Networks, w: dict, shape: tuple[int, int], params: dict, data: dict) -> jnp.ndarray:
+    z = nets.latent(w, jnp.asarray(params["u"]))
+    flux = jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
+    return render_scene(nets.decode(w, z), flux, params["offset"], data["anchor"], data["kernel"], shape)
+
+
+def _arviz():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz as az
+    return az

@@ -1,0 +1,143 @@
+"""bayesblend.deblend end to end: recovery of known inputs, the Posterior, catalogue and ArviZ output."""
+
+import numpy as np
+import pytest
+
+import bayesblend
+from bayesblend import catalog as cat
+from bayesblend.errors import BayesblendError
+from bayesblend.infer import InferenceConfig, deblend, joint_flux
+from bayesblend.simulate.scenes import simulate_blend, simulate_isolated
+
+FAST = dict(num_draws=40, num_warmup=30, num_chains=2, map_steps=150, svi_steps=40, max_tree_depth=4)
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return bayesblend.load_prior()
+
+
+@pytest.fixture(scope="module")
+def bright_pair():
+    return simulate_blend(21, 3, n_range=(2, 3), mag_range=(20.0, 24.0))
+
+
+@pytest.fixture(scope="module")
+def map_post(prior, bright_pair):
+    t = bright_pair.truth
+    return deblend(bright_pair.scene, sources=np.c_[t["x"], t["y"]], method="map", prior=prior, num_draws=100)
+
+
+def test_map_recovers_fluxes_positions_and_conserves_light(map_post, bright_pair):
+    t = bright_pair.truth
+    c = map_post.catalog()
+    assert len(c) == len(t) == 2
+    true_r = np.asarray(t["flux_r"] * t["frac_in_image_r"])
+    np.testing.assert_allclose(c["flux_r"], true_r, rtol=0.08)
+    assert np.all(np.hypot(c["x"] - t["x"], c["y"] - t["y"]) < 0.5)
+    # the flux errors are those of the data, not of the prior: percent level at S/N ~ 60
+    assert np.all(c["flux_r_std"] / c["flux_r"] < 0.1) and np.all(c["flux_r_std"] > 0)
+    # conservation: the model holds the light of the scene (sky-subtracted sum), band by band
+    model = map_post.model_image(0)
+    data = np.asarray(map_post.blends[0].data["image"])
+    b = map_post.blends[0]
+    var = np.asarray(b.data["variance"] if b.spec.has_variance else b.data["sky"][:, None, None] + 0 * data)
+    sigma_sum = np.sqrt(var.sum(axis=(1, 2)))  # noise of the summed image, per band
+    assert np.all(np.abs(model.sum(axis=(1, 2)) - data.sum(axis=(1, 2))) < 4 * sigma_sum)
+    # shapes of the draws: (chain, draw, source, ...)
+    d = map_post.draws
+    assert (
+        d["u"].shape == (1, 100, 2, 16) and d["flux"].shape == (1, 100, 2, 6) and d["e1"].shape == (1, 100, 2)
+    )
+    assert np.isfinite(d["e1"]).all() and np.all(np.hypot(d["e1"], d["e2"]) < 1)
+
+
+def test_catalogue_schema_units_and_header(map_post, tmp_path):
+    c = map_post.catalog()
+    names = [n for n, *_ in cat.columns(map_post.bands)]
+    assert c.colnames == names
+    assert str(c["flux_r"].unit) == "ct" and str(c["size"].unit) == "arcsec"
+    assert c.meta["METHOD"] == "map" and c.meta["BUNDLE"] == "lsst-v1" and "e2" in c.meta["E2SIGN"]
+    assert np.all(c["flux_r_p16"] < c["flux_r"]) and np.all(c["flux_r"] < c["flux_r_p84"])
+    assert np.isfinite(c["mag_r"]).all() and np.all(c["mag_r_std"] > 0)
+    from astropy.table import Table
+
+    map_post.write_catalog(tmp_path / "c.fits")
+    map_post.write_catalog(tmp_path / "c.parquet")
+    back = Table.read(tmp_path / "c.fits")
+    assert back.colnames == names and back.meta["FLAG_1"] == "EDGE"
+    assert len(Table.read(tmp_path / "c.parquet")) == 2
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_joint_flux_is_non_negative_and_exact_on_noiseless_templates(prior, map_post):
+    import jax.numpy as jnp
+
+    b = map_post.blends[0]
+    nets_w = prior.params["decoder"]
+    morph = prior.decoder.apply(nets_w, jnp.zeros((2, 16)) + jnp.asarray([[0.3], [-0.5]]))
+    from bayesblend.forward import render_scene
+
+    true = jnp.asarray([[1e3, 5e3, 2e4, 3e4, 2e4, 1e4], [0.0, 2e3, 8e3, 1e4, 9e3, 5e3]])
+    image = render_scene(morph, true, b.data["offset0"], b.data["anchor"], b.data["kernel"], b.spec.shape)
+    data = dict(b.data, image=image)
+    flux, normal = joint_flux(morph, b.data["offset0"], data, b.spec)
+    np.testing.assert_allclose(np.asarray(flux), np.asarray(true), rtol=2e-3, atol=5.0)
+    # data that an unconstrained solve would fit with a negative flux: source 1 gets zero instead
+    minus = true.at[1].set(-0.3 * true[1])
+    image2 = render_scene(morph, minus, b.data["offset0"], b.data["anchor"], b.data["kernel"], b.spec.shape)
+    flux2, _ = joint_flux(morph, b.data["offset0"], dict(b.data, image=image2), b.spec)
+    flux2 = np.asarray(flux2)
+    assert np.all(flux2 >= 0) and np.all(flux2[1] < 1.0) and np.all(flux2[0] > 0)
+
+
+def test_nuts_posterior_inference_data_and_diagnostics(prior, tmp_path):
+    import arviz as az
+
+    r = simulate_isolated(5, 0, mag_range=(21.0, 22.0))
+    t = r.truth
+    post = deblend(r.scene, sources=np.c_[t["x"], t["y"]], method="nuts", prior=prior, seed=3, **FAST)
+    assert post.draws["log_flux"].shape == (2, 40, 1, 6)
+    idata = post.to_inference_data()
+    assert set(idata.groups()) >= {"posterior", "sample_stats", "observed_data", "constant_data"}
+    assert idata.posterior["log_flux"].dims == ("chain", "draw", "source", "band")
+    assert idata.posterior["u"].dims == ("chain", "draw", "source", "latent")
+    assert idata.sample_stats["diverging"].dims == ("chain", "draw", "blend")
+    assert idata.observed_data["image"].shape == (1, 6, 48, 48)
+    summ = az.summary(idata, var_names=["flux"], kind="diagnostics")
+    assert len(summ) == 6 and np.isfinite(summ["r_hat"]).all()
+    c = post.catalog()
+    assert np.isfinite(c["r_hat_max"][0]) and c["ess_bulk_min"][0] > 0 and c["n_divergent"][0] >= 0
+    true_r = t["flux_r"][0] * t["frac_in_image_r"][0]
+    assert abs(c["flux_r"][0] / true_r - 1) < 5 * c["flux_r_std"][0] / c["flux_r"][0] + 0.02
+    post.to_netcdf(tmp_path / "p.nc")
+    back = az.from_netcdf(tmp_path / "p.nc")
+    np.testing.assert_allclose(back.posterior["flux"].values, idata.posterior["flux"].values)
+
+
+def test_svi_amortised_and_batches_agree_on_a_bright_source(prior):
+    r = simulate_isolated(5, 1, mag_range=(20.0, 21.0))
+    t = r.truth
+    true_r = t["flux_r"][0] * t["frac_in_image_r"][0]
+    src = np.c_[t["x"], t["y"]]
+    for method in ("amortised", "svi"):
+        c = deblend(r.scene, sources=src, method=method, prior=prior, **FAST).catalog()
+        assert abs(c["flux_r"][0] / true_r - 1) < 0.1, method
+    lowrank = deblend(
+        r.scene, sources=src, method="svi", prior=prior, svi_guide="lowrank", svi_rank=2, **FAST
+    )
+    assert np.isfinite(lowrank.draws["log_flux"]).all()
+    # the same blend twice in one call: the batch gives both the same shapes, and the blend keys differ
+    two = deblend([r.scene, r.scene], sources=[src, src], method="map", prior=prior, map_steps=150)
+    assert two.n_blends == 2 and two.n_sources == 2
+    c2 = two.catalog()
+    np.testing.assert_allclose(c2["flux_r"][0], c2["flux_r"][1], rtol=0.02)
+
+
+def test_config_errors():
+    with pytest.raises(BayesblendError, match="num_draws"):
+        InferenceConfig(num_draws=0)
+    with pytest.raises(BayesblendError, match="unknown inference setting"):
+        InferenceConfig().replace(num_drawz=3)
+    with pytest.raises(BayesblendError, match="svi_guide"):
+        InferenceConfig(svi_guide="diag")
