@@ -473,9 +473,9 @@ def fit_blends(
 ) -> list[dict]:
     """Fit prepared blends with ``method``; one result dict per blend (numpy arrays).
 
-    Blends are grouped by spec and run in ``vmap`` batches of
-    ``config.batch_size`` (the last batch padded by repetition, so every batch
-    has one shape). Blend ``i`` draws from the key ``fold_in(PRNGKey(seed), i)``,
+    Blends are grouped by spec and run in ``vmap`` batches of up to
+    ``config.batch_size``; a short batch is padded by repetition to the next
+    power of two, so only a few batch widths are ever compiled. Blend ``i`` draws from the key ``fold_in(PRNGKey(seed), i)``,
     so results do not depend on the batching.
     """
     if method not in METHODS:
@@ -499,7 +499,8 @@ def fit_blends(
 
         bar = tqdm(total=len(blends), desc=f"deblend ({method})", unit="blend")
     for spec, idx in batches:
-        full = idx + [idx[-1]] * (min(cfg.batch_size, len(blends)) - len(idx))
+        width = min(1 << (len(idx) - 1).bit_length(), cfg.batch_size)  # 1, 2, 4...: few compiled widths
+        full = idx + [idx[-1]] * (width - len(idx))
         data = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[blends[i].data for i in full])
         keys = jnp.stack([jax.random.fold_in(base, i) for i in full])
         out = jax.device_get(_batch_function(nets, method, spec, cfg)(weights, data, keys))

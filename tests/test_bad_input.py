@@ -1,0 +1,129 @@
+"""Bad input to deblending and the deblend command: clear one-line errors, warnings, nothing half-written."""
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+import bayesblend
+from bayesblend import catalog as cat
+from bayesblend.cli import main
+from bayesblend.errors import BayesblendError
+from bayesblend.infer import deblend
+from bayesblend.io import write_scene
+from bayesblend.scene import Scene
+from bayesblend.simulate.scenes import simulate_blend, simulate_isolated
+
+QUICK = dict(method="map", map_steps=60, num_draws=20)
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return bayesblend.load_prior()
+
+
+@pytest.fixture(scope="module")
+def galaxy():
+    return simulate_isolated(8, 0, mag_range=(21.0, 22.0))
+
+
+def test_missing_band_is_a_one_line_error(prior, galaxy):
+    with pytest.raises(BayesblendError, match="lacks band.*u.*z.*y"):
+        deblend(galaxy.scene.select_bands(["g", "r", "i"]), prior=prior, **QUICK)
+
+
+def test_empty_scene_gives_an_empty_catalogue_with_the_full_schema(prior, galaxy, tmp_path):
+    sc = galaxy.scene
+    rng = np.random.default_rng(0)
+    blank = Scene(
+        image=rng.normal(0, 1, sc.image.shape) * np.sqrt(sc.variance if sc.variance is not None else 100.0),
+        bands=sc.bands,
+        magzero=sc.magzero,
+        psf=sc.psf,
+        variance=sc.variance,
+    )
+    post = deblend(blank, prior=prior, **QUICK)
+    c = post.catalog()
+    assert len(c) == 0 and c.colnames == [n for n, *_ in cat.columns(prior.bands)]
+    post.write_catalog(tmp_path / "empty.fits")
+    assert len(Table.read(tmp_path / "empty.fits")) == 0
+    post.to_netcdf(tmp_path / "empty.nc")
+
+
+def test_nan_pixels_are_masked_with_a_warning_and_edge_sources_are_flagged(prior, galaxy):
+    sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
+    sc.image = sc.image.copy()
+    sc.image[3, 5:8, 5:8] = np.nan
+    sc.image[2, 0, 0] = np.inf
+    with pytest.warns(UserWarning, match="non-finite pixels masked"):
+        post = deblend(sc, sources=np.array([[23.5, 23.5], [1.0, 30.0]]), prior=prior, **QUICK)
+    c = post.catalog()
+    assert np.isfinite(c["flux_r"]).all()
+    assert c["flags"][1] & cat.FLAGS["EDGE"] and not c["flags"][0] & cat.FLAGS["EDGE"]
+    assert not np.isnan(post.to_inference_data().observed_data["image"].values).all()
+
+
+def test_sources_outside_the_scene_are_dropped_with_a_warning(prior, galaxy):
+    with pytest.warns(UserWarning, match="outside the scene dropped"):
+        post = deblend(galaxy.scene, sources=np.array([[23.5, 23.5], [90.0, 4.0]]), prior=prior, **QUICK)
+    assert post.n_sources == 1
+    with pytest.raises(BayesblendError, match="columns x and y"):
+        deblend(galaxy.scene, sources=Table({"ra": [1.0]}), prior=prior, **QUICK)
+    with pytest.raises(BayesblendError, match="finite"):
+        deblend(galaxy.scene, sources=np.array([[np.nan, 3.0]]), prior=prior, **QUICK)
+
+
+def test_missing_psf_uses_the_survey_psf_with_a_warning(prior, galaxy):
+    sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
+    sc.psf = None
+    with pytest.warns(UserWarning, match="default PSF"):
+        post = deblend(sc, sources=np.array([[23.5, 23.5]]), prior=prior, **QUICK)
+    t = galaxy.truth
+    assert abs(post.catalog()["flux_r"][0] / (t["flux_r"][0] * t["frac_in_image_r"][0]) - 1) < 0.15
+
+
+def test_fully_masked_blend_and_bad_method(prior, galaxy):
+    sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
+    sc.mask = np.ones(sc.image.shape, bool)
+    with pytest.raises(BayesblendError, match="every pixel of the blend is masked"):
+        deblend(sc, sources=np.array([[23.5, 23.5]]), prior=prior, **QUICK)
+    with pytest.raises(BayesblendError, match="unknown method"):
+        deblend(galaxy.scene, method="hmc", prior=prior)
+
+
+def test_cli_deblend_writes_catalogue_posterior_and_figures(tmp_path, capsys):
+    r = simulate_blend(21, 3, n_range=(2, 3), mag_range=(20.0, 24.0))
+    scene = write_scene(tmp_path / "scene.fits", r.scene)
+    out = tmp_path / "out"
+    code = main(["deblend", str(scene), "--method", "map", "--draws", "30", "--out", str(out), "--quiet"])
+    assert code == 0
+    c = Table.read(out / "catalog.fits")
+    assert len(c) >= 1 and "flux_r" in c.colnames and c.meta["METHOD"] == "map"
+    assert (out / "posterior.nc").stat().st_size > 0
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["blend_0000.png"]
+    assert "catalog.fits" in capsys.readouterr().out
+    assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"this is not FITS", "not a FITS file"), (None, "no such file")],
+)
+def test_cli_malformed_scene_is_exit_2_with_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.fits"
+    if content is not None:
+        path.write_bytes(content)
+    code = main(["deblend", str(path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert (
+        code == 2 and message in err and len(err.splitlines()) == 1 and err.startswith("bayesblend: error:")
+    )
+    assert not (tmp_path / "o" / "catalog.fits").exists()
+
+
+def test_cli_sources_file_needs_x_y(tmp_path, capsys, galaxy):
+    scene = write_scene(tmp_path / "s.fits", galaxy.scene)
+    Table({"ra": [1.0], "dec": [2.0]}).write(tmp_path / "src.fits")
+    code = main(
+        ["deblend", str(scene), "--sources", str(tmp_path / "src.fits"), "--out", str(tmp_path / "o")]
+    )
+    assert code == 2 and "columns x and y" in capsys.readouterr().err

@@ -1,0 +1,82 @@
+"""Detection, grouping into blends, cutouts, and the decoder's loop-friendly convolutions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bayesblend.blends import blend_region, group_sources
+from bayesblend.detect import detect_sources
+from bayesblend.simulate.scenes import simulate_field, simulate_isolated
+
+
+def test_detection_finds_separated_galaxies_and_merges_duplicates():
+    f = simulate_field(3, 0, shape=(96, 96), density=40.0, mag_range=(20.0, 23.0))
+    det = detect_sources(f.scene)
+    t = f.truth
+    inside = (t["x"] > 3) & (t["x"] < 92) & (t["y"] > 3) & (t["y"] < 92)
+    d = np.hypot(np.asarray(t["x"])[:, None] - det["x"][None], np.asarray(t["y"])[:, None] - det["y"][None])
+    # every bright galaxy away from the edges has a detection within 2 pixels
+    assert np.all(d[inside].min(axis=1) < 2.0)
+    # no two detections closer than the merge radius
+    dd = np.hypot(det["x"][:, None] - det["x"][None], det["y"][:, None] - det["y"][None])
+    assert np.all(dd[np.triu_indices(len(det), 1)] >= 1.5)
+    assert list(det["snr"]) == sorted(det["snr"], reverse=True)
+
+
+def test_detection_on_pure_noise_is_empty():
+    g = simulate_isolated(1, 0)
+    sc = g.scene.select_bands(list(g.scene.bands))
+    rng = np.random.default_rng(1)
+    sc.image = (rng.normal(size=sc.image.shape) * np.sqrt(sc.variance)).astype(np.float32)
+    assert len(detect_sources(sc)) == 0
+
+
+def test_groups_link_neighbours_and_split_large_groups():
+    x = np.array([0.0, 5.0, 10.0, 50.0, 100.0, 104.0])
+    y = np.zeros(6)
+    groups = group_sources(x, y, 6.0)
+    assert [g.tolist() for g in groups] == [[0, 1, 2], [3], [4, 5]]
+    big = group_sources(np.arange(40.0), np.zeros(40), 1.5, max_sources=16)
+    assert sorted(len(g) for g in big) == [10, 10, 10, 10] and np.concatenate(big).size == 40
+
+
+def test_blend_region_shape_is_a_fixed_multiple_and_covers_the_sources(galaxy_scene=None):
+    x0, y0, h, w = blend_region(np.array([100.0, 120.0]), np.array([30.0, 34.0]), (256, 256), margin=40)
+    assert h % 16 == 0 and w % 16 == 0
+    assert x0 <= 100 - 40 and x0 + w >= 120 + 40 and 0 <= y0
+    # a region near the edge keeps its size and is clipped inside the scene
+    x0, y0, h, w = blend_region(np.array([2.0]), np.array([250.0]), (256, 256), margin=40)
+    assert x0 == 0 and y0 + h == 256
+
+
+def test_cutout_masks_pixels_outside_the_scene():
+    g = simulate_isolated(1, 1)
+    cut = g.scene.cutout(-8, 10, 64, 64)
+    assert cut.image.shape == (6, 64, 64)
+    assert cut.mask[:, :, :8].all() and not cut.mask[:, :38, 8:56].any()
+    np.testing.assert_array_equal(cut.image[:, 0, 8:56], g.scene.image[:, 10, :])
+    assert cut.mask[:, 38:, :].all() and (cut.image[:, 38:, :] == 0).all()
+
+
+def test_loop_friendly_convolutions_match_flax():
+    import flax.linen as nn
+
+    from bayesblend.prior.networks import Conv, ConvTranspose
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 6, 8))
+    for ours, theirs in (
+        (ConvTranspose(5), nn.ConvTranspose(5, (3, 3), strides=(2, 2), padding="SAME")),
+        (Conv(5), nn.Conv(5, (3, 3), padding="SAME")),
+    ):
+        p = theirs.init(jax.random.PRNGKey(1), x)
+        np.testing.assert_allclose(ours.apply(p, x), theirs.apply(p, x), rtol=1e-5, atol=1e-5)
+
+        def loss(m, x, p=p):
+            return jnp.sum(jnp.sin(m.apply(p, x)))
+
+        gx = jax.grad(loss, argnums=1)
+        np.testing.assert_allclose(gx(ours, x), gx(theirs, x), rtol=1e-4, atol=1e-5)
+        gp = jax.grad(lambda p, m: jnp.sum(jnp.sin(m.apply(p, x))))
+        np.testing.assert_allclose(
+            gp(p, ours)["params"]["kernel"], gp(p, theirs)["params"]["kernel"], rtol=1e-4, atol=1e-5
+        )
