@@ -275,7 +275,9 @@ def train(cfg: TrainConfig, progress: bool = True, max_seconds: float | None = N
             idx = rng.choice(data.train_idx, size=cfg.batch_size, replace=False)
             batch = {k: jnp.asarray(v) for k, v in data.batch(idx).items()}
             beta = cfg.beta * min(1.0, step / max(cfg.kl_anneal_steps, 1))
-            key, sub = jax.random.split(key)
+            # the step's key depends on the step number only, so a resumed run draws fresh noise and
+            # latents instead of repeating those of its first steps
+            sub = jax.random.fold_in(key, step)
             params, opt_state, loss, parts = step_fn(params, opt_state, batch, beta, sub)
             step += 1
             lv = float(loss)
