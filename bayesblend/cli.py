@@ -181,7 +181,8 @@ def _deblend(args: argparse.Namespace) -> int:
             plot_blend(post, i, out / "figures" / f"blend_{i:04d}.png", truth=t)
         written.append(f"{out / 'figures'}/ ({post.n_blends} figures)")
     print(
-        f"deblend ({args.method}): {post.n_sources} sources in {post.n_blends} blends from {len(scenes)} scene(s)"
+        f"deblend ({args.method}): {post.n_sources} sources in {post.n_blends} blends "
+        f"from {len(scenes)} scene(s)"
     )
     for w in written:
         print(f"  {w}")

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     print("demo: source  x      y      mag_r (+-)        e1 (+-)        e2 (+-)       r_hat  ess   flags")
     for row in cat:
         print(
-            f"demo: {row['id']:4d}  {row['x']:5.1f}  {row['y']:5.1f}  {row['mag_r']:6.2f} ({row['mag_r_std']:.2f})"
+            f"demo: {row['id']:4d}  {row['x']:5.1f}  {row['y']:5.1f}"
+            f"  {row['mag_r']:6.2f} ({row['mag_r_std']:.2f})"
             f"  {row['e1']:+.3f} ({row['e1_std']:.3f})  {row['e2']:+.3f} ({row['e2_std']:.3f})"
             f"  {row['r_hat_max']:.3f}  {row['ess_bulk_min']:4.0f}  {row['flags']}"
         )

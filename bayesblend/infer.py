@@ -475,8 +475,9 @@ def fit_blends(
 
     Blends are grouped by spec and run in ``vmap`` batches of up to
     ``config.batch_size``; a short batch is padded by repetition to the next
-    power of two, so only a few batch widths are ever compiled. Blend ``i`` draws from the key ``fold_in(PRNGKey(seed), i)``,
-    so results do not depend on the batching.
+    power of two, so only a few batch widths are ever compiled. Blend ``i``
+    draws from the key ``fold_in(PRNGKey(seed), i)``, so results do not
+    depend on the batching.
     """
     if method not in METHODS:
         raise BayesblendError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

@@ -179,7 +179,7 @@ def report(n: int) -> None:
         de1 = q["e1"][:, 2] - np.array([r["true_e1"] for r in rows])
         de2 = q["e2"][:, 2] - np.array([r["true_e2"] for r in rows])
 
-        def cover(name, truth):
+        def cover(name, truth, q=q):
             a = q[name]
             c68 = np.mean((truth >= a[:, 1]) & (truth <= a[:, 3]))
             c95 = np.mean((truth >= a[:, 0]) & (truth <= a[:, 4]))
@@ -187,7 +187,8 @@ def report(n: int) -> None:
 
         wall = np.array([r["wall_per_source"] for r in rows if not r["includes_compile"]])
         print(
-            f"| {method} | {len(rows)} ({len({r['blend'] for r in rows})} blends) | {np.mean(np.abs(rel)):.3f} | "
+            f"| {method} | {len(rows)} ({len({r['blend'] for r in rows})} blends) | "
+            f"{np.mean(np.abs(rel)):.3f} | "
             f"{np.median(np.abs(rel)):.3f} | {np.median(de1):+.3f} | {np.median(de2):+.3f} | "
             f"{0.5 * (np.std(de1) + np.std(de2)):.3f} | {cover('flux_r', tf)} | "
             f"{cover('e1', np.array([r['true_e1'] for r in rows]))} | "
@@ -199,7 +200,8 @@ def report(n: int) -> None:
             ess = np.array([r["ess"] for r in rows])
             div = np.array([r["n_div"] for r in rows])
             nuts_line = (
-                f"NUTS diagnostics: r_hat_max median {np.median(rh):.3f}, 90th pct {np.percentile(rh, 90):.3f}, "
+                f"NUTS diagnostics: r_hat_max median {np.median(rh):.3f}, "
+                f"90th pct {np.percentile(rh, 90):.3f}, "
                 f"{np.mean(rh > 1.05) * 100:.0f} % above 1.05; ess_bulk_min median {np.median(ess):.0f}, "
                 f"10th pct {np.percentile(ess, 10):.0f}; sources in blends with divergences "
                 f"{np.mean(div > 0) * 100:.0f} %."
