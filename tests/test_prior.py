@@ -58,16 +58,20 @@ def _tiny_config(data, out, **kw):
     return TrainConfig(**raw)
 
 
-def test_tiny_vae_lowers_its_loss_and_resumes(tiny_data, tmp_path):
-    cfg = _tiny_config(tiny_data, tmp_path / "run", steps=20, checkpoint_every=5)
-    first = train(cfg, progress=False)
+def test_tiny_vae_lowers_its_loss_and_resumes_exactly(tiny_data, tmp_path):
+    cfg = _tiny_config(tiny_data, tmp_path / "run", steps=40, checkpoint_every=5)
+    first = train(cfg, progress=False, stop_at=20)
     assert first["step"] == 20
-    cfg.steps = 40
     second = train(cfg, progress=False)  # resumes from the step-20 checkpoint
     hist = second["history"]
     assert second["step"] == 40 and hist["step"] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert np.all(np.isfinite(hist["val_nll"]))
     assert hist["val_nll"][-1] < 0.7 * hist["val_nll"][0]
+    # stopping and resuming takes the same steps as one run straight through
+    straight = train(
+        _tiny_config(tiny_data, tmp_path / "straight", steps=40, checkpoint_every=5), progress=False
+    )
+    np.testing.assert_allclose(straight["history"]["val_nll"], hist["val_nll"], rtol=1e-4)
 
 
 def _small_bundle(tmp_path):

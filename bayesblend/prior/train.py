@@ -173,7 +173,9 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         tmp.write_bytes(serialization.to_bytes(state))
 
 
-def train(cfg: TrainConfig, progress: bool = True, max_seconds: float | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, progress: bool = True, max_seconds: float | None = None, stop_at: int | None = None
+) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns the final state and history.
 
     Parameters
@@ -183,6 +185,12 @@ def train(cfg: TrainConfig, progress: bool = True, max_seconds: float | None = N
         Show a progress bar with the losses on stderr.
     max_seconds : float, optional
         Stop (after checkpointing) once this wall time has passed; rerun to resume.
+    stop_at : int, optional
+        Stop (after checkpointing) at this step; rerun to resume.
+
+    Every step's batch and random draws depend only on ``(seed, step)``, so a
+    run stopped and resumed any number of times takes the same steps as one
+    run straight through.
     """
     from tqdm import tqdm
 
@@ -233,7 +241,6 @@ def train(cfg: TrainConfig, progress: bool = True, max_seconds: float | None = N
         return optax.apply_updates(params, updates), opt_state, loss, parts
 
     eval_fn = jax.jit(loss_fn)
-    rng = np.random.default_rng([cfg.seed, int(state["step"])])
     params, opt_state = state["params"], state["opt_state"]
     step = int(state["step"])
     history = state["history"] or {"step": [], "train": [], "val_nll": [], "val_kl": [], "seconds": []}
@@ -272,7 +279,8 @@ def train(cfg: TrainConfig, progress: bool = True, max_seconds: float | None = N
 
     try:
         while step < cfg.steps:
-            idx = rng.choice(data.train_idx, size=cfg.batch_size, replace=False)
+            step_rng = np.random.default_rng([cfg.seed, step])
+            idx = step_rng.choice(data.train_idx, size=cfg.batch_size, replace=False)
             batch = {k: jnp.asarray(v) for k, v in data.batch(idx).items()}
             beta = cfg.beta * min(1.0, step / max(cfg.kl_anneal_steps, 1))
             # the step's key depends on the step number only, so a resumed run draws fresh noise and
@@ -292,7 +300,8 @@ def train(cfg: TrainConfig, progress: bool = True, max_seconds: float | None = N
             )
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 checkpoint()
-            if max_seconds is not None and time.time() - t_start > max_seconds:
+            out_of_time = max_seconds is not None and time.time() - t_start > max_seconds
+            if out_of_time or (stop_at is not None and step >= stop_at):
                 if step % cfg.checkpoint_every:
                     checkpoint()
                 break
