@@ -34,6 +34,7 @@ import numpy as np
 OUT = Path(__file__).parent / "deblend"
 SIM = dict(max_shift=0.5, psf_jitter=0.05)
 SEED = 4
+SNR_CUTS = (0, 10, 30)
 
 
 def scenes(indices):
@@ -160,45 +161,51 @@ def sep_baseline(n: int) -> list[dict]:
 def report(n: int) -> None:
     print(f"Blends 0-{n - 1} of the held-out set (seed {SEED}); sources at their true positions.\n")
     print(
-        "| method | sources | mean \\|Δf/f\\| r | median \\|Δf/f\\| r | median Δe1 | median Δe2 | "
-        "std Δe | cover 68/95 flux_r | cover 68/95 e1 | cover 68/95 e2 | s/source |"
+        "| method | S/N cut | sources | mean \\|Δf/f\\| r | median \\|Δf/f\\| r | median Δe1 | median Δe2 | "
+        "σ(Δe) | cover 68/95 flux_r | cover 68/95 e1 | cover 68/95 e2 | s/source |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = sep_baseline(n)
+    nuts_line = ""
     for method in ("amortised", "map", "svi", "nuts"):
         path = OUT / f"{method}.jsonl"
         if not path.exists():
             continue
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        rows = [r for r in rows if r["blend"] < n]
-        if not rows:
-            continue
-        tf = np.array([r["true_flux_r"] for r in rows])
-        q = {k: np.array([r["q"][k] for r in rows]) for k in ("flux_r", "e1", "e2")}
-        rel = q["flux_r"][:, 2] / tf - 1
-        de1 = q["e1"][:, 2] - np.array([r["true_e1"] for r in rows])
-        de2 = q["e2"][:, 2] - np.array([r["true_e2"] for r in rows])
+        every = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        every = [r for r in every if r["blend"] < n]
+        wall = np.array([r["wall_per_source"] for r in every if not r["includes_compile"]])
+        for cut in SNR_CUTS:
+            rows = [r for r in every if r["snr"] > cut]
+            if not rows:
+                continue
+            tf = np.array([r["true_flux_r"] for r in rows])
+            q = {k: np.array([r["q"][k] for r in rows]) for k in ("flux_r", "e1", "e2")}
+            rel = q["flux_r"][:, 2] / tf - 1
+            te1 = np.array([r["true_e1"] for r in rows])
+            te2 = np.array([r["true_e2"] for r in rows])
+            de1, de2 = q["e1"][:, 2] - te1, q["e2"][:, 2] - te2
 
-        def cover(name, truth, q=q):
-            a = q[name]
-            c68 = np.mean((truth >= a[:, 1]) & (truth <= a[:, 3]))
-            c95 = np.mean((truth >= a[:, 0]) & (truth <= a[:, 4]))
-            return f"{100 * c68:.0f} / {100 * c95:.0f}"
+            def cover(name, truth, q=q):
+                a = q[name]
+                ok = np.isfinite(a).all(axis=1)
+                c68 = np.mean((truth >= a[:, 1]) & (truth <= a[:, 3]) & ok)
+                c95 = np.mean((truth >= a[:, 0]) & (truth <= a[:, 4]) & ok)
+                return f"{100 * c68:.0f} / {100 * c95:.0f}"
 
-        wall = np.array([r["wall_per_source"] for r in rows if not r["includes_compile"]])
-        print(
-            f"| {method} | {len(rows)} ({len({r['blend'] for r in rows})} blends) | "
-            f"{np.mean(np.abs(rel)):.3f} | "
-            f"{np.median(np.abs(rel)):.3f} | {np.median(de1):+.3f} | {np.median(de2):+.3f} | "
-            f"{0.5 * (np.std(de1) + np.std(de2)):.3f} | {cover('flux_r', tf)} | "
-            f"{cover('e1', np.array([r['true_e1'] for r in rows]))} | "
-            f"{cover('e2', np.array([r['true_e2'] for r in rows]))} | "
-            f"{np.median(wall) if wall.size else float('nan'):.2f} |"
-        )
+            bad_e = int(np.sum(~np.isfinite(de1)))
+            nan_txt = f" ({bad_e} NaN)" if bad_e else ""
+            print(
+                f"| {method} | > {cut} | {len(rows)} ({len({r['blend'] for r in rows})} blends) | "
+                f"{np.mean(np.abs(rel)):.3f} | {np.median(np.abs(rel)):.3f} | "
+                f"{np.nanmedian(de1):+.3f} | {np.nanmedian(de2):+.3f} | "
+                f"{0.5 * (np.nanstd(de1) + np.nanstd(de2)):.3f}{nan_txt} | "
+                f"{cover('flux_r', tf)} | {cover('e1', te1)} | {cover('e2', te2)} | "
+                f"{np.median(wall) if wall.size else float('nan'):.2f} |"
+            )
         if method == "nuts":
-            rh = np.array([r["r_hat"] for r in rows])
-            ess = np.array([r["ess"] for r in rows])
-            div = np.array([r["n_div"] for r in rows])
+            rh = np.array([r["r_hat"] for r in every])
+            ess = np.array([r["ess"] for r in every])
+            div = np.array([r["n_div"] for r in every])
             nuts_line = (
                 f"NUTS diagnostics: r_hat_max median {np.median(rh):.3f}, "
                 f"90th pct {np.percentile(rh, 90):.3f}, "
@@ -209,12 +216,15 @@ def report(n: int) -> None:
     bf = np.array([r["flux_r"] for r in base])
     bt = np.array([r["true_flux_r"] for r in base])
     ok = np.isfinite(bf)
-    rel = bf[ok] / bt[ok] - 1
-    print(
-        f"| sep Kron (baseline) | {ok.sum()} matched of {len(base)} | {np.mean(np.abs(rel)):.3f} | "
-        f"{np.median(np.abs(rel)):.3f} | – | – | – | – | – | – | – |"
-    )
-    if "nuts_line" in locals():
+    snr = np.array([r["snr"] for r in base])
+    for cut in SNR_CUTS:
+        sel = ok & (snr > cut)
+        rel = bf[sel] / bt[sel] - 1
+        print(
+            f"| sep Kron (baseline) | > {cut} | {sel.sum()} matched of {np.sum(snr > cut)} | "
+            f"{np.mean(np.abs(rel)):.3f} | {np.median(np.abs(rel)):.3f} | – | – | – | – | – | – | – |"
+        )
+    if nuts_line:
         print("\n" + nuts_line)
     print(
         f"\nMachine: {platform.machine()}, {platform.processor() or 'cpu'}; command: "

@@ -132,13 +132,9 @@ def main() -> None:
             ess_txt = to400 = "–"
             if method == "nuts":
                 ds = post.to_inference_data().posterior
-                ess = np.minimum.reduce(
-                    [
-                        az.ess(ds["flux"].sel(band="r"), method="bulk").values,
-                        az.ess(ds["e1"], method="bulk").values,
-                        az.ess(ds["e2"], method="bulk").values,
-                    ]
-                )
+                sub = ds[["e1", "e2"]].assign(flux_r=ds["flux"].sel(band="r"))
+                e = az.ess(sub, method="bulk")
+                ess = np.min([e[v].values for v in ("flux_r", "e1", "e2")], axis=0)
                 ess_txt = f"{np.median(ess):.0f}"
                 to400 = f"{per_source * 400 / np.median(ess):.0f}"
             print(
