@@ -384,11 +384,14 @@ class Posterior:
             v[f"flux_{b}_std"] = flux[:, :, j].std(axis=0)
             v[f"mag_{b}"] = np.median(mag[:, :, j], axis=0)
             v[f"mag_{b}_std"] = mag[:, :, j].std(axis=0)
-        e1, e2 = flat(d["e1"]), flat(d["e2"])
-        v["e1"], v["e2"] = np.median(e1, axis=0), np.median(e2, axis=0)
-        v["e1_std"], v["e2_std"] = e1.std(axis=0), e2.std(axis=0)
-        v["e1_e2_cov"] = ((e1 - e1.mean(0)) * (e2 - e2.mean(0))).mean(axis=0)
-        v["size"], v["size_std"] = np.median(flat(d["size"]), axis=0), flat(d["size"]).std(axis=0)
+        # adaptive moments can fail (NaN) on a rare degenerate morphology draw: summarise the rest
+        e1, e2, size = flat(d["e1"]), flat(d["e2"]), flat(d["size"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN sources stay NaN
+            v["e1"], v["e2"] = np.nanmedian(e1, axis=0), np.nanmedian(e2, axis=0)
+            v["e1_std"], v["e2_std"] = np.nanstd(e1, axis=0), np.nanstd(e2, axis=0)
+            v["e1_e2_cov"] = np.nanmean((e1 - np.nanmean(e1, 0)) * (e2 - np.nanmean(e2, 0)), axis=0)
+            v["size"], v["size_std"] = np.nanmedian(size, axis=0), np.nanstd(size, axis=0)
         diag = self.diagnostics()
         v.update(diag)
         flags = np.zeros(self.n_sources, np.int64)
