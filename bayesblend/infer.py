@@ -44,7 +44,7 @@ from jax.flatten_util import ravel_pytree
 from bayesblend.blends import PreparedBlend, blend_region, group_sources, prepare_blend
 from bayesblend.errors import BayesblendError
 from bayesblend.forward import render_scene
-from bayesblend.model import SceneSpec, prior_precision, scene_mean, scene_model
+from bayesblend.model import SceneSpec, inverse_variance, prior_precision, scene_mean, scene_model
 from bayesblend.posterior import Posterior
 from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.scene import Scene
@@ -169,14 +169,6 @@ def cutouts(image: jnp.ndarray, anchor: jnp.ndarray, stamp: int) -> jnp.ndarray:
     return jax.vmap(one)(anchor)
 
 
-def _inverse_variance(data: dict, spec: SceneSpec) -> jnp.ndarray:
-    if spec.has_variance:
-        var = data["variance"]
-    else:
-        var = data["sky"][:, None, None] + jnp.clip(data["image"], 0.0, None)
-    return jnp.where(data["valid"], 1.0 / var, 0.0)
-
-
 def joint_flux(
     morphology: jnp.ndarray, offset: jnp.ndarray, data: dict, spec: SceneSpec, sweeps: int = 50
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -206,7 +198,7 @@ def joint_flux(
         return render_scene(morphology, unit, offset, data["anchor"], data["kernel"], spec.shape)
 
     templates = jax.vmap(one)(jnp.arange(n))  # (source, band, H, W)
-    w = _inverse_variance(data, spec)
+    w = inverse_variance(spec, data, data["image"])  # the data stand in for the model's Poisson term
     a = jnp.einsum("ibyx,jbyx,byx->bij", templates, templates, w)
     rhs = jnp.einsum("ibyx,byx,byx->bi", templates, w, data["image"])
     eye = jnp.eye(n)
@@ -284,11 +276,7 @@ def _gauss_newton(nets: Networks, w: dict, spec: SceneSpec, data: dict, flat, un
         return scene_mean(spec, data, decode, to_latent, unravel(f))
 
     d = flat.shape[0]
-    if spec.has_variance:
-        var = data["variance"]
-    else:
-        var = data["sky"][:, None, None] + jnp.clip(mean_fn(flat), 0.0, None)
-    wgt = jnp.where(data["valid"], 1.0 / var, 0.0)
+    wgt = inverse_variance(spec, data, mean_fn(flat))
 
     def column(e):
         return jax.jvp(mean_fn, (flat,), (e,))[1]

@@ -76,6 +76,26 @@ def scene_mean(
     return render_scene(decode(z), flux, params["offset"], data["anchor"], data["kernel"], spec.shape)
 
 
+def pixel_variance(spec: SceneSpec, data: dict[str, jnp.ndarray], mean: jnp.ndarray) -> jnp.ndarray:
+    """Per-pixel variance ``(band, H, W)`` of the likelihood, electrons^2 (1 on masked pixels).
+
+    The data's variance plane when the scene has one, else the sky plus the
+    Poisson term of ``mean`` (the model, or the data as its stand-in). Masked
+    pixels get 1 so that everything built on it stays finite; they carry no
+    weight anywhere.
+    """
+    if spec.has_variance:
+        var = data["variance"]
+    else:
+        var = data["sky"][:, None, None] + jnp.clip(mean, 0.0, None)
+    return jnp.where(data["valid"], var, 1.0)
+
+
+def inverse_variance(spec: SceneSpec, data: dict[str, jnp.ndarray], mean: jnp.ndarray) -> jnp.ndarray:
+    """Likelihood weights ``(band, H, W)``: 1 / :func:`pixel_variance`, zero on masked pixels."""
+    return jnp.where(data["valid"], 1.0 / pixel_variance(spec, data, mean), 0.0)
+
+
 def prior_precision(spec: SceneSpec, n_bands: int) -> dict[str, jnp.ndarray]:
     """Diagonal prior precision of every parameter (``u``, ``log_flux``, ``offset``), same shapes."""
     n = spec.n_sources
@@ -119,11 +139,7 @@ def scene_model(
             "offset", dist.Normal(data["offset0"], spec.position_sigma * jnp.ones((n, 2))).to_event(1)
         )
     mean = scene_mean(spec, data, decode, to_latent, {"u": u, "log_flux": log_flux, "offset": offset})
-    if spec.has_variance:
-        var = data["variance"]
-    else:
-        var = data["sky"][:, None, None] + jnp.clip(mean, 0.0, None)
-    var = jnp.where(data["valid"], var, 1.0)
+    var = pixel_variance(spec, data, mean)
     numpyro.sample(
         "obs",
         dist.Normal(mean, jnp.sqrt(var)).mask(data["valid"]).to_event(3),

@@ -19,6 +19,7 @@ from astropy.table import Table  # noqa: E402
 from astropy.visualization import make_lupton_rgb  # noqa: E402
 
 from bayesblend.io import atomic_path  # noqa: E402
+from bayesblend.model import pixel_variance  # noqa: E402
 from bayesblend.scene import Scene  # noqa: E402
 
 
@@ -115,11 +116,7 @@ def plot_blend(posterior, blend_id: int, path: str | os.PathLike, truth: Table |
     nb = len(bands)
     data = np.where(np.asarray(b.data["valid"]), np.asarray(b.data["image"]), np.nan)
     model = posterior.model_image(blend_id)
-    if b.spec.has_variance:
-        var = np.asarray(b.data["variance"])
-    else:
-        var = np.asarray(b.data["sky"])[:, None, None] + np.clip(model, 0, None)
-    resid = (data - model) / np.sqrt(var)
+    resid = (data - model) / np.sqrt(np.asarray(pixel_variance(b.spec, b.data, model)))
     ncol = max(nb, 3)
     fig, axes = plt.subplots(4, ncol, figsize=(1.9 * ncol, 8.2), dpi=110, squeeze=False)
     for j, band in enumerate(bands):
