@@ -47,7 +47,7 @@ def padded_count(k: int) -> int:
 
 def group_sources(
     x: np.ndarray, y: np.ndarray, linking_length: float, max_sources: int = PAD_SIZES[-1]
-) -> list[np.ndarray]:
+) -> tuple[list[np.ndarray], list[bool]]:
     """Friends-of-friends groups of sources closer than ``linking_length`` pixels.
 
     A group larger than ``max_sources`` is split in two along its longer axis
@@ -56,31 +56,41 @@ def group_sources(
 
     Returns
     -------
-    list of numpy.ndarray
+    groups : list of numpy.ndarray
         Source indices per group, sorted by their smallest index.
+    split : list of bool
+        Per group, whether it is a part of a larger linked group that was split.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     n = len(x)
     if n == 0:
-        return []
+        return [], []
     pairs = cKDTree(np.c_[x, y]).query_pairs(linking_length, output_type="ndarray")
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, label = connected_components(graph, directed=False)
-    groups: list[np.ndarray] = []
+    groups: list[tuple[np.ndarray, bool]] = []
 
-    def split(idx: np.ndarray) -> None:
+    def split(idx: np.ndarray, was_split: bool) -> None:
         if len(idx) <= max_sources:
-            groups.append(np.sort(idx))
+            groups.append((np.sort(idx), was_split))
             return
         coord = x[idx] if np.ptp(x[idx]) >= np.ptp(y[idx]) else y[idx]
         order = idx[np.argsort(coord, kind="stable")]
         half = len(order) // 2
-        split(order[:half])
-        split(order[half:])
+        split(order[:half], True)
+        split(order[half:], True)
 
     for lab in np.unique(label):
-        split(np.flatnonzero(label == lab))
-    return sorted(groups, key=lambda g: int(g.min()))
+        split(np.flatnonzero(label == lab), False)
+    groups.sort(key=lambda g: int(g[0].min()))
+    return [g for g, _ in groups], [s for _, s in groups]
+
+
+def check_bands(scene: Scene, bundle: PriorBundle) -> None:
+    """A one-line error naming the bands the prior needs that ``scene`` lacks."""
+    missing = [b for b in bundle.bands if b not in scene.bands]
+    if missing:
+        raise BayesblendError(f"scene lacks band(s) {', '.join(missing)} that the prior needs")
 
 
 def blend_region(
@@ -154,9 +164,7 @@ def prepare_blend(
     Bad pixels (non-finite values) are masked with a warning; a missing PSF is
     replaced by the survey's default PSF with a warning; missing bands are an error.
     """
-    missing = [b for b in bundle.bands if b not in scene.bands]
-    if missing:
-        raise BayesblendError(f"scene lacks band(s) {', '.join(missing)} that the prior needs")
+    check_bands(scene, bundle)
     sc = scene.select_bands(bundle.bands)
     survey = get_survey(bundle.survey)
     image = np.asarray(sc.image, dtype=np.float32)

@@ -8,18 +8,20 @@ Every method starts from the one before it:
   (:func:`joint_flux`) plus their Gaussian (Fisher) error; positions stay at
   the detections. Fastest, and the start of the others.
 - ``map``: Adam on the joint log posterior from the amortised start (every
-  parameter is an unconstrained real). The result carries the Laplace
-  approximation around the optimum as its draws: the Hessian's eigenvalues
-  are floored at ``laplace_min_precision`` so the covariance is always proper.
+  parameter is an unconstrained real), polished by damped Gauss-Newton steps.
+  The result carries the Laplace approximation around the optimum as its
+  draws, with the Gauss-Newton precision ``J^T W J`` plus the prior's, which is
+  positive definite everywhere (the exact Hessian at an Adam optimum had
+  negative eigenvalues whose floored directions inflated flux errors tenfold).
 - ``svi``: NumPyro SVI with a full-covariance (``AutoMultivariateNormal``) or
   low-rank (``AutoLowRankMultivariateNormal``) guide, started at MAP (the full
   guide with the Laplace covariance).
 - ``nuts``: NumPyro NUTS, several chains started from Laplace draws around MAP,
-  with the Laplace covariance as the dense inverse mass matrix. In the flow's
-  base space the posterior is close to Gaussian, so this mass matrix needs no
-  further adaptation (``adapt_mass_matrix=False`` by default: a dense estimate
-  from a short warm-up window is worse than the Hessian) and warm-up only
-  tunes the step size. These are the levers that make NUTS affordable.
+  with the Laplace covariance as the dense inverse mass matrix; warm-up tunes
+  the step size only (``adapt_mass_matrix=False`` by default: a dense estimate
+  from a short warm-up window did no better). The flow's base space turned out
+  less Gaussian than hoped: NUTS still needs about 58 leapfrog steps per draw
+  under the flow prior, against 15 under N(0, I) (benchmarks/RESULTS.md).
 
 Blends with the same :class:`~bayesblend.model.SceneSpec` (padded source count
 and cutout shape) run together: one per-blend function is ``vmap``-ed over a
@@ -41,7 +43,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from bayesblend.blends import PreparedBlend, blend_region, group_sources, prepare_blend
+from bayesblend.blends import PreparedBlend, blend_region, check_bands, group_sources, prepare_blend
 from bayesblend.errors import BayesblendError
 from bayesblend.forward import render_scene
 from bayesblend.model import SceneSpec, inverse_variance, prior_precision, scene_mean, scene_model
@@ -51,6 +53,11 @@ from bayesblend.scene import Scene
 
 #: The inference methods, fastest first.
 METHODS = ("amortised", "map", "svi", "nuts")
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise BayesblendError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 @dataclass(frozen=True)
@@ -359,9 +366,7 @@ def _blend_fit(
         return out
     if method == "svi":
         return out | _svi(nets, w, spec, data, point, flat, cov, cfg, k_svi)
-    if method == "nuts":
-        return out | _nuts(potential, flat, unravel, cov, root, cfg, k_nuts)
-    raise BayesblendError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return out | _nuts(potential, flat, unravel, cov, root, cfg, k_nuts)  # method checked by fit_blends
 
 
 def _svi(nets, w, spec, data, point, flat, cov, cfg: InferenceConfig, key) -> dict:
@@ -427,7 +432,6 @@ def _nuts(potential, flat, unravel, cov, root, cfg: InferenceConfig, key) -> dic
             "acceptance_rate": acc[keep],
             "lp": -pe[keep],
             "energy": en[keep],
-            "warmup_n_steps": jnp.sum(steps[: cfg.num_warmup]),
         }
         return jax.tree_util.tree_map(lambda a: a[keep], z), stats
 
@@ -467,8 +471,7 @@ def fit_blends(
     draws from the key ``fold_in(PRNGKey(seed), i)``, so results do not
     depend on the batching.
     """
-    if method not in METHODS:
-        raise BayesblendError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_method(method)
     cfg = config or InferenceConfig()
     nets = Networks(bundle, bundle.check_latent_prior(latent_prior))
     weights = nets.weights()
@@ -542,10 +545,8 @@ def prepare_scene(
     scene: Scene, x: np.ndarray, y: np.ndarray, bundle: PriorBundle, config: InferenceConfig
 ) -> tuple[list[PreparedBlend], list[np.ndarray], list[bool]]:
     """Group a scene's sources into blends and prepare each cutout; also the groups and split flags."""
-    groups = group_sources(x, y, config.linking_length)
-    fof = group_sources(x, y, config.linking_length, max_sources=len(x) or 1)
-    sizes = {int(i): len(g) for g in fof for i in g}
-    preps, split = [], []
+    groups, split = group_sources(x, y, config.linking_length)
+    preps = []
     for g in groups:
         x0, y0, h, w = blend_region(x[g], y[g], scene.shape, config.region_margin + bundle.stamp // 2)
         cut = scene.cutout(x0, y0, h, w)
@@ -560,7 +561,6 @@ def prepare_scene(
                 origin=(x0, y0),
             )
         )
-        split.append(sizes[int(g[0])] > len(g))
     return preps, groups, split
 
 
@@ -604,10 +604,9 @@ def deblend(
     from bayesblend.detect import detect_sources
     from bayesblend.prior.bundle import load_bundle
 
-    if method not in METHODS:
-        raise BayesblendError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_method(method)
     bundle = prior if isinstance(prior, PriorBundle) else load_bundle(prior)
-    cfg = (config or InferenceConfig()).replace(**settings) if settings else (config or InferenceConfig())
+    cfg = (config or InferenceConfig()).replace(**settings)
     latent_prior = bundle.check_latent_prior(latent_prior)
     scenes = [scene] if isinstance(scene, Scene) else list(scene)
     if not scenes or not all(isinstance(s, Scene) for s in scenes):
@@ -621,9 +620,7 @@ def deblend(
     preps: list[PreparedBlend] = []
     members: list[dict] = []
     for si, (sc, src) in enumerate(zip(scenes, per_scene, strict=True)):
-        missing = [b for b in bundle.bands if b not in sc.bands]
-        if missing:
-            raise BayesblendError(f"scene lacks band(s) {', '.join(missing)} that the prior needs")
+        check_bands(sc, bundle)
         pos = _as_positions(src, sc)
         if pos is None:
             det = detect_sources(sc.select_bands(bundle.bands), survey=bundle.survey)
@@ -631,9 +628,8 @@ def deblend(
         x, y = pos
         if len(x) == 0:
             continue
-        p, groups, split = prepare_scene(sc, x, y, bundle, cfg)
-        for g, s in zip(groups, split, strict=True):
-            members.append({"scene": si, "index": g, "split": s})
+        p, _, split = prepare_scene(sc, x, y, bundle, cfg)
+        members += [{"scene": si, "split": s} for s in split]
         preps.extend(p)
     results = fit_blends(bundle, preps, method, latent_prior, seed, cfg, progress)
     return Posterior.from_fits(bundle, latent_prior, method, seed, cfg, scenes, preps, members, results)

@@ -160,7 +160,6 @@ class Posterior:
             rows["y_det"] += list(b.y + b.origin[1])
             rows["split"] += [m["split"]] * k
             valid = np.asarray(b.data["valid"])
-            ny, nx = valid.shape[1:]
             for xs, ys in zip(b.x, b.y, strict=True):
                 xi, yi = int(round(xs)), int(round(ys))
                 box = valid[:, max(yi - 2, 0) : yi + 3, max(xi - 2, 0) : xi + 3]

@@ -34,10 +34,11 @@ def test_detection_on_pure_noise_is_empty():
 def test_groups_link_neighbours_and_split_large_groups():
     x = np.array([0.0, 5.0, 10.0, 50.0, 100.0, 104.0])
     y = np.zeros(6)
-    groups = group_sources(x, y, 6.0)
-    assert [g.tolist() for g in groups] == [[0, 1, 2], [3], [4, 5]]
-    big = group_sources(np.arange(40.0), np.zeros(40), 1.5, max_sources=16)
+    groups, split = group_sources(x, y, 6.0)
+    assert [g.tolist() for g in groups] == [[0, 1, 2], [3], [4, 5]] and split == [False] * 3
+    big, split = group_sources(np.arange(40.0), np.zeros(40), 1.5, max_sources=16)
     assert sorted(len(g) for g in big) == [10, 10, 10, 10] and np.concatenate(big).size == 40
+    assert split == [True] * 4
 
 
 def test_blend_region_shape_is_a_fixed_multiple_and_covers_the_sources(galaxy_scene=None):
