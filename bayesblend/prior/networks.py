@@ -98,36 +98,43 @@ def _batched(op, x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     return y.reshape(lead + y.shape[-3:])
 
 
-class Conv(nn.Module):
-    """3x3 stride-1 'SAME' convolution; parameters named and initialised as ``flax.linen.Conv``.
+class _Conv3x3(nn.Module):
+    """A 3x3 convolution layer with a ``kernel`` (HWIO) and a ``bias``, initialised as Flax's.
 
-    ``loop_friendly`` selects :func:`conv_same` (fast reverse-mode gradients
-    in loops, no forward-mode) or the plain op (both modes).
+    Subclasses name the operation; Flax names parameters after the subclass
+    (``Conv_0``, ``ConvTranspose_0``...), so trained weights load unchanged.
+    ``loop_friendly`` selects the op with the hand-written input gradient
+    (fast in loops, no forward mode) or the plain one (both modes).
     """
 
     features: int
     loop_friendly: bool = True
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        op = conv_same if self.loop_friendly else _conv_same
-        return _batched(op, x, kernel) + bias
-
-
-class ConvTranspose(nn.Module):
-    """3x3 stride-2 'SAME' transposed convolution; parameters as ``flax.linen.ConvTranspose``."""
-
-    features: int
-    loop_friendly: bool = True
+    @staticmethod
+    def op(loop_friendly: bool):
+        raise NotImplementedError
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        op = conv_up2 if self.loop_friendly else _conv_up2
-        return _batched(op, x, kernel) + bias
+        return _batched(self.op(self.loop_friendly), x, kernel) + bias
+
+
+class Conv(_Conv3x3):
+    """3x3 stride-1 'SAME' convolution (:func:`conv_same`); parameters as ``flax.linen.Conv``."""
+
+    @staticmethod
+    def op(loop_friendly: bool):
+        return conv_same if loop_friendly else _conv_same
+
+
+class ConvTranspose(_Conv3x3):
+    """3x3 stride-2 'SAME' transposed convolution (:func:`conv_up2`); parameters as Flax's."""
+
+    @staticmethod
+    def op(loop_friendly: bool):
+        return conv_up2 if loop_friendly else _conv_up2
 
 
 #: Scale, in units of the sky noise, below which the encoder input is linear.
