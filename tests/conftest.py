@@ -1,4 +1,4 @@
-"""Shared fixtures: a small hand-made layout and the LSST survey."""
+"""Shared fixtures: a small hand-made layout, the LSST survey and the shipped prior."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ from bayesblend.survey import get_survey
 @pytest.fixture(scope="session")
 def lsst():
     return get_survey("lsst")
+
+
+@pytest.fixture(scope="session")
+def prior():
+    """The shipped prior bundle, loaded (and checksummed) once per test session."""
+    import bayesblend
+
+    return bayesblend.load_prior()
 
 
 def make_layout(

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-import bayesblend
 from bayesblend import catalog as cat
 from bayesblend.cli import main
 from bayesblend.errors import BayesblendError
@@ -14,11 +13,6 @@ from bayesblend.scene import Scene
 from bayesblend.simulate.scenes import simulate_blend, simulate_isolated
 
 QUICK = dict(method="map", map_steps=60, num_draws=20)
-
-
-@pytest.fixture(scope="module")
-def prior():
-    return bayesblend.load_prior()
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,12 @@
 import numpy as np
 import pytest
 
-import bayesblend
 from bayesblend import catalog as cat
 from bayesblend.errors import BayesblendError
 from bayesblend.infer import InferenceConfig, deblend, joint_flux
 from bayesblend.simulate.scenes import simulate_blend, simulate_isolated
 
 FAST = dict(num_draws=40, num_warmup=30, num_chains=2, map_steps=150, svi_steps=40, max_tree_depth=4)
-
-
-@pytest.fixture(scope="module")
-def prior():
-    return bayesblend.load_prior()
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,9 @@
 import numpy as np
 import pytest
 
-import bayesblend
 from bayesblend.blends import PAD_SIZES, padded_count, prepare_blend
 from bayesblend.errors import BayesblendError
 from bayesblend.simulate.scenes import simulate_blend
-
-
-@pytest.fixture(scope="module")
-def prior():
-    return bayesblend.load_prior()
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,7 @@
 
 import jax
 import numpy as np
-import pytest
 
-import bayesblend
 from bayesblend.amortised import reconstruct
 from bayesblend.evaluate import adaptive_ellipticity
 from bayesblend.simulate.scenes import simulate_blend, simulate_isolated
@@ -14,11 +12,6 @@ from bayesblend.simulate.scenes import simulate_blend, simulate_isolated
 # amortised linear fit, -0.1 to -0.3 mag). An untrained decoder gives |dmag_r| ~ 0.7.
 ISO_E_TOL, ISO_MAG_TOL = 0.06, 0.08
 BLEND_E_TOL, BLEND_MAG_TOL = 0.08, 0.35
-
-
-@pytest.fixture(scope="module")
-def prior():
-    return bayesblend.load_prior()
 
 
 def test_default_prior_loads_with_its_networks(prior):
