@@ -132,6 +132,7 @@ class Posterior:
         self.traces = traces
         self.magzero = magzero
         self._diagnostics: dict[str, np.ndarray] | None = None
+        self._catalog: Table | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -350,7 +351,15 @@ class Posterior:
         }
 
     def catalog(self) -> Table:
-        """The posterior catalogue (columns of :func:`bayesblend.catalog.columns`)."""
+        """The posterior catalogue (columns of :func:`bayesblend.catalog.columns`), a fresh copy.
+
+        Summarised once; figures and writers that ask again get a copy of it.
+        """
+        if self._catalog is None:
+            self._catalog = self._summarise()
+        return self._catalog.copy()
+
+    def _summarise(self) -> Table:
         if self.n_sources == 0:
             return cat.empty(self.bands, self.meta())
         d = self.draws

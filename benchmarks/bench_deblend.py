@@ -243,10 +243,13 @@ def main() -> None:
     if args.report:
         report(args.n)
         return
-    settings = {}
+    from bayesblend.infer import InferenceConfig
+
+    defaults, settings = InferenceConfig(), {}
     for kv in args.set:
         k, v = kv.split("=")
-        settings[k] = type(getattr(__import__("bayesblend.infer").infer.InferenceConfig(), k))(v)
+        kind = type(getattr(defaults, k))
+        settings[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
     for m in args.methods.split(","):
         run(m, args.n, args.chunk, settings)
 
