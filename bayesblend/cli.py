@@ -171,14 +171,13 @@ def _deblend(args: argparse.Namespace) -> int:
     post.to_netcdf(out / "posterior.nc")
     written = [str(catalog), str(out / "posterior.nc")]
     if not args.no_figures and post.n_blends:
-        from bayesblend.plots import plot_blend
+        from bayesblend.plots import plot_blends
 
-        for i in range(post.n_blends):
-            t = None
-            if truth is not None:
-                scene_idx = int(post.sources["scene"][post.sources["blend_id"] == i][0])
-                t = truth[truth["scene"] == scene_idx] if "scene" in truth.colnames else truth
-            plot_blend(post, i, out / "figures" / f"blend_{i:04d}.png", truth=t)
+        truths = None
+        if truth is not None:
+            by_scene = "scene" in truth.colnames
+            truths = [truth[truth["scene"] == i] if by_scene else truth for i in range(len(scenes))]
+        plot_blends(post, out / "figures", truths)
         written.append(f"{out / 'figures'}/ ({post.n_blends} figures)")
     print(
         f"deblend ({args.method}): {post.n_sources} sources in {post.n_blends} blends "

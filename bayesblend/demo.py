@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bayesblend.io import write_scene, write_table  # noqa: E402
-from bayesblend.plots import draw_scene, plot_blend, save_figure  # noqa: E402
+from bayesblend.plots import draw_scene, plot_blends, save_figure  # noqa: E402
 from bayesblend.simulate.scenes import simulate_blend, stack_truth  # noqa: E402
 
 
@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     dest = out / "deblended"
     post.write_catalog(dest / "catalog.fits")
     post.to_netcdf(dest / "posterior.nc")
-    for i in range(post.n_blends):
-        scene = int(post.sources["scene"][post.sources["blend_id"] == i][0])
-        plot_blend(post, i, dest / "figures" / f"blend_{i:04d}.png", truth=tables[scene])
+    plot_blends(post, dest / "figures", tables)
     cat = post.catalog()
     print(f"demo: {args.method} on {post.n_sources} detected sources in {post.n_blends} blends, {dt:.0f} s")
     print("demo: source  x      y      mag_r (+-)        e1 (+-)        e2 (+-)       r_hat  ess   flags")

@@ -204,6 +204,23 @@ def plot_blend(posterior, blend_id: int, path: str | os.PathLike, truth: Table |
     return save_figure(fig, path)
 
 
+def plot_blends(
+    posterior, directory: str | os.PathLike, truths: Sequence[Table | None] | None = None
+) -> Path:
+    """Write :func:`plot_blend` for every blend as ``directory/blend_NNNN.png``.
+
+    ``truths``, when given, holds one truth table (or None) per scene, in the
+    scene order of the posterior. Returns the directory.
+    """
+    directory = Path(directory)
+    scene_of = np.asarray(posterior.sources["scene"])
+    blend_of = np.asarray(posterior.sources["blend_id"])
+    for i in range(posterior.n_blends):
+        truth = None if truths is None else truths[int(scene_of[blend_of == i][0])]
+        plot_blend(posterior, i, directory / f"blend_{i:04d}.png", truth=truth)
+    return directory
+
+
 def _match_truth(cat: Table, truth: Table | None, radius: float = 2.0) -> np.ndarray | None:
     """Index of the nearest truth source within ``radius`` pixels of each row (-1: none)."""
     if truth is None or len(truth) == 0:
