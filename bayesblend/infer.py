@@ -12,7 +12,7 @@ Every method starts from the one before it:
   The result carries the Laplace approximation around the optimum as its
   draws, with the Gauss-Newton precision ``J^T W J`` plus the prior's, which is
   positive definite everywhere (the exact Hessian at an Adam optimum had
-  negative eigenvalues whose floored directions inflated flux errors tenfold).
+  negative eigenvalues, and flooring them inflated the flux errors).
 - ``svi``: NumPyro SVI with a full-covariance (``AutoMultivariateNormal``) or
   low-rank (``AutoLowRankMultivariateNormal``) guide, started at MAP (the full
   guide with the Laplace covariance).
