@@ -75,6 +75,39 @@ def build_parser() -> argparse.ArgumentParser:
     dbl.add_argument("--no-figures", action="store_true")
     dbl.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    sb = sub.add_parser("shear-bias", help="measure shear bias m, c on sheared, rotated twin simulations")
+    sb.add_argument("--kind", choices=["blends", "isolated"], default="blends")
+    sb.add_argument("--n", type=int, required=True, help="items (each: 10 scenes, same galaxies and noise)")
+    sb.add_argument("--out", required=True, help="run directory (resumable)")
+    sb.add_argument("--method", choices=["amortised", "map", "svi", "nuts"], default="map")
+    sb.add_argument(
+        "--seed", type=int, default=5, help="simulation seed (the test sets use 4; training 1, 3)"
+    )
+    sb.add_argument("--shear", type=float, default=0.02)
+    sb.add_argument("--detect", action="store_true", help="detect sources instead of giving true positions")
+    sb.add_argument("--draws", type=int, default=64, help="posterior draws per source")
+    sb.add_argument("--prior", default=None, help="model bundle name or path (default: lsst-v1)")
+    sb.add_argument("--latent-prior", choices=["flow", "normal"], default=None)
+    sb.add_argument("--max-minutes", type=float, default=None, help="stop after this long (resume later)")
+    sb.add_argument("--report", action="store_true", help="only summarise the items already run")
+    sb.add_argument("--calibrate", action="store_true", help="store R = 1 + m (ensemble) in the model card")
+    sb.add_argument("--calibrated", action="store_true", help="divide by the model card's R")
+    sb.add_argument("--json", default=None, help="write the summary as JSON here")
+    sb.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sh = sub.add_parser("shear", help="the field's shear from a posterior catalogue (or posterior.nc)")
+    sh.add_argument("catalog", metavar="CATALOG.fits", help="posterior catalogue (ensemble estimator)")
+    sh.add_argument("--posterior", default=None, help="posterior.nc: also run the hierarchical estimator")
+    sh.add_argument("--prior", default=None, help="model bundle (default: the catalogue's BUNDLE)")
+    sh.add_argument("--sigma-e", type=float, default=None, help="shape-noise term of the weights")
+    sh.add_argument("--out", default=None, help="write the shear catalogue (FITS) here")
+    sh.add_argument("--seed", type=int, default=0)
+
+    ip = sub.add_parser("interim-prior", help="tabulate a bundle's interim ellipticity prior into its card")
+    ip.add_argument("--prior", default=None, help="model bundle name or path (default: lsst-v1)")
+    ip.add_argument("--n", type=int, default=16384, help="prior draws per latent prior")
+    ip.add_argument("--seed", type=int, default=0)
+
     tr = sub.add_parser("train", help="train the VAE prior or the amortised deblender encoder")
     tr.add_argument("what", choices=["vae", "deblender", "flow"])
     tr.add_argument("--config", required=True, help="TOML config (see configs/)")
@@ -188,6 +221,123 @@ def _deblend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shear_bias(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from bayesblend.prior.bundle import load_bundle
+    from bayesblend.shear import interim_prior_from_card, responsivity_from_card
+    from bayesblend.shear_bias import HarnessConfig, format_summary, run, summarise
+
+    if args.calibrate and args.calibrated:
+        raise BayesblendError("--calibrate measures R; it cannot also divide by it (--calibrated)")
+    bundle = load_bundle(args.prior)
+    latent_prior = bundle.check_latent_prior(args.latent_prior)
+    cfg = HarnessConfig(
+        kind=args.kind,
+        seed=args.seed,
+        shear=args.shear,
+        method=args.method,
+        detect=args.detect,
+        draws=args.draws,
+        latent_prior=latent_prior,
+    )
+    if not args.report:
+        limit = None if args.max_minutes is None else 60.0 * args.max_minutes
+        run(cfg, args.n, args.out, bundle, progress=not args.quiet, time_limit=limit)
+    R = responsivity_from_card(bundle.card, args.method)[0] if args.calibrated else 1.0
+    try:
+        interim = interim_prior_from_card(bundle.card, latent_prior)
+    except BayesblendError as exc:
+        print(f"bayesblend: warning: {exc}; hierarchical estimator skipped", file=sys.stderr)
+        interim = None
+    res = summarise(args.out, responsivity=R, interim=interim)
+    print(format_summary(res))
+    if args.json:
+        from bayesblend.io import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(res, indent=1))
+    if args.calibrate:
+        from bayesblend.shear import store_responsivity
+
+        e = res["estimators"]["ensemble"]
+        command = (
+            "bayesblend " + " ".join(sys.argv[1:])
+            if sys.argv[0].endswith("bayesblend")
+            else str(Path(args.out))
+        )
+        entry = store_responsivity(bundle.path, args.method, e, res, command)
+        print(
+            f"stored R = {entry['R']:.4f} ± {entry['R_err']:.4f} for method {args.method} in {bundle.path / 'card.json'}"
+        )
+    return 0
+
+
+def _shear(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from bayesblend.io import read_table, write_table
+    from bayesblend.prior.bundle import load_bundle
+    from bayesblend.shear import (
+        SIGMA_E,
+        ensemble_shear,
+        hierarchical_shear,
+        interim_prior_from_card,
+        posterior_ellipticities,
+        responsivity_from_card,
+        shear_catalog,
+    )
+
+    catalog = read_table(args.catalog)
+    missing = [c for c in ("e1", "e2", "e1_std", "e2_std", "flags", "blend_id") if c not in catalog.colnames]
+    if missing:
+        raise BayesblendError(
+            f"{args.catalog}: not a bayesblend posterior catalogue (no {', '.join(missing)})"
+        )
+    bundle = load_bundle(args.prior or catalog.meta.get("BUNDLE"))
+    method = str(catalog.meta.get("METHOD", "map")).lower()
+    R, source = responsivity_from_card(bundle.card, method)
+    sigma_e = SIGMA_E if args.sigma_e is None else args.sigma_e
+    shear_cat = shear_catalog(catalog, R, sigma_e, source)
+    est = ensemble_shear(
+        shear_cat["e1"], shear_cat["e2"], shear_cat["weight"], R, groups=np.asarray(catalog["blend_id"])
+    )
+    print(f"{args.catalog}: {est}  [R = {R:.4f}, jackknife over blends]")
+    if args.posterior:
+        e1, e2, attrs = posterior_ellipticities(args.posterior)
+        if e1.shape[0] != len(catalog):
+            raise BayesblendError(f"{args.posterior} has {e1.shape[0]} sources, the catalogue {len(catalog)}")
+        interim = interim_prior_from_card(bundle.card, str(attrs.get("latent_prior", "flow")))
+        ok = np.asarray(shear_cat["weight"]) > 0
+        h = hierarchical_shear(e1[ok], e2[ok], interim, seed=args.seed)
+        print(
+            f"{args.posterior}: {h}  [sigma_e = {h.details['sigma_e']:.3f}, {h.details['n_low_ess']} sources with importance ESS < 5]"
+        )
+    if args.out:
+        write_table(args.out, shear_cat)
+        print(f"  {args.out}")
+    return 0
+
+
+def _interim_prior(args: argparse.Namespace) -> int:
+    from bayesblend.prior.bundle import load_bundle
+    from bayesblend.shear import estimate_interim_prior, store_interim_prior
+
+    bundle = load_bundle(args.prior)
+    priors = ["normal"] + (["flow"] if bundle.flow is not None else [])
+    tables = {lp: estimate_interim_prior(bundle, lp, args.n, args.seed) for lp in priors}
+    command = f"bayesblend interim-prior --n {args.n} --seed {args.seed}"
+    store_interim_prior(bundle.path, tables, command)
+    for lp, t in tables.items():
+        print(
+            f"{lp}: {t.n_draws} valid of {args.n} draws ({t.valid_fraction:.1%}); mean e1 {t.mean_e1:+.4f}, "
+            f"e2 {t.mean_e2:+.4f}"
+        )
+    print(f"stored in {bundle.path / 'card.json'}")
+    return 0
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"bayesblend: warning: {message}", file=sys.stderr if file is None else file)
 
@@ -206,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "shear-bias":
+            return _shear_bias(args)
+        if args.command == "shear":
+            return _shear(args)
+        if args.command == "interim-prior":
+            return _interim_prior(args)
     except BayesblendError as exc:
         print(f"bayesblend: error: {exc}", file=sys.stderr)
         return 2

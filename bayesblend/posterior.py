@@ -60,7 +60,12 @@ def _measure(nets: Networks, w: dict, u: jnp.ndarray, band: int, model_psf_fwhm_
     return jax.lax.map(one, u, batch_size=_CHUNK)
 
 
-def _derive_shapes(nets: Networks, u: np.ndarray, band: int, psf_pixels: float):
+def derive_shapes(nets: Networks, u: np.ndarray, band: int, psf_pixels: float):
+    """Latent codes and the PSF-corrected shape of base draws ``u`` ``(..., latent)``.
+
+    Returns ``z`` ``(..., latent)`` and e1, e2, size (pixels), each ``(...)``,
+    measured in band index ``band`` with the model PSF of FWHM ``psf_pixels``.
+    """
     flat = u.reshape(-1, u.shape[-1])
     n = flat.shape[0]
     size = _CHUNK * int(2 ** np.ceil(np.log2(max(n, _CHUNK) / _CHUNK)))  # few distinct shapes
@@ -185,7 +190,7 @@ class Posterior:
         scale = float(bundle.card["architecture"]["pixel_scale"])
         psf_pixels = float(bundle.card["architecture"]["model_psf_fwhm"]) / scale
         if draws["u"].shape[2]:
-            z, e1, e2, size = _derive_shapes(nets, draws["u"], band, psf_pixels)
+            z, e1, e2, size = derive_shapes(nets, draws["u"], band, psf_pixels)
         else:
             z = draws["u"].copy()
             e1 = e2 = size = np.zeros(draws["u"].shape[:3], np.float32)

@@ -291,6 +291,22 @@ def save_bundle(path: str | Path, card: dict, params: dict[str, Any]) -> Path:
     return path
 
 
+def update_card(path: str | Path, key: str, value: Any) -> dict:
+    """Set ``card[key] = value`` in a bundle's ``card.json`` (atomically); returns the new card.
+
+    For measurements made *with* a bundle (calibrations, tables derived from
+    its networks); the weights and their checksums are left alone.
+    """
+    card_file = Path(path) / "card.json"
+    if not card_file.exists():
+        raise BundleError(f"no model bundle at {path} (no card.json)")
+    card = json.loads(card_file.read_text())
+    card[key] = value
+    with atomic_path(card_file) as tmp:
+        tmp.write_text(json.dumps(card, indent=1, sort_keys=False))
+    return card
+
+
 def load_bundle(name_or_path: str | Path | None = None) -> PriorBundle:
     """Load a bundle by name (under :func:`models_dir`) or path, checking every checksum.
 

@@ -1,0 +1,716 @@
+"""Shear estimators from posterior catalogues and posterior ellipticity samples.
+
+Two estimators of a constant reduced shear ``g = g1 + i g2`` over a field:
+
+**Ensemble** (:func:`ensemble_shear`). The weighted mean of the catalogue's
+shear-type ellipticities divided by a responsivity ``R``. For unbiased shapes
+the mean of shear-type ellipticities estimates ``g`` directly (Seitz & Schneider
+1997), so ``R = 1``; posterior summaries are shrunk towards round by the prior
+and by noise, so ``R < 1`` and it is measured on simulations of the same model
+and method (``bayesblend shear-bias --calibrate``) and stored in the model
+card. Weights ``1 / (sigma_e^2 + sigma_i^2)`` use each source's posterior
+ellipticity variance. Errors are delete-one-block jackknife over groups
+(blends by default: neighbours share pixels, so their errors are correlated).
+
+**Hierarchical** (:func:`hierarchical_shear`, Schneider et al. 2015,
+arXiv:1411.2608). Each source's posterior draws ``e_ij`` were made under an
+interim prior ``pi(e)``: the push-forward of the latent prior through the
+decoder and the moments (:func:`estimate_interim_prior`, stored with the
+bundle). The likelihood of the population parameters is
+
+    L(g, s) = prod_i (1/n_i) sum_j p(e_ij | g, s) / pi(e_ij),
+
+with ``p(e | g, s) = p_s(e_s | s) |d e_s / d e|``, ``e_s = (e - g) / (1 - conj(g) e)``
+the unlensed ellipticity and ``p_s`` the intrinsic distribution of Bernstein &
+Armstrong (2014), ``p_s(e) ∝ (1 - |e|^2)^2 exp(-|e|^2 / 2 s^2)`` on the unit disc
+(the simulator's population follows the same family). NUTS runs over
+``(g1, g2, s)``; the per-source importance-weight effective sample size tells
+where the posterior draws do not cover the population model.
+
+Everything here works on arrays and tables: it knows nothing of scenes or
+networks except through :class:`InterimPrior`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from astropy.table import Table
+
+from bayesblend.catalog import ELLIPTICITY_CONVENTION, FLAGS
+from bayesblend.errors import BayesblendError
+
+#: Per-component intrinsic shape dispersion of the ensemble weights (LSST-like, = the simulator's).
+SIGMA_E = 0.26
+#: Catalogue flags that exclude a source from shear estimates.
+EXCLUDE_FLAGS = FLAGS["EDGE"] | FLAGS["MASKED_CENTRE"]
+#: Shear flag bit (in the shear catalogue's ``flags``): few effective importance samples.
+LOW_IS_ESS = 1 << 12
+#: Importance-weight ESS below which a source is flagged LOW_IS_ESS.
+IS_ESS_MIN = 5.0
+#: Largest |g| and the range of the intrinsic scale ``s`` the hierarchical model allows.
+G_MAX = 0.2
+S_RANGE = (0.02, 1.0)
+_QUAD = 256  # quadrature nodes of the intrinsic distribution's normalisation
+
+
+# ----------------------------------------------------------------------------- lensing algebra
+def lens(e: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
+    """Lensed shear-type ellipticity ``(e + g) / (1 + conj(g) e)`` (complex arrays)."""
+    return (e + g) / (1.0 + jnp.conj(g) * e)
+
+
+def unlens(e: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
+    """Intrinsic ellipticity ``(e - g) / (1 - conj(g) e)`` of an observed one (inverse of :func:`lens`)."""
+    return (e - g) / (1.0 - jnp.conj(g) * e)
+
+
+def unlens_log_jacobian(e: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
+    """``log |det d e_s / d e|`` of :func:`unlens` as a map of the plane (e1, e2) -> (e_s1, e_s2).
+
+    The map is holomorphic, so the determinant is ``|f'(e)|^2`` with
+    ``f'(e) = (1 - |g|^2) / (1 - conj(g) e)^2``.
+    """
+    return 2.0 * jnp.log1p(-(jnp.abs(g) ** 2)) - 4.0 * jnp.log(jnp.abs(1.0 - jnp.conj(g) * e))
+
+
+# ----------------------------------------------------------------------------- intrinsic model
+def _log_norm(s: jnp.ndarray) -> jnp.ndarray:
+    """log of 2 pi int_0^1 r (1 - r^2)^2 exp(-r^2 / 2 s^2) dr (midpoint rule, exact enough at 256 nodes)."""
+    r = (jnp.arange(_QUAD, dtype=jnp.float32) + 0.5) / _QUAD
+    f = r * (1.0 - r**2) ** 2 * jnp.exp(-(r**2) / (2.0 * s**2))
+    return jnp.log(2.0 * jnp.pi * jnp.sum(f) / _QUAD)
+
+
+def intrinsic_log_density(e: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
+    """Log density per unit (e1, e2) area of the intrinsic distribution at complex ``e``.
+
+    Bernstein & Armstrong (2014): ``∝ (1 - |e|^2)^2 exp(-|e|^2 / 2 s^2)`` for ``|e| < 1``.
+    """
+    r2 = jnp.abs(e) ** 2
+    inside = r2 < 1.0
+    val = 2.0 * jnp.log(jnp.clip(1.0 - r2, 1e-12, None)) - r2 / (2.0 * s**2) - _log_norm(s)
+    return jnp.where(inside, val, -jnp.inf)
+
+
+def sheared_log_density(e: jnp.ndarray, g: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
+    """Log density of observed ellipticity ``e`` for shear ``g`` and intrinsic scale ``s``."""
+    return intrinsic_log_density(unlens(e, g), s) + unlens_log_jacobian(e, g)
+
+
+def component_sigma(s: float) -> float:
+    """Per-component dispersion of the intrinsic distribution of scale ``s``."""
+    r = (np.arange(4096) + 0.5) / 4096
+    p = r * (1 - r**2) ** 2 * np.exp(-(r**2) / (2 * s**2))
+    return float(np.sqrt(np.sum(p * r**2) / np.sum(p) / 2.0))
+
+
+# ----------------------------------------------------------------------------- interim prior
+@dataclass(frozen=True)
+class InterimPrior:
+    """Density ``pi(e)`` of shear-type ellipticity implied by a bundle's latent prior.
+
+    A Gaussian kernel density estimate of prior draws, tabulated on a square
+    grid over ``[-1, 1]^2`` in ``(e1, e2)`` and evaluated by bilinear
+    interpolation of its log. Two-dimensional on purpose: the push-forward
+    need not be isotropic (the shipped flow prior favours +e2 for sources
+    smaller than the model PSF), and the hierarchical estimator removes
+    exactly the pull the interim prior puts on the draws.
+
+    Attributes
+    ----------
+    nodes : numpy.ndarray
+        Grid nodes along each axis.
+    log_density : numpy.ndarray
+        ``(e2 node, e1 node)`` log density per unit (e1, e2) area.
+    latent_prior : str
+        ``"flow"`` or ``"normal"``.
+    n_draws : int
+        Valid prior draws it was estimated from.
+    bandwidth : float
+        Kernel width (per component).
+    mean_e1, mean_e2 : float
+        Mean of the valid draws (isotropy would make both ~0).
+    band : str
+        Band of the shapes.
+    valid_fraction : float
+        Fraction of prior draws with a valid shape.
+    """
+
+    nodes: np.ndarray
+    log_density: np.ndarray
+    latent_prior: str
+    n_draws: int
+    bandwidth: float = 0.03
+    mean_e1: float = 0.0
+    mean_e2: float = 0.0
+    band: str = "r"
+    valid_fraction: float = 1.0
+
+    def log_prob(self, e: jnp.ndarray) -> jnp.ndarray:
+        """``log pi(e)`` at complex ellipticities ``e`` (any shape)."""
+        nodes = np.asarray(self.nodes)
+        step = float(nodes[1] - nodes[0])
+        i = (jnp.imag(e) - nodes[0]) / step
+        j = (jnp.real(e) - nodes[0]) / step
+        table = jnp.asarray(self.log_density, jnp.float32)
+        return jax.scipy.ndimage.map_coordinates(table, [i, j], order=1, mode="nearest")
+
+    def to_dict(self) -> dict:
+        return {
+            "nodes": [round(float(x), 6) for x in self.nodes],
+            "log_density": [[round(float(x), 4) for x in row] for row in self.log_density],
+            "latent_prior": self.latent_prior,
+            "n_draws": int(self.n_draws),
+            "bandwidth": float(self.bandwidth),
+            "mean_e1": float(self.mean_e1),
+            "mean_e2": float(self.mean_e2),
+            "band": self.band,
+            "valid_fraction": float(self.valid_fraction),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> InterimPrior:
+        return cls(
+            nodes=np.asarray(d["nodes"], float),
+            log_density=np.asarray(d["log_density"], float),
+            latent_prior=str(d["latent_prior"]),
+            n_draws=int(d["n_draws"]),
+            bandwidth=float(d.get("bandwidth", 0.03)),
+            mean_e1=float(d.get("mean_e1", 0.0)),
+            mean_e2=float(d.get("mean_e2", 0.0)),
+            band=str(d.get("band", "r")),
+            valid_fraction=float(d.get("valid_fraction", 1.0)),
+        )
+
+
+def interim_from_draws(
+    e1: np.ndarray,
+    e2: np.ndarray,
+    latent_prior: str,
+    n_nodes: int = 41,
+    bandwidth: float = 0.03,
+    band: str = "r",
+) -> InterimPrior:
+    """Tabulate ``pi(e)`` from prior draws of ``(e1, e2)`` (Gaussian kernel density estimate).
+
+    Draws without a valid shape (NaN, or ``|e| >= 1`` where the PSF-corrected
+    moments of a source smaller than the model PSF break down) are dropped; the
+    table is the prior conditional on a valid shape, the same condition the
+    hierarchical estimator puts on posterior draws (a per-source constant in
+    the likelihood). The density is floored at half a draw's kernel mass so
+    that no posterior draw lands on zero prior density.
+    """
+    e1 = np.asarray(e1, float).ravel()
+    e2 = np.asarray(e2, float).ravel()
+    ok = np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1.0)
+    if ok.sum() < 100:
+        raise BayesblendError(f"the interim prior needs at least 100 valid draws, got {int(ok.sum())}")
+    x, y = e1[ok], e2[ok]
+    nodes = np.linspace(-1.0, 1.0, n_nodes)
+    kx = np.exp(-0.5 * ((nodes[:, None] - x[None]) / bandwidth) ** 2)  # (node, draw)
+    ky = np.exp(-0.5 * ((nodes[:, None] - y[None]) / bandwidth) ** 2)
+    dens = ky @ kx.T / (x.size * 2 * np.pi * bandwidth**2)  # (e2 node, e1 node)
+    floor = 0.5 / (x.size * 2 * np.pi * bandwidth**2)
+    return InterimPrior(
+        nodes=nodes,
+        log_density=np.log(np.maximum(dens, floor)),
+        latent_prior=latent_prior,
+        n_draws=int(x.size),
+        bandwidth=bandwidth,
+        mean_e1=float(x.mean()),
+        mean_e2=float(y.mean()),
+        band=band,
+        valid_fraction=float(ok.mean()),
+    )
+
+
+def estimate_interim_prior(bundle, latent_prior: str, n_draws: int = 16384, seed: int = 0) -> InterimPrior:
+    """Push the latent prior through the decoder and the moments: ``pi(e)`` of ``bundle``.
+
+    Parameters
+    ----------
+    bundle : PriorBundle
+    latent_prior : {"flow", "normal"}
+    n_draws : int
+        Prior draws (the table's precision; 16384 take about a minute on 2 CPU cores).
+    seed : int
+    """
+    from bayesblend.posterior import derive_shapes, shape_band
+    from bayesblend.prior.bundle import Networks
+
+    latent_prior = bundle.check_latent_prior(latent_prior)
+    nets = Networks(bundle, latent_prior)
+    u = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (n_draws, bundle.latent_dim)), np.float32)
+    band = shape_band(bundle.bands)
+    arch = bundle.card["architecture"]
+    psf_pixels = float(arch["model_psf_fwhm"]) / float(arch["pixel_scale"])
+    _, e1, e2, _ = derive_shapes(nets, u, bundle.bands.index(band), psf_pixels)
+    return interim_from_draws(e1, e2, latent_prior, band=band)
+
+
+# ----------------------------------------------------------------------------- shear catalogue
+def shape_weight(e1_std: np.ndarray, e2_std: np.ndarray, sigma_e: float = SIGMA_E) -> np.ndarray:
+    """Inverse-variance weight ``1 / (sigma_e^2 + (std_e1^2 + std_e2^2) / 2)``."""
+    var = 0.5 * (np.asarray(e1_std, float) ** 2 + np.asarray(e2_std, float) ** 2)
+    return 1.0 / (sigma_e**2 + np.where(np.isfinite(var), var, np.inf))
+
+
+def usable(catalog: Table) -> np.ndarray:
+    """Sources a shear estimate may use: finite e1, e2 and no EDGE or MASKED_CENTRE flag."""
+    e1 = np.asarray(catalog["e1"], float)
+    e2 = np.asarray(catalog["e2"], float)
+    flags = np.asarray(catalog["flags"], np.int64)
+    return np.isfinite(e1) & np.isfinite(e2) & ((flags & EXCLUDE_FLAGS) == 0)
+
+
+def responsivity_from_card(card: dict, method: str) -> tuple[float, str]:
+    """The shear responsivity of ``method`` stored in a model card, and where it came from.
+
+    Returns ``(1.0, "none")`` with a warning when the card holds none for that method.
+    """
+    entry = card.get("shear_responsivity", {}).get(method)
+    if entry is None:
+        warnings.warn(
+            f"model card has no shear responsivity for method {method!r}: using R = 1 (uncalibrated)",
+            stacklevel=2,
+        )
+        return 1.0, "none"
+    return float(entry["R"]), str(entry.get("command", "model card"))
+
+
+def shear_catalog(
+    catalog: Table, responsivity: float = 1.0, sigma_e: float = SIGMA_E, source: str = "none"
+) -> Table:
+    """The weak-lensing catalogue of a posterior catalogue.
+
+    Columns ``id, blend_id, ra, dec, x, y, e1, e2, e1_std, e2_std, weight,
+    responsivity, flags``; unusable sources (:func:`usable`) get weight 0.
+    The header carries the ellipticity convention, the sign of e2 and where
+    the responsivity came from.
+    """
+    ok = usable(catalog)
+    out = Table()
+    for c in ("id", "blend_id", "ra", "dec", "x", "y", "e1", "e2", "e1_std", "e2_std"):
+        out[c] = catalog[c]
+    w = np.where(ok, shape_weight(catalog["e1_std"], catalog["e2_std"], sigma_e), 0.0)
+    out["weight"] = w
+    out["weight"].description = f"1/(sigma_e^2 + posterior e variance), sigma_e = {sigma_e}; 0 if unusable"
+    out["responsivity"] = np.full(len(catalog), float(responsivity))
+    out["responsivity"].description = "shear responsivity R: <e> = R g (measured on simulations)"
+    out["flags"] = catalog["flags"]
+    out.meta.update(
+        {k: v for k, v in catalog.meta.items() if k in ("BUNDLE", "METHOD", "LATPRIOR", "SHAPEBND")}
+    )
+    out.meta.update(
+        {
+            "ELLCONV": ELLIPTICITY_CONVENTION,
+            "E2SIGN": "+e2 along +45 deg counter-clockwise from +x",
+            "SIGMA_E": float(sigma_e),
+            "RESPSRC": source,
+            "ESTIMATR": "g = sum(w e) / (R sum(w))",
+        }
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- ensemble
+@dataclass
+class ShearEstimate:
+    """A field's shear with its errors.
+
+    Attributes
+    ----------
+    g1, g2, g1_err, g2_err : float
+    n : int
+        Sources used.
+    estimator : str
+    details : dict
+        Estimator-specific extras (responsivity, sigma_e, ESS...).
+    """
+
+    g1: float
+    g2: float
+    g1_err: float
+    g2_err: float
+    n: int
+    estimator: str
+    details: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return (
+            f"g1 = {self.g1:+.5f} ± {self.g1_err:.5f}   g2 = {self.g2:+.5f} ± {self.g2_err:.5f}   "
+            f"({self.estimator}, {self.n} sources)"
+        )
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def jackknife_blocks(groups: np.ndarray, n_blocks: int = 100) -> np.ndarray:
+    """Block index of each row: whole groups go to one block, at most ``n_blocks`` blocks."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    k = min(n_blocks, int(inverse.max()) + 1) if inverse.size else 1
+    return inverse % k
+
+
+def jackknife(values: np.ndarray, replicates: np.ndarray) -> np.ndarray:
+    """Delete-one-block jackknife standard error from the ``(block, ...)`` leave-one-out ``replicates``."""
+    k = replicates.shape[0]
+    if k < 2:
+        return np.full(np.shape(values), np.nan)
+    mean = replicates.mean(axis=0)
+    return np.sqrt((k - 1) / k * np.sum((replicates - mean) ** 2, axis=0))
+
+
+def weighted_mean_replicates(
+    x: np.ndarray, w: np.ndarray, blocks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean of ``x`` ``(n, ...)`` over rows and its leave-one-block-out replicates ``(block, ...)``."""
+    x = np.asarray(x, float)
+    w = np.asarray(w, float)
+    wx = w.reshape(w.shape + (1,) * (x.ndim - 1)) * x
+    k = int(blocks.max()) + 1 if blocks.size else 1
+    sum_wx = np.zeros((k,) + x.shape[1:])
+    sum_w = np.zeros(k)
+    np.add.at(sum_wx, blocks, wx)
+    np.add.at(sum_w, blocks, w)
+    full = sum_wx.sum(0) / sum_w.sum()
+    rest_w = (sum_w.sum() - sum_w).reshape((k,) + (1,) * (x.ndim - 1))
+    reps = (sum_wx.sum(0) - sum_wx) / rest_w
+    return full, reps
+
+
+def ensemble_shear(
+    e1: np.ndarray,
+    e2: np.ndarray,
+    weight: np.ndarray | None = None,
+    responsivity: float = 1.0,
+    groups: np.ndarray | None = None,
+    n_blocks: int = 100,
+) -> ShearEstimate:
+    """``g = sum(w e) / (R sum(w))`` with delete-one-block jackknife errors.
+
+    Parameters
+    ----------
+    e1, e2 : array
+        Shear-type ellipticities (dimensionless); non-finite rows are skipped.
+    weight : array, optional
+        Per-source weights (default 1); rows of weight 0 are skipped.
+    responsivity : float
+        ``R`` of ``<e> = R g``.
+    groups : array, optional
+        Group label per source (e.g. blend id); a group is never split across
+        jackknife blocks. Default: each source its own group.
+    n_blocks : int
+        Jackknife blocks.
+    """
+    e = np.stack([np.asarray(e1, float), np.asarray(e2, float)], axis=1)
+    w = np.ones(len(e)) if weight is None else np.asarray(weight, float)
+    if not np.isfinite(responsivity) or responsivity <= 0:
+        raise BayesblendError(f"responsivity must be a positive number, got {responsivity}")
+    ok = np.all(np.isfinite(e), axis=1) & np.isfinite(w) & (w > 0)
+    if ok.sum() < 2:
+        raise BayesblendError(f"a shear estimate needs at least 2 usable sources, got {int(ok.sum())}")
+    groups = np.arange(len(e)) if groups is None else np.asarray(groups)
+    blocks = jackknife_blocks(groups[ok], n_blocks)
+    full, reps = weighted_mean_replicates(e[ok], w[ok], blocks)
+    err = jackknife(full, reps)
+    g = full / responsivity
+    err = err / responsivity
+    return ShearEstimate(
+        g1=float(g[0]),
+        g2=float(g[1]),
+        g1_err=float(err[0]),
+        g2_err=float(err[1]),
+        n=int(ok.sum()),
+        estimator="ensemble",
+        details={"responsivity": float(responsivity), "n_blocks": int(blocks.max()) + 1},
+    )
+
+
+# ----------------------------------------------------------------------------- hierarchical
+def _log_like_terms(params, e, log_interim, valid):
+    """Per-source log of the mean importance weight, and the log weights ``(source, draw)``."""
+    g = params[0] + 1j * params[1]
+    logw = sheared_log_density(e, g, params[2]) - log_interim
+    logw = jnp.where(valid, logw, -jnp.inf)
+    n = jnp.maximum(jnp.sum(valid, axis=1), 1)
+    per_source = jax.nn.logsumexp(logw, axis=1) - jnp.log(n)
+    return jnp.where(jnp.any(valid, axis=1), per_source, 0.0), logw
+
+
+def hierarchical_log_likelihood(
+    params: jnp.ndarray,
+    e: jnp.ndarray,
+    log_interim: jnp.ndarray,
+    valid: jnp.ndarray,
+    source_weight: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """``sum_i w_i log( mean_j p(e_ij | g, s) / pi(e_ij) )`` for ``params = (g1, g2, s)``.
+
+    ``e`` is complex ``(source, draw)``; ``valid`` marks real draws;
+    ``source_weight`` (default 1) lets the jackknife drop sources.
+    """
+    per_source, _ = _log_like_terms(params, e, log_interim, valid)
+    if source_weight is not None:
+        per_source = per_source * source_weight
+    return jnp.sum(per_source)
+
+
+def importance_ess(params, e, log_interim, valid) -> jnp.ndarray:
+    """Effective sample size of each source's importance weights at ``params``."""
+    _, logw = _log_like_terms(jnp.asarray(params), e, log_interim, valid)
+    w = jnp.exp(logw - jnp.max(logw, axis=1, keepdims=True))
+    w = jnp.where(valid, w, 0.0)
+    return jnp.sum(w, axis=1) ** 2 / jnp.maximum(jnp.sum(w**2, axis=1), 1e-30)
+
+
+def _prepare_samples(e1: np.ndarray, e2: np.ndarray, interim: InterimPrior):
+    e1 = np.asarray(e1, np.float32)
+    e2 = np.asarray(e2, np.float32)
+    if e1.ndim != 2 or e1.shape != e2.shape:
+        raise BayesblendError(
+            f"ellipticity samples must be (source, draw) arrays of one shape, got {e1.shape}, {e2.shape}"
+        )
+    valid = np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1.0)
+    e = jnp.asarray(np.where(valid, e1, 0.0) + 1j * np.where(valid, e2, 0.0), jnp.complex64)
+    return e, interim.log_prob(e), jnp.asarray(valid)
+
+
+def _unconstrain(p):
+    """(g1, g2, s) -> unbounded coordinates (the optimiser's)."""
+    g = p[:2] / G_MAX
+    s01 = (p[2] - S_RANGE[0]) / (S_RANGE[1] - S_RANGE[0])
+    return jnp.concatenate([jnp.arctanh(g), jnp.log(s01 / (1 - s01))[None]])
+
+
+def _constrain(q):
+    g = G_MAX * jnp.tanh(q[:2])
+    s = S_RANGE[0] + (S_RANGE[1] - S_RANGE[0]) * jax.nn.sigmoid(q[2])
+    return jnp.concatenate([g, s[None]])
+
+
+@jax.jit
+def _mode(e, log_interim, valid, source_weight, start):
+    """Maximum-likelihood ``(g1, g2, s)`` by Newton steps in unconstrained coordinates."""
+
+    def nll(q):
+        return -hierarchical_log_likelihood(_constrain(q), e, log_interim, valid, source_weight)
+
+    def step(q, _):
+        grad = jax.grad(nll)(q)
+        hess = jax.hessian(nll)(q)
+        hess = hess + 1e-3 * jnp.eye(3) * (1.0 + jnp.abs(jnp.diag(hess)))
+        dq = jnp.linalg.solve(hess, grad)
+        dq = jnp.clip(dq, -0.5, 0.5)
+        return q - dq, None
+
+    q, _ = jax.lax.scan(step, _unconstrain(start), None, length=30)
+    return _constrain(q)
+
+
+def hierarchical_mode(
+    e1: np.ndarray,
+    e2: np.ndarray,
+    interim: InterimPrior,
+    source_weight: np.ndarray | None = None,
+    start: Sequence[float] = (0.0, 0.0, 0.25),
+) -> np.ndarray:
+    """Maximum-likelihood ``(g1, g2, s)`` of the hierarchical model.
+
+    ``source_weight`` may have leading axes ``(..., source)``: one fit per row
+    (vmapped; the jackknife uses it).
+    """
+    e, logi, valid = _prepare_samples(e1, e2, interim)
+    n = e.shape[0]
+    sw = jnp.ones(n) if source_weight is None else jnp.asarray(source_weight, jnp.float32)
+    start = jnp.asarray(start, jnp.float32)
+    if sw.ndim == 1:
+        return np.asarray(_mode(e, logi, valid, sw, start))
+    flat = sw.reshape(-1, n)
+    fits = jax.vmap(lambda w: _mode(e, logi, valid, w, start))(flat)
+    return np.asarray(fits).reshape(sw.shape[:-1] + (3,))
+
+
+def hierarchical_shear(
+    e1: np.ndarray,
+    e2: np.ndarray,
+    interim: InterimPrior,
+    num_warmup: int = 300,
+    num_samples: int = 500,
+    num_chains: int = 2,
+    seed: int = 0,
+) -> ShearEstimate:
+    """Posterior of ``(g1, g2, s)`` by NUTS from posterior ellipticity draws made under ``interim``.
+
+    Parameters
+    ----------
+    e1, e2 : array ``(source, draw)``
+        Each source's posterior draws (NaN where a draw failed).
+    interim : InterimPrior
+        The interim prior of the model that made the draws.
+    num_warmup, num_samples, num_chains, seed
+        NUTS settings (chains vectorised).
+
+    Returns
+    -------
+    ShearEstimate
+        Posterior means and standard deviations of g1, g2; ``details`` has the
+        intrinsic scale ``s`` and ``sigma_e`` (per component), r-hat, the
+        per-source importance ESS and the number of sources below
+        :data:`IS_ESS_MIN`.
+    """
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import MCMC, NUTS
+
+    e, logi, valid = _prepare_samples(e1, e2, interim)
+    has = np.asarray(jnp.any(valid, axis=1))
+    if has.sum() < 2:
+        raise BayesblendError(
+            f"the hierarchical estimate needs at least 2 sources with draws, got {int(has.sum())}"
+        )
+
+    def model():
+        g1 = numpyro.sample("g1", dist.Uniform(-G_MAX, G_MAX))
+        g2 = numpyro.sample("g2", dist.Uniform(-G_MAX, G_MAX))
+        s = numpyro.sample("s", dist.Uniform(*S_RANGE))
+        numpyro.factor("loglike", hierarchical_log_likelihood(jnp.stack([g1, g2, s]), e, logi, valid))
+
+    start = hierarchical_mode(e1, e2, interim)
+    init = {
+        "g1": jnp.full(num_chains, start[0]),
+        "g2": jnp.full(num_chains, start[1]),
+        "s": jnp.full(num_chains, start[2]),
+    }
+    mcmc = MCMC(
+        NUTS(model),
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method="vectorized",
+        progress_bar=False,
+    )
+    mcmc.run(jax.random.PRNGKey(seed), init_params=init)
+    s = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
+    from numpyro.diagnostics import split_gelman_rubin
+
+    r_hat = {k: float(split_gelman_rubin(v)) for k, v in s.items()}
+    post_mean = np.array([s["g1"].mean(), s["g2"].mean(), s["s"].mean()])
+    ess = np.asarray(importance_ess(jnp.asarray(post_mean, jnp.float32), e, logi, valid))
+    ess = np.where(has, ess, 0.0)
+    return ShearEstimate(
+        g1=float(post_mean[0]),
+        g2=float(post_mean[1]),
+        g1_err=float(s["g1"].std()),
+        g2_err=float(s["g2"].std()),
+        n=int(has.sum()),
+        estimator="hierarchical",
+        details={
+            "s": float(post_mean[2]),
+            "sigma_e": component_sigma(float(post_mean[2])),
+            "r_hat": r_hat,
+            "importance_ess": ess,
+            "n_low_ess": int(np.sum(has & (ess < IS_ESS_MIN))),
+            "mode": [float(x) for x in start],
+            "samples": {k: v.reshape(-1) for k, v in s.items()},
+        },
+    )
+
+
+# ----------------------------------------------------------------------------- posterior samples on disk
+def posterior_ellipticities(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(e1, e2)`` draws ``(source, draw)`` and the attributes of a ``posterior.nc``."""
+    import xarray as xr
+
+    path = Path(path)
+    if not path.exists():
+        raise BayesblendError(f"{path}: no such posterior file")
+    try:
+        ds = xr.open_dataset(path, group="posterior", engine="h5netcdf")
+    except (OSError, ValueError) as exc:
+        raise BayesblendError(
+            f"{path}: not a bayesblend posterior netCDF ({exc.__class__.__name__})"
+        ) from None
+    with ds:
+        if "e1" not in ds or "e2" not in ds:
+            raise BayesblendError(f"{path}: posterior has no e1/e2 draws")
+
+        def flat(v):
+            a = np.asarray(ds[v].transpose("source", "chain", "draw").values, np.float32)
+            return a.reshape(a.shape[0], -1)
+
+        return flat("e1"), flat("e2"), dict(ds.attrs)
+
+
+def interim_prior_from_card(card: dict, latent_prior: str) -> InterimPrior:
+    """The interim ellipticity prior stored in a model card for ``latent_prior``."""
+    entry = card.get("interim_ellipticity_prior", {}).get(latent_prior)
+    if entry is None:
+        raise BayesblendError(
+            f"model card {card.get('name', '?')!r} has no interim ellipticity prior for the "
+            f"{latent_prior!r} latent prior (make it with `bayesblend interim-prior`)"
+        )
+    return InterimPrior.from_dict(entry)
+
+
+def store_interim_prior(bundle_path: str | Path, tables: dict[str, InterimPrior], command: str) -> None:
+    """Write interim priors (per latent prior) into a bundle's card."""
+    from bayesblend.prior.bundle import update_card
+
+    value = {lp: t.to_dict() | {"command": command} for lp, t in tables.items()}
+    update_card(bundle_path, "interim_ellipticity_prior", value)
+
+
+def store_responsivity(
+    bundle_path: str | Path, method: str, ensemble: dict, summary: dict, command: str
+) -> dict:
+    """Store ``R = 1 + m`` of the ensemble estimator for ``method`` in a bundle's card; returns the entry.
+
+    ``ensemble`` is the harness's uncalibrated ensemble result (m1, m2 and
+    errors), ``summary`` the whole harness summary (its configuration and N).
+    """
+    from bayesblend.prior.bundle import update_card
+
+    card = json.loads((Path(bundle_path) / "card.json").read_text())
+    entry = {
+        "R": 1.0 + ensemble["m"],
+        "R_err": ensemble["m_err"],
+        "R11": 1.0 + ensemble["m1"],
+        "R22": 1.0 + ensemble["m2"],
+        "R11_err": ensemble["m1_err"],
+        "R22_err": ensemble["m2_err"],
+        "kind": summary["config"]["kind"],
+        "detect": summary["config"]["detect"],
+        "seed": summary["config"]["seed"],
+        "n_items": summary["n_items"],
+        "n_galaxies": summary["n_used"],
+        "command": command,
+    }
+    table = dict(card.get("shear_responsivity", {}))
+    table[method] = entry
+    update_card(bundle_path, "shear_responsivity", table)
+    return entry
+
+
+def estimate_to_json(est: ShearEstimate) -> str:
+    """JSON of an estimate (arrays as lists, samples left out)."""
+
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if k != "samples"}
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+        if isinstance(v, np.generic):
+            return v.item()
+        return v
+
+    return json.dumps(clean(est.to_dict()), indent=1)

@@ -1,0 +1,432 @@
+"""The shear-bias harness: the paper's procedure (Arcelin et al. 2021, sect. 4.3) on our simulations.
+
+Each *item* is one set of galaxies and one noise realisation rendered ten times
+(:func:`bayesblend.simulate.scenes.shear_twins`): shears ``(0, 0)``,
+``(+-g, 0)``, ``(0, +-g)``, each also rotated by 90 degrees so that intrinsic
+shapes cancel in pairs. All ten scenes go through the full pipeline
+(detection on or off, :func:`bayesblend.infer.deblend`), and every true galaxy
+is matched to its fitted source in each variant. Per variant and estimator, a
+shear ``g_hat`` is estimated from the galaxies kept in *all* ten variants;
+then, component by component,
+
+    m_i = (g_hat_i(+g) - g_hat_i(-g)) / (2 g) - 1,      c_i = g_hat_i(0, 0)
+
+(eq. 9 of the paper; rotations pooled), with delete-one-block jackknife errors
+over items. The same is done on the true lensed ellipticities (checks the
+harness: m = 0 up to O(g^2)), on the noiseless targets' model-frame
+morphology measured with the same moments (the shape estimator's own bias)
+and on the deblended targets alone, and the multiplicative ellipticity bias
+``alpha`` of eq. 8 is the slope of deblended against noiseless-target
+ellipticity at zero shear, minus one.
+
+Items are written one file each (``items/item_NNNNN.npz``, atomically), so a
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from bayesblend.errors import BayesblendError
+from bayesblend.io import atomic_path
+from bayesblend.shear import (
+    InterimPrior,
+    hierarchical_mode,
+    jackknife,
+    jackknife_blocks,
+    shape_weight,
+    weighted_mean_replicates,
+)
+from bayesblend.simulate.scenes import SHEAR_DESIGN
+
+N_VARIANTS = 2 * len(SHEAR_DESIGN)  # (not rotated, rotated) x shears, the order of shear_twins
+ESTIMATORS = ("truth", "noiseless", "ensemble", "ensemble_targets", "hierarchical")
+
+
+@dataclass(frozen=True)
+class HarnessConfig:
+    """What the harness simulates and how it deblends.
+
+    Attributes
+    ----------
+    kind : {"blends", "isolated"}
+    seed : int
+        Simulation seed (items are ``0 .. n-1`` of it).
+    shear : float
+        Applied shear amplitude ``g``.
+    method : str
+        Inference method.
+    detect : bool
+        Detect sources (True) or give the true positions (False).
+    max_shift, psf_jitter : float
+        Simulation options (as the training and test sets).
+    draws : int
+        Posterior draws per source (MAP/SVI/amortised: draws; NUTS: per chain).
+    match_radius : float
+        Pixels within which a fitted source is matched to a true galaxy.
+    latent_prior : str or None
+    settings : dict
+        Other :class:`bayesblend.infer.InferenceConfig` fields.
+    """
+
+    kind: str = "blends"
+    seed: int = 5
+    shear: float = 0.02
+    method: str = "map"
+    detect: bool = False
+    max_shift: float = 0.5
+    psf_jitter: float = 0.05
+    draws: int = 64
+    match_radius: float = 2.0
+    latent_prior: str | None = None
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("blends", "isolated"):
+            raise BayesblendError(f"shear-bias runs on 'blends' or 'isolated', not {self.kind!r}")
+        if not 0 < self.shear < 0.2:
+            raise BayesblendError(f"shear amplitude must be in (0, 0.2), got {self.shear}")
+
+    def key(self) -> dict:
+        return asdict(self)
+
+
+def _match(x_true, y_true, x_fit, y_fit, radius):
+    """Index of the nearest fitted source of each true galaxy (-1 beyond ``radius``; one-to-one)."""
+    out = np.full(len(x_true), -1)
+    if len(x_fit) == 0:
+        return out
+    d = np.hypot(x_true[:, None] - x_fit[None], y_true[:, None] - y_fit[None])
+    taken = np.zeros(len(x_fit), bool)
+    for i in np.argsort(d.min(axis=1)):  # closest pairs first
+        cand = np.where(taken, np.inf, d[i])
+        j = int(np.argmin(cand))
+        if cand[j] <= radius:
+            out[i] = j
+            taken[j] = True
+    return out
+
+
+def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
+    """Simulate, deblend and match one item's ten variants; arrays ``(variant, galaxy, ...)``."""
+    from bayesblend.infer import deblend
+    from bayesblend.measure import batched_morphology_shape
+    from bayesblend.posterior import shape_band
+    from bayesblend.simulate.scenes import shear_twins
+
+    twins = shear_twins(
+        cfg.kind, cfg.seed, item, cfg.shear, max_shift=cfg.max_shift, psf_jitter=cfg.psf_jitter
+    )
+    sources = None if cfg.detect else [np.c_[t.truth["x"], t.truth["y"]] for t in twins]
+    post = deblend(
+        [t.scene for t in twins],
+        sources=sources,
+        method=cfg.method,
+        prior=bundle,
+        seed=item,
+        latent_prior=cfg.latent_prior,
+        num_draws=cfg.draws,
+        **cfg.settings,
+    )
+    cat = post.catalog()
+    e1d = post.draws["e1"].reshape((-1,) + post.draws["e1"].shape[2:])  # (sample, source)
+    e2d = post.draws["e2"].reshape((-1,) + post.draws["e2"].shape[2:])
+    keep = np.linspace(0, e1d.shape[0] - 1, min(cfg.draws, e1d.shape[0])).astype(int)
+    e1d, e2d = e1d[keep].T, e2d[keep].T  # (source, draw)
+    n_gal = len(twins[0].truth)
+    n_draw = len(keep)
+    names = ("e1", "e2", "e1_std", "e2_std", "flux_r", "x", "y")
+    out = {k: np.full((N_VARIANTS, n_gal), np.nan) for k in names}
+    out["matched"] = np.zeros((N_VARIANTS, n_gal), bool)
+    out["flags"] = np.zeros((N_VARIANTS, n_gal), np.int64)
+    out["e1_draws"] = np.full((N_VARIANTS, n_gal, n_draw), np.nan, np.float32)
+    out["e2_draws"] = np.full((N_VARIANTS, n_gal, n_draw), np.nan, np.float32)
+    for k in ("e1", "e2", "e1_int", "e2_int", "snr", "mag_r", "b_tot", "flux_r"):
+        out[f"true_{k}"] = np.stack([np.asarray(t.truth[k], float) for t in twins])
+    out["is_target"] = (
+        np.stack([np.asarray(t.truth["is_target"], bool) for t in twins])
+        if cfg.kind == "blends"
+        else np.ones((N_VARIANTS, n_gal), bool)
+    )
+    scene = np.asarray(cat["scene"])
+    for v, t in enumerate(twins):
+        rows = np.flatnonzero(scene == v)
+        j = _match(
+            np.asarray(t.truth["x"]),
+            np.asarray(t.truth["y"]),
+            np.asarray(cat["x_det"])[rows],
+            np.asarray(cat["y_det"])[rows],
+            cfg.match_radius,
+        )
+        hit = j >= 0
+        src = rows[j[hit]]
+        out["matched"][v, hit] = True
+        for k in names:
+            out[k][v, hit] = np.asarray(cat[k], float)[src]
+        out["flags"][v, hit] = np.asarray(cat["flags"])[src]
+        out["e1_draws"][v, hit] = e1d[src]
+        out["e2_draws"][v, hit] = e2d[src]
+    # the noiseless target's model-frame morphology, measured as the posterior draws are
+    band = bundle.bands.index(shape_band(bundle.bands))
+    arch = bundle.card["architecture"]
+    morph = np.stack([t.morphology[0, band] for t in twins]).astype(np.float32)
+    s = batched_morphology_shape(
+        jnp.asarray(morph), float(arch["model_psf_fwhm"]) / float(arch["pixel_scale"]), 40
+    )
+    out["target_e1"] = np.asarray(s["e1"], float)
+    out["target_e2"] = np.asarray(s["e2"], float)
+    return out
+
+
+def item_path(out: Path, item: int) -> Path:
+    return Path(out) / "items" / f"item_{item:05d}.npz"
+
+
+def run(
+    cfg: HarnessConfig,
+    n_items: int,
+    out: str | Path,
+    bundle=None,
+    progress: bool = True,
+    time_limit: float | None = None,
+) -> int:
+    """Run items ``0 .. n_items-1`` that are not yet on disk; returns how many were run.
+
+    ``out/config.json`` records the configuration; a run in a directory made
+    with another configuration is refused (results would mix).
+    """
+    from bayesblend.prior.bundle import load_bundle
+
+    out = Path(out)
+    (out / "items").mkdir(parents=True, exist_ok=True)
+    bundle = bundle if bundle is not None else load_bundle()
+    key = cfg.key() | {"bundle": str(bundle.card.get("name", bundle.path))}
+    cfg_file = out / "config.json"
+    if cfg_file.exists():
+        old = json.loads(cfg_file.read_text())
+        if old != json.loads(json.dumps(key)):
+            raise BayesblendError(
+                f"{out} holds a run with another configuration ({cfg_file}); use a new --out"
+            )
+    else:
+        with atomic_path(cfg_file) as tmp:
+            tmp.write_text(json.dumps(key, indent=1))
+    todo = [i for i in range(n_items) if not item_path(out, i).exists()]
+    t0 = time.time()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"shear-bias {cfg.kind}/{cfg.method}", unit="item")
+    done = 0
+    for i in todo:
+        if time_limit is not None and time.time() - t0 > time_limit:
+            break
+        res = run_item(i, cfg, bundle)
+        with atomic_path(item_path(out, i)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **res)
+        done += 1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return done
+
+
+def load_items(out: str | Path) -> dict[str, np.ndarray]:
+    """All items of a run, concatenated along the galaxy axis, with ``item`` per galaxy."""
+    files = sorted((Path(out) / "items").glob("item_*.npz"))
+    if not files:
+        raise BayesblendError(f"{out}: no shear-bias items (run `bayesblend shear-bias` first)")
+    parts: dict[str, list] = {}
+    for f in files:
+        with np.load(f) as d:
+            n = d["e1"].shape[1]
+            item = int(f.stem.split("_")[1])
+            for k in d.files:
+                a = d[k]
+                if k.startswith("target_"):  # one per variant: broadcast to the galaxies
+                    a = np.repeat(a[:, None], n, axis=1)
+                parts.setdefault(k, []).append(a)
+            parts.setdefault("item", []).append(np.full((N_VARIANTS, n), item))
+    n_draw = min(p.shape[2] for p in parts["e1_draws"])
+    for k in ("e1_draws", "e2_draws"):
+        parts[k] = [p[:, :, :n_draw] for p in parts[k]]
+    return {k: np.concatenate(v, axis=1) for k, v in parts.items()}
+
+
+def _usable(r: dict) -> np.ndarray:
+    """Galaxies matched with a valid shape in every variant ``(galaxy,)``."""
+    from bayesblend.shear import EXCLUDE_FLAGS
+
+    ok = r["matched"] & np.isfinite(r["e1"]) & np.isfinite(r["e2"]) & (np.hypot(r["e1"], r["e2"]) < 1)
+    ok &= (r["flags"] & EXCLUDE_FLAGS) == 0
+    return ok.all(axis=0)
+
+
+def _pooled(a: np.ndarray) -> np.ndarray:
+    """``(variant, galaxy, ...)`` -> ``(shear, 2 galaxy, ...)``: the two rotations pooled."""
+    n = len(SHEAR_DESIGN)
+    return np.concatenate([a[:n], a[n:]], axis=1)
+
+
+def _biases(g_full: np.ndarray, g_reps: np.ndarray, shear: float) -> dict:
+    """m1, m2, c1, c2 and jackknife errors from per-shear estimates ``(shear, 2)`` and replicates."""
+
+    def mc(g):
+        # SHEAR_DESIGN: (0,0), (+,0), (-,0), (0,+), (0,-)
+        m1 = (g[..., 1, 0] - g[..., 2, 0]) / (2 * shear) - 1
+        m2 = (g[..., 3, 1] - g[..., 4, 1]) / (2 * shear) - 1
+        return np.stack([m1, m2, g[..., 0, 0], g[..., 0, 1]], axis=-1)
+
+    full = mc(g_full)
+    err = jackknife(full, mc(g_reps))
+    names = ("m1", "m2", "c1", "c2")
+    out = {n: float(v) for n, v in zip(names, full, strict=True)}
+    out |= {f"{n}_err": float(v) for n, v in zip(names, err, strict=True)}
+    m = 0.5 * (full[0] + full[1])
+    m_reps = 0.5 * (mc(g_reps)[:, 0] + mc(g_reps)[:, 1])
+    out["m"] = float(m)
+    out["m_err"] = float(jackknife(np.asarray(m), m_reps))
+    return out
+
+
+def _ensemble(e1, e2, w, blocks, responsivity=1.0):
+    """Per-shear weighted mean ellipticity and its leave-one-block-out replicates."""
+    full, reps = [], []
+    for k in range(e1.shape[0]):
+        f, r = weighted_mean_replicates(np.stack([e1[k], e2[k]], axis=1), w[k], blocks)
+        full.append(f)
+        reps.append(r)
+    return np.stack(full) / responsivity, np.stack(reps, axis=1) / responsivity
+
+
+def _alpha(e_out: np.ndarray, e_in: np.ndarray, blocks: np.ndarray) -> tuple[float, float]:
+    """Slope - 1 of ``e_out`` on ``e_in`` (least squares through the origin), jackknife error."""
+
+    def slope(sel):
+        return np.sum(e_out[sel] * e_in[sel]) / np.sum(e_in[sel] ** 2) - 1
+
+    full = slope(np.ones(len(e_in), bool))
+    reps = np.array([slope(blocks != b) for b in range(int(blocks.max()) + 1)])
+    return float(full), float(jackknife(np.asarray(full), reps))
+
+
+def summarise(
+    out: str | Path,
+    responsivity: float = 1.0,
+    interim: InterimPrior | None = None,
+    n_blocks: int = 50,
+    estimators: tuple[str, ...] = ESTIMATORS,
+) -> dict:
+    """Shear biases of every estimator from a run's items (see the module docstring).
+
+    Parameters
+    ----------
+    out : path
+        The run directory.
+    responsivity : float
+        ``R`` dividing the ensemble estimates (1: uncalibrated).
+    interim : InterimPrior, optional
+        Needed for the ``hierarchical`` estimator (skipped without it).
+    n_blocks : int
+        Jackknife blocks (whole items per block).
+    """
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    g = float(cfg["shear"])
+    r = load_items(out)
+    use = _usable(r)
+    items = r["item"][0]
+    blocks_all = jackknife_blocks(items, n_blocks)
+    res: dict = {
+        "config": cfg,
+        "n_items": int(len(np.unique(items))),
+        "n_galaxies": int(use.size),
+        "n_used": int(use.sum()),
+        "responsivity": float(responsivity),
+    }
+    sel = {k: v[:, use] for k, v in r.items()}
+    blocks = blocks_all[use]
+    pblocks = np.concatenate([blocks, blocks])
+    ones = np.ones_like(_pooled(sel["e1"]))
+    est: dict = {}
+    if "truth" in estimators:
+        est["truth"] = _biases(*_ensemble(_pooled(sel["true_e1"]), _pooled(sel["true_e2"]), ones, pblocks), g)
+    if "ensemble" in estimators:
+        w = _pooled(shape_weight(sel["e1_std"], sel["e2_std"]))
+        est["ensemble"] = _biases(
+            *_ensemble(_pooled(sel["e1"]), _pooled(sel["e2"]), w, pblocks, responsivity), g
+        )
+        est["ensemble"]["n"] = int(use.sum())
+    tgt = use & r["is_target"][0] & np.isfinite(r["target_e1"]).all(0) & np.isfinite(r["target_e2"]).all(0)
+    tgt &= (np.hypot(r["target_e1"], r["target_e2"]) < 1).all(0)
+    if tgt.sum() >= 2:
+        ts = {k: v[:, tgt] for k, v in r.items()}
+        tb = np.concatenate([blocks_all[tgt]] * 2)
+        t_ones = np.ones_like(_pooled(ts["e1"]))
+        if "noiseless" in estimators:
+            est["noiseless"] = _biases(
+                *_ensemble(_pooled(ts["target_e1"]), _pooled(ts["target_e2"]), t_ones, tb), g
+            )
+            est["noiseless"]["n"] = int(tgt.sum())
+        if "ensemble_targets" in estimators:
+            w = _pooled(shape_weight(ts["e1_std"], ts["e2_std"]))
+            est["ensemble_targets"] = _biases(
+                *_ensemble(_pooled(ts["e1"]), _pooled(ts["e2"]), w, tb, responsivity), g
+            )
+            est["ensemble_targets"]["n"] = int(tgt.sum())
+        # eq. 8's alpha: deblended vs noiseless target at zero shear, both rotations
+        z = [0, len(SHEAR_DESIGN)]
+        a1 = _alpha(ts["e1"][z].ravel(), ts["target_e1"][z].ravel(), tb)
+        a2 = _alpha(ts["e2"][z].ravel(), ts["target_e2"][z].ravel(), tb)
+        res["alpha"] = {
+            "alpha1": a1[0],
+            "alpha1_err": a1[1],
+            "alpha2": a2[0],
+            "alpha2_err": a2[1],
+            "n": int(tgt.sum()),
+        }
+    if "hierarchical" in estimators and interim is not None:
+        e1 = _pooled(sel["e1_draws"])  # (shear, 2 galaxy, draw)
+        e2 = _pooled(sel["e2_draws"])
+        k = int(pblocks.max()) + 1
+        masks = np.concatenate([np.ones((1, e1.shape[1])), (pblocks[None] != np.arange(k)[:, None])]).astype(
+            np.float32
+        )
+        fits = np.stack([hierarchical_mode(e1[s], e2[s], interim, masks) for s in range(e1.shape[0])], axis=1)
+        g_full, g_reps = fits[0, :, :2], fits[1:, :, :2]
+        est["hierarchical"] = _biases(g_full, g_reps, g)
+        est["hierarchical"]["sigma_e_scale"] = float(np.mean(fits[0, :, 2]))
+        est["hierarchical"]["n"] = int(use.sum())
+    res["estimators"] = est
+    return res
+
+
+def format_summary(res: dict) -> str:
+    """A plain-text table of :func:`summarise`'s result."""
+    c = res["config"]
+    lines = [
+        f"shear bias: {c['kind']}, method {c['method']}, detection {'on' if c['detect'] else 'off'}, "
+        f"g = {c['shear']}, seed {c['seed']}, {res['n_items']} items, {res['n_used']}/{res['n_galaxies']} "
+        f"galaxies usable in all 10 variants, R = {res['responsivity']:.4f}",
+        f"{'estimator':<18}{'n':>6}{'m1':>20}{'m2':>20}{'c1':>20}{'c2':>20}",
+    ]
+    for name, e in res["estimators"].items():
+        row = f"{name:<18}{e.get('n', res['n_used']):>6}"
+        for k in ("m1", "m2", "c1", "c2"):
+            row += f"{e[k]:>+11.4f} ± {e[k + '_err']:.4f}"
+        lines.append(row)
+    if "alpha" in res:
+        a = res["alpha"]
+        lines.append(
+            f"alpha (eq. 8, targets at g=0): alpha1 = {a['alpha1']:+.4f} ± {a['alpha1_err']:.4f}, "
+            f"alpha2 = {a['alpha2']:+.4f} ± {a['alpha2_err']:.4f} (n = {a['n']})"
+        )
+    return "\n".join(lines)

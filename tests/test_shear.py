@@ -1,0 +1,231 @@
+"""Shear estimators: lensing algebra, ensemble and hierarchical recovery of known shears, twins."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bayesblend.catalog import FLAGS, make_table
+from bayesblend.errors import BayesblendError
+from bayesblend.shear import (
+    InterimPrior,
+    component_sigma,
+    ensemble_shear,
+    hierarchical_mode,
+    hierarchical_shear,
+    interim_from_draws,
+    intrinsic_log_density,
+    lens,
+    sheared_log_density,
+    shear_catalog,
+    unlens,
+    unlens_log_jacobian,
+)
+from bayesblend.simulate.population import SIGMA_E, draw_ellipticities, ellipticity_scale
+from bayesblend.simulate.render import lensed_ellipticity
+
+
+def _intrinsic(n, seed):
+    e = draw_ellipticities(np.random.default_rng(seed), n, SIGMA_E)
+    return e[:, 0] + 1j * e[:, 1]
+
+
+def _flat_interim() -> InterimPrior:
+    nodes = np.linspace(-1, 1, 41)
+    return InterimPrior(nodes, np.full((41, 41), -np.log(np.pi)), "normal", 1)
+
+
+def test_lens_and_unlens_are_inverse_and_match_the_simulator():
+    e = _intrinsic(500, 0)
+    g = 0.03 - 0.02j
+    lensed = np.asarray(lens(jnp.asarray(e, jnp.complex64), g))
+    sim = lensed_ellipticity(e.real, e.imag, g.real, g.imag) @ np.array([1, 1j])
+    np.testing.assert_allclose(lensed, sim, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(unlens(jnp.asarray(lensed), g)), e, atol=1e-6)
+    assert np.all(np.abs(lensed) < 1)
+
+
+def test_unlens_jacobian_matches_the_numerical_determinant():
+    g = 0.05 + 0.03j
+
+    def real_map(v):
+        out = unlens(v[0] + 1j * v[1], g)
+        return jnp.stack([jnp.real(out), jnp.imag(out)])
+
+    for e in (0.0 + 0.0j, 0.3 - 0.4j, -0.7 + 0.1j, 0.05 + 0.9j):
+        jac = jax.jacfwd(real_map)(jnp.array([e.real, e.imag], jnp.float32))
+        numeric = np.log(abs(np.linalg.det(np.asarray(jac, float))))
+        assert float(unlens_log_jacobian(jnp.complex64(e), g)) == pytest.approx(numeric, abs=1e-4)
+
+
+@pytest.mark.parametrize("g", [0.0 + 0.0j, 0.1 - 0.05j])
+def test_sheared_density_is_normalised_on_the_unit_disc(g):
+    t = np.linspace(-1, 1, 801)
+    x, y = np.meshgrid(t, t)
+    inside = np.hypot(x, y) < 1
+    e = jnp.asarray((x + 1j * y)[inside], jnp.complex64)
+    cell = (t[1] - t[0]) ** 2
+    total = float(jnp.sum(jnp.exp(sheared_log_density(e, g, 0.3)))) * cell
+    assert total == pytest.approx(1.0, abs=0.01)
+    assert float(intrinsic_log_density(jnp.complex64(1.2), 0.3)) == -np.inf
+
+
+def test_component_sigma_matches_the_population():
+    s = ellipticity_scale(SIGMA_E)
+    assert component_sigma(s) == pytest.approx(SIGMA_E, rel=1e-3)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.15])
+def test_ensemble_recovers_a_known_shear(noise):
+    n = 20000
+    g = 0.03 - 0.02j
+    e = np.asarray(lens(jnp.asarray(_intrinsic(n, 1), jnp.complex64), g))
+    rng = np.random.default_rng(2)
+    e = e + noise * (rng.normal(size=n) + 1j * rng.normal(size=n))
+    est = ensemble_shear(e.real, e.imag)
+    expected_err = np.sqrt(SIGMA_E**2 + noise**2) / np.sqrt(n)
+    assert est.g1_err == pytest.approx(expected_err, rel=0.15)
+    assert abs(est.g1 - g.real) < 4 * est.g1_err
+    assert abs(est.g2 - g.imag) < 4 * est.g2_err
+    assert est.n == n
+
+
+def test_responsivity_undoes_a_shrunk_response():
+    n = 20000
+    g = 0.04 + 0.0j
+    e = 0.5 * np.asarray(lens(jnp.asarray(_intrinsic(n, 3), jnp.complex64), g))
+    raw = ensemble_shear(e.real, e.imag)
+    cal = ensemble_shear(e.real, e.imag, responsivity=0.5)
+    assert raw.g1 == pytest.approx(0.5 * cal.g1)
+    assert abs(raw.g1 - g.real) > 5 * raw.g1_err  # uncalibrated: biased
+    assert abs(cal.g1 - g.real) < 4 * cal.g1_err
+
+
+def test_rotated_twins_cancel_the_intrinsic_term():
+    n = 200
+    g = 0.02 + 0.02j
+    es = jnp.asarray(_intrinsic(n, 4), jnp.complex64)
+    single = np.asarray(lens(es, g))
+    twins = np.concatenate([single, np.asarray(lens(-es, g))])
+    one = ensemble_shear(single.real, single.imag)
+    both = ensemble_shear(twins.real, twins.imag)
+    # shape noise ~0.26/sqrt(200) = 0.018 per set; twins leave only O(g e^2) terms
+    assert one.g1_err > 0.01
+    assert abs(both.g1 - g.real) < 1.5e-3 and abs(both.g2 - g.imag) < 1.5e-3
+
+
+def test_ensemble_groups_stay_together_and_bad_input_is_named():
+    e1 = np.array([0.1, 0.1, -0.1, -0.1, 0.2, 0.0])
+    est = ensemble_shear(e1, np.zeros(6), groups=np.array([0, 0, 1, 1, 2, 2]))
+    assert est.details["n_blocks"] == 3
+    with pytest.raises(BayesblendError, match="at least 2 usable"):
+        ensemble_shear([np.nan, 0.1], [0.0, 0.0])
+    with pytest.raises(BayesblendError, match="responsivity"):
+        ensemble_shear(e1, e1, responsivity=0.0)
+
+
+def _noisy_posterior_draws(n, draws, g, sigma_noise, seed):
+    """Per-source draws of e under a flat interim prior: the noisy measurement plus posterior scatter."""
+    rng = np.random.default_rng(seed)
+    e = np.asarray(lens(jnp.asarray(_intrinsic(n, seed), jnp.complex64), g))
+    obs = e + sigma_noise * (rng.normal(size=n) + 1j * rng.normal(size=n))
+    d = obs[:, None] + sigma_noise * (rng.normal(size=(n, draws)) + 1j * rng.normal(size=(n, draws)))
+    d = np.where(np.abs(d) < 1, d, np.nan)
+    return d.real, d.imag
+
+
+def test_hierarchical_mode_recovers_a_known_shear():
+    g = 0.04 - 0.03j
+    e1, e2 = _noisy_posterior_draws(4000, 32, g, 0.05, 5)
+    g1, g2, s = hierarchical_mode(e1, e2, _flat_interim())
+    err = SIGMA_E / np.sqrt(4000)
+    assert abs(g1 - g.real) < 4 * err and abs(g2 - g.imag) < 4 * err
+    assert component_sigma(float(s)) == pytest.approx(SIGMA_E, abs=0.02)
+    # the jackknife form: leading axes of source weights give one fit each
+    w = np.ones((2, 4000), np.float32)
+    w[1, :2000] = 0
+    both = hierarchical_mode(e1, e2, _flat_interim(), w)
+    assert both.shape == (2, 3)
+    np.testing.assert_allclose(both[0], [g1, g2, s], atol=1e-4)
+
+
+def test_hierarchical_nuts_recovers_a_known_shear_with_diagnostics():
+    g = -0.05 + 0.02j
+    e1, e2 = _noisy_posterior_draws(1500, 24, g, 0.08, 6)
+    est = hierarchical_shear(e1, e2, _flat_interim(), num_warmup=150, num_samples=200, seed=1)
+    assert abs(est.g1 - g.real) < 4 * est.g1_err
+    assert abs(est.g2 - g.imag) < 4 * est.g2_err
+    assert 0.5 * SIGMA_E / np.sqrt(1500) < est.g1_err < 3 * SIGMA_E / np.sqrt(1500)
+    assert est.details["importance_ess"].shape == (1500,)
+    assert np.all(est.details["importance_ess"] <= 24 + 1e-3)
+    assert max(est.details["r_hat"].values()) < 1.1
+
+
+def test_interim_prior_undoes_an_anisotropic_prior_pull():
+    """Draws made under a prior that pulls e2 upwards: weighting by 1/pi removes the pull."""
+    rng = np.random.default_rng(7)
+    # an anisotropic interim prior: N((0, 0.1), 0.2^2) per component, tabulated from its own draws
+    prior_draws = rng.normal(size=(60000, 2)) * 0.2 + [0.0, 0.1]
+    interim = interim_from_draws(prior_draws[:, 0], prior_draws[:, 1], "flow", bandwidth=0.02)
+    assert interim.mean_e2 == pytest.approx(0.1, abs=0.01)
+    # sources whose likelihood is broad (sigma 0.15): the posterior is pulled towards the prior mean
+    n, draws, g = 3000, 64, 0.0 + 0.0j
+    e = np.asarray(lens(jnp.asarray(_intrinsic(n, 8), jnp.complex64), g))
+    obs = e + 0.15 * (rng.normal(size=n) + 1j * rng.normal(size=n))
+    prec_l, prec_p = 1 / 0.15**2, 1 / 0.2**2
+    mean = (prec_l * obs + prec_p * 0.1j) / (prec_l + prec_p)
+    sd = 1 / np.sqrt(prec_l + prec_p)
+    d = mean[:, None] + sd * (rng.normal(size=(n, draws)) + 1j * rng.normal(size=(n, draws)))
+    d = np.where(np.abs(d) < 1, d, np.nan)
+    naive = ensemble_shear(np.nanmean(d.real, 1), np.nanmean(d.imag, 1))
+    assert naive.g2 > 0.02  # the prior's pull is a large additive bias
+    g1, g2, _ = hierarchical_mode(d.real, d.imag, interim)
+    assert abs(g2) < 0.015 and abs(g1) < 0.015
+
+
+def test_interim_from_draws_is_a_normalised_density():
+    e = _intrinsic(20000, 9)
+    bad = np.array([1.3 + 0j, np.nan])
+    ip = interim_from_draws(np.r_[e.real, bad.real], np.r_[e.imag, bad.imag], "normal")
+    assert ip.n_draws == 20000 and ip.valid_fraction == pytest.approx(20000 / 20002)
+    t = np.linspace(-1, 1, 401)
+    x, y = np.meshgrid(t, t)
+    inside = np.hypot(x, y) < 1
+    d = np.exp(np.asarray(ip.log_prob(jnp.asarray((x + 1j * y)[inside], jnp.complex64))))
+    assert d.sum() * (t[1] - t[0]) ** 2 == pytest.approx(1.0, abs=0.05)
+    again = InterimPrior.from_dict(ip.to_dict())
+    np.testing.assert_allclose(again.log_prob(jnp.complex64(0.2 + 0.1j)), ip.log_prob(jnp.complex64(0.2 + 0.1j)), rtol=1e-4)
+
+
+def test_shear_catalog_columns_weights_and_header():
+    n = 5
+    vals = {
+        "id": np.arange(n),
+        "blend_id": np.arange(n),
+        "e1": np.array([0.1, 0.2, np.nan, 0.0, -0.1]),
+        "e2": np.zeros(n),
+        "e1_std": np.full(n, 0.1),
+        "e2_std": np.full(n, 0.1),
+        "flags": np.array([0, FLAGS["EDGE"], 0, FLAGS["LOW_SNR"], 0]),
+    }
+    cat = make_table(vals, ["r"], {"METHOD": "map"})
+    sc = shear_catalog(cat, responsivity=0.8, source="test")
+    for c in ("e1", "e2", "weight", "responsivity", "flags", "ra", "dec"):
+        assert c in sc.colnames
+    w = np.asarray(sc["weight"])
+    assert w[1] == 0 and w[2] == 0  # edge; no shape
+    assert w[0] == pytest.approx(1 / (0.26**2 + 0.01)) and w[3] > 0
+    assert "45" in sc.meta["E2SIGN"] and sc.meta["RESPSRC"] == "test"
+    assert np.all(sc["responsivity"] == 0.8)
+
+
+def test_shipped_bundle_carries_interim_priors(prior):
+    from bayesblend.shear import interim_prior_from_card
+
+    for lp in ("flow", "normal"):
+        ip = interim_prior_from_card(prior.card, lp)
+        assert ip.n_draws > 10000 and ip.log_density.shape == (41, 41)
+    with pytest.raises(BayesblendError, match="interim-prior"):
+        interim_prior_from_card({"name": "x"}, "flow")
