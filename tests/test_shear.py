@@ -18,8 +18,8 @@ from bayesblend.shear import (
     interim_from_draws,
     intrinsic_log_density,
     lens,
-    sheared_log_density,
     shear_catalog,
+    sheared_log_density,
     unlens,
     unlens_log_jacobian,
 )
@@ -196,7 +196,9 @@ def test_interim_from_draws_is_a_normalised_density():
     d = np.exp(np.asarray(ip.log_prob(jnp.asarray((x + 1j * y)[inside], jnp.complex64))))
     assert d.sum() * (t[1] - t[0]) ** 2 == pytest.approx(1.0, abs=0.05)
     again = InterimPrior.from_dict(ip.to_dict())
-    np.testing.assert_allclose(again.log_prob(jnp.complex64(0.2 + 0.1j)), ip.log_prob(jnp.complex64(0.2 + 0.1j)), rtol=1e-4)
+    np.testing.assert_allclose(
+        again.log_prob(jnp.complex64(0.2 + 0.1j)), ip.log_prob(jnp.complex64(0.2 + 0.1j)), rtol=1e-4
+    )
 
 
 def test_shear_catalog_columns_weights_and_header():

@@ -1,0 +1,126 @@
+"""The shear-bias harness and the shear commands."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bayesblend.catalog import make_table
+from bayesblend.cli import main
+from bayesblend.errors import BayesblendError
+from bayesblend.io import write_table
+from bayesblend.shear_bias import HarnessConfig, _biases, _match, format_summary, load_items, run, summarise
+
+
+def test_match_is_one_to_one_within_the_radius():
+    xt, yt = np.array([10.0, 11.0, 40.0]), np.array([10.0, 10.0, 40.0])
+    xf, yf = np.array([10.2, 30.0]), np.array([10.1, 30.0])
+    j = _match(xt, yt, xf, yf, 2.0)
+    assert list(j) == [0, -1, -1]  # the second true galaxy may not take the same source
+    assert list(_match(xt, yt, xf[:0], yf[:0], 2.0)) == [-1, -1, -1]
+
+
+def test_biases_recover_a_known_linear_response():
+    g, m1, m2, c1, c2 = 0.02, -0.03, 0.01, 2e-3, -1e-3
+    design = np.array([(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)], float) * g
+    g_hat = np.stack([(1 + m1) * design[:, 0] + c1, (1 + m2) * design[:, 1] + c2], axis=1)
+    reps = np.stack([g_hat + 1e-4 * k for k in range(4)])
+    out = _biases(g_hat, reps, g)
+    assert out["m1"] == pytest.approx(m1, abs=1e-9) and out["m2"] == pytest.approx(m2, abs=1e-9)
+    assert out["c1"] == pytest.approx(c1) and out["c2"] == pytest.approx(c2)
+    assert out["m"] == pytest.approx(0.5 * (m1 + m2), abs=1e-9)
+    assert out["m1_err"] == pytest.approx(0.0, abs=1e-9)  # shifts common to +g and -g cancel in m
+    assert out["c1_err"] > 0
+
+
+def test_harness_end_to_end_on_isolated_galaxies(tmp_path, prior):
+    cfg = HarnessConfig(kind="isolated", seed=11, method="amortised", draws=16)
+    assert run(cfg, 2, tmp_path, prior, progress=False) == 2
+    assert run(cfg, 2, tmp_path, prior, progress=False) == 0  # resumes: nothing left
+    r = load_items(tmp_path)
+    assert r["e1"].shape == (10, 2) and r["e1_draws"].shape == (10, 2, 16)
+    assert r["matched"].all()
+    # the twins' truth: rotated variants have minus the intrinsic ellipticity of the unrotated ones
+    np.testing.assert_allclose(r["true_e1_int"][5], -r["true_e1_int"][0], atol=1e-12)
+    res = summarise(tmp_path, estimators=("truth", "ensemble", "noiseless"))
+    assert res["n_items"] == 2 and res["n_galaxies"] == 2
+    t = res["estimators"]["truth"]
+    assert abs(t["c1"]) < 1e-12 and abs(t["c2"]) < 1e-12  # rotated twins cancel at zero shear
+    assert abs(t["m1"]) < 0.1 and abs(t["m2"]) < 0.1
+    assert np.isfinite(res["estimators"]["ensemble"]["m1"])
+    assert "ensemble" in format_summary(res)
+    with pytest.raises(BayesblendError, match="another configuration"):
+        run(
+            HarnessConfig(kind="isolated", seed=12, method="amortised", draws=16),
+            1,
+            tmp_path,
+            prior,
+            progress=False,
+        )
+
+
+def test_harness_config_errors():
+    with pytest.raises(BayesblendError, match="'blends' or 'isolated'"):
+        HarnessConfig(kind="field")
+    with pytest.raises(BayesblendError, match="shear amplitude"):
+        HarnessConfig(shear=0.5)
+
+
+def _catalog(tmp_path, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    vals = {
+        "id": np.arange(n),
+        "blend_id": np.arange(n) // 2,
+        "e1": rng.normal(0.02, 0.2, n),
+        "e2": rng.normal(0.0, 0.2, n),
+        "e1_std": np.full(n, 0.05),
+        "e2_std": np.full(n, 0.05),
+        "flags": np.zeros(n, int),
+    }
+    path = tmp_path / "catalog.fits"
+    write_table(path, make_table(vals, ["r"], {"BUNDLE": "lsst-v1", "METHOD": "map"}))
+    return path
+
+
+def test_cli_shear_prints_the_field_shear_and_writes_the_shear_catalogue(tmp_path, capsys):
+    path = _catalog(tmp_path)
+    assert main(["shear", str(path), "--out", str(tmp_path / "shear.fits")]) == 0
+    out = capsys.readouterr().out
+    assert "g1 =" in out and "ensemble" in out and "R =" in out
+    from bayesblend.io import read_table
+
+    sc = read_table(tmp_path / "shear.fits")
+    assert len(sc) == 40 and "weight" in sc.colnames and "responsivity" in sc.colnames
+
+
+def test_cli_shear_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.fits"
+    from astropy.table import Table
+
+    write_table(bad, Table({"x": [1.0, 2.0]}))
+    assert main(["shear", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bayesblend: error:") and "e1" in err and "\n" not in err
+    path = _catalog(tmp_path)
+    assert main(["shear", str(path), "--posterior", str(tmp_path / "missing.nc")]) == 2
+    assert "no such posterior" in capsys.readouterr().err
+
+
+def test_cli_shear_with_a_posterior_runs_the_hierarchical_estimator(tmp_path, capsys, prior):
+    from bayesblend.infer import deblend
+    from bayesblend.simulate.scenes import simulate_blend
+
+    sims = [simulate_blend(4, i, max_shift=0.5) for i in range(3)]
+    post = deblend(
+        [s.scene for s in sims],
+        sources=[np.c_[s.truth["x"], s.truth["y"]] for s in sims],
+        method="amortised",
+        prior=prior,
+        num_draws=32,
+    )
+    post.write_catalog(tmp_path / "catalog.fits")
+    post.to_netcdf(tmp_path / "posterior.nc")
+    code = main(["shear", str(tmp_path / "catalog.fits"), "--posterior", str(tmp_path / "posterior.nc")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "hierarchical" in out and "importance ESS" in out
