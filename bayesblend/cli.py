@@ -269,7 +269,8 @@ def _shear_bias(args: argparse.Namespace) -> int:
         )
         entry = store_responsivity(bundle.path, args.method, e, res, command)
         print(
-            f"stored R = {entry['R']:.4f} ± {entry['R_err']:.4f} for method {args.method} in {bundle.path / 'card.json'}"
+            f"stored R = {entry['R']:.4f} ± {entry['R_err']:.4f} for method {args.method} "
+            f"in {bundle.path / 'card.json'}"
         )
     return 0
 
@@ -312,7 +313,8 @@ def _shear(args: argparse.Namespace) -> int:
         ok = np.asarray(shear_cat["weight"]) > 0
         h = hierarchical_shear(e1[ok], e2[ok], interim, seed=args.seed)
         print(
-            f"{args.posterior}: {h}  [sigma_e = {h.details['sigma_e']:.3f}, {h.details['n_low_ess']} sources with importance ESS < 5]"
+            f"{args.posterior}: {h}  [sigma_e = {h.details['sigma_e']:.3f}, "
+            f"{h.details['n_low_ess']} sources with importance ESS < 5]"
         )
     if args.out:
         write_table(args.out, shear_cat)

@@ -373,7 +373,7 @@ def jackknife(values: np.ndarray, replicates: np.ndarray) -> np.ndarray:
 def weighted_mean_replicates(
     x: np.ndarray, w: np.ndarray, blocks: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted mean of ``x`` ``(n, ...)`` over rows and its leave-one-block-out replicates ``(block, ...)``."""
+    """Weighted mean of ``x`` ``(n, ...)`` over rows, and its leave-one-block-out replicates."""
     x = np.asarray(x, float)
     w = np.asarray(w, float)
     wx = w.reshape(w.shape + (1,) * (x.ndim - 1)) * x
