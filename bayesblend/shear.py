@@ -689,6 +689,7 @@ def store_responsivity(
         "R11_err": ensemble["m1_err"],
         "R22_err": ensemble["m2_err"],
         "kind": summary["config"]["kind"],
+        "latent_prior": summary["config"]["latent_prior"],
         "detect": summary["config"]["detect"],
         "seed": summary["config"]["seed"],
         "n_items": summary["n_items"],
