@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--calibrate", action="store_true", help="store R = 1 + m (ensemble) in the model card")
     sb.add_argument("--calibrated", action="store_true", help="divide by the model card's R")
     sb.add_argument("--json", default=None, help="write the summary as JSON here")
+    sb.add_argument("--min-snr", type=float, default=0.0, help="summarise galaxies of true S/N >= this")
     sb.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sh = sub.add_parser("shear", help="the field's shear from a posterior catalogue (or posterior.nc)")
@@ -251,7 +252,7 @@ def _shear_bias(args: argparse.Namespace) -> int:
     except BayesblendError as exc:
         print(f"bayesblend: warning: {exc}; hierarchical estimator skipped", file=sys.stderr)
         interim = None
-    res = summarise(args.out, responsivity=R, interim=interim)
+    res = summarise(args.out, responsivity=R, interim=interim, min_snr=args.min_snr)
     print(format_summary(res))
     if args.json:
         from bayesblend.io import atomic_path
