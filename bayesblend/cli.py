@@ -282,6 +282,7 @@ def _shear(args: argparse.Namespace) -> int:
     from bayesblend.io import read_table, write_table
     from bayesblend.prior.bundle import load_bundle
     from bayesblend.shear import (
+        IS_ESS_MIN,
         SIGMA_E,
         ensemble_shear,
         hierarchical_shear,
@@ -315,7 +316,7 @@ def _shear(args: argparse.Namespace) -> int:
         h = hierarchical_shear(e1[ok], e2[ok], interim, seed=args.seed)
         print(
             f"{args.posterior}: {h}  [sigma_e = {h.details['sigma_e']:.3f}, "
-            f"{h.details['n_low_ess']} sources with importance ESS < 5]"
+            f"{h.details['n_low_ess']} sources with importance ESS < {IS_ESS_MIN:g}]"
         )
     if args.out:
         write_table(args.out, shear_cat)

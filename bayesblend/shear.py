@@ -51,9 +51,7 @@ from bayesblend.errors import BayesblendError
 SIGMA_E = 0.26
 #: Catalogue flags that exclude a source from shear estimates.
 EXCLUDE_FLAGS = FLAGS["EDGE"] | FLAGS["MASKED_CENTRE"]
-#: Shear flag bit (in the shear catalogue's ``flags``): few effective importance samples.
-LOW_IS_ESS = 1 << 12
-#: Importance-weight ESS below which a source is flagged LOW_IS_ESS.
+#: Importance-weight ESS below which the hierarchical estimate counts a source as poorly covered.
 IS_ESS_MIN = 5.0
 #: Largest |g| and the range of the intrinsic scale ``s`` the hierarchical model allows.
 G_MAX = 0.2
@@ -349,9 +347,6 @@ class ShearEstimate:
             f"g1 = {self.g1:+.5f} ± {self.g1_err:.5f}   g2 = {self.g2:+.5f} ± {self.g2_err:.5f}   "
             f"({self.estimator}, {self.n} sources)"
         )
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
 
 
 def jackknife_blocks(groups: np.ndarray, n_blocks: int = 100) -> np.ndarray:
@@ -700,18 +695,3 @@ def store_responsivity(
     table[method] = entry
     update_card(bundle_path, "shear_responsivity", table)
     return entry
-
-
-def estimate_to_json(est: ShearEstimate) -> str:
-    """JSON of an estimate (arrays as lists, samples left out)."""
-
-    def clean(v):
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items() if k != "samples"}
-        if isinstance(v, np.ndarray):
-            return v.tolist()
-        if isinstance(v, np.generic):
-            return v.item()
-        return v
-
-    return json.dumps(clean(est.to_dict()), indent=1)
