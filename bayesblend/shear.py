@@ -56,6 +56,7 @@ IS_ESS_MIN = 5.0
 #: Largest |g| and the range of the intrinsic scale ``s`` the hierarchical model allows.
 G_MAX = 0.2
 S_RANGE = (0.02, 1.0)
+_MODE_START = (0.0, 0.0, 0.25)  # (g1, g2, s) where the maximum-likelihood search starts
 _QUAD = 256  # quadrature nodes of the intrinsic distribution's normalisation
 
 
@@ -517,14 +518,18 @@ def hierarchical_mode(
     e2: np.ndarray,
     interim: InterimPrior,
     source_weight: np.ndarray | None = None,
-    start: Sequence[float] = (0.0, 0.0, 0.25),
+    start: Sequence[float] = _MODE_START,
 ) -> np.ndarray:
     """Maximum-likelihood ``(g1, g2, s)`` of the hierarchical model.
 
     ``source_weight`` may have leading axes ``(..., source)``: one fit per row
     (vmapped; the jackknife uses it).
     """
-    e, logi, valid = _prepare_samples(e1, e2, interim)
+    return _modes(*_prepare_samples(e1, e2, interim), source_weight, start)
+
+
+def _modes(e, logi, valid, source_weight, start) -> np.ndarray:
+    """:func:`hierarchical_mode` on samples already through :func:`_prepare_samples`."""
     n = e.shape[0]
     sw = jnp.ones(n) if source_weight is None else jnp.asarray(source_weight, jnp.float32)
     start = jnp.asarray(start, jnp.float32)
@@ -580,7 +585,7 @@ def hierarchical_shear(
         s = numpyro.sample("s", dist.Uniform(*S_RANGE))
         numpyro.factor("loglike", hierarchical_log_likelihood(jnp.stack([g1, g2, s]), e, logi, valid))
 
-    start = hierarchical_mode(e1, e2, interim)
+    start = _modes(e, logi, valid, None, _MODE_START)
     init = {
         "g1": jnp.full(num_chains, start[0]),
         "g2": jnp.full(num_chains, start[1]),
