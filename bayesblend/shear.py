@@ -262,12 +262,16 @@ def shape_weight(e1_std: np.ndarray, e2_std: np.ndarray, sigma_e: float = SIGMA_
     return 1.0 / (sigma_e**2 + np.where(np.isfinite(var), var, np.inf))
 
 
+def usable_shapes(e1: np.ndarray, e2: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    """Finite e1, e2 and no flag of :data:`EXCLUDE_FLAGS` (arrays of any one shape)."""
+    e1 = np.asarray(e1, float)
+    e2 = np.asarray(e2, float)
+    return np.isfinite(e1) & np.isfinite(e2) & ((np.asarray(flags, np.int64) & EXCLUDE_FLAGS) == 0)
+
+
 def usable(catalog: Table) -> np.ndarray:
-    """Sources a shear estimate may use: finite e1, e2 and no EDGE or MASKED_CENTRE flag."""
-    e1 = np.asarray(catalog["e1"], float)
-    e2 = np.asarray(catalog["e2"], float)
-    flags = np.asarray(catalog["flags"], np.int64)
-    return np.isfinite(e1) & np.isfinite(e2) & ((flags & EXCLUDE_FLAGS) == 0)
+    """Sources of a catalogue a shear estimate may use (:func:`usable_shapes`)."""
+    return usable_shapes(catalog["e1"], catalog["e2"], catalog["flags"])
 
 
 def responsivity_from_card(card: dict, method: str) -> tuple[float, str]:

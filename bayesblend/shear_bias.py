@@ -41,6 +41,7 @@ from bayesblend.shear import (
     jackknife,
     jackknife_blocks,
     shape_weight,
+    usable_shapes,
     weighted_mean_replicates,
 )
 from bayesblend.simulate.scenes import SHEAR_DESIGN
@@ -264,10 +265,9 @@ def load_items(out: str | Path) -> dict[str, np.ndarray]:
 
 def _usable(r: dict) -> np.ndarray:
     """Galaxies matched with a valid shape in every variant ``(galaxy,)``."""
-    from bayesblend.shear import EXCLUDE_FLAGS
-
-    ok = r["matched"] & np.isfinite(r["e1"]) & np.isfinite(r["e2"]) & (np.hypot(r["e1"], r["e2"]) < 1)
-    ok &= (r["flags"] & EXCLUDE_FLAGS) == 0
+    ok = r["matched"] & usable_shapes(r["e1"], r["e2"], r["flags"])
+    with np.errstate(invalid="ignore"):
+        ok &= np.hypot(r["e1"], r["e2"]) < 1
     return ok.all(axis=0)
 
 
@@ -287,12 +287,13 @@ def _biases(g_full: np.ndarray, g_reps: np.ndarray, shear: float) -> dict:
         return np.stack([m1, m2, g[..., 0, 0], g[..., 0, 1]], axis=-1)
 
     full = mc(g_full)
-    err = jackknife(full, mc(g_reps))
+    reps = mc(g_reps)
+    err = jackknife(full, reps)
     names = ("m1", "m2", "c1", "c2")
     out = {n: float(v) for n, v in zip(names, full, strict=True)}
     out |= {f"{n}_err": float(v) for n, v in zip(names, err, strict=True)}
     m = 0.5 * (full[0] + full[1])
-    m_reps = 0.5 * (mc(g_reps)[:, 0] + mc(g_reps)[:, 1])
+    m_reps = 0.5 * (reps[:, 0] + reps[:, 1])
     out["m"] = float(m)
     out["m_err"] = float(jackknife(np.asarray(m), m_reps))
     return out
