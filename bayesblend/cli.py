@@ -353,27 +353,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.showwarning = _one_line_warning
+    commands = {
+        "deblend": _deblend,
+        "simulate": _simulate,
+        "train": _train,
+        "shear-bias": _shear_bias,
+        "shear": _shear,
+        "interim-prior": _interim_prior,
+    }
+    if args.command not in commands:
+        parser.error(f"unknown command {args.command!r}")
     try:
-        if args.command == "deblend":
-            return _deblend(args)
-        if args.command == "simulate":
-            return _simulate(args)
-        if args.command == "train":
-            return _train(args)
-        if args.command == "shear-bias":
-            return _shear_bias(args)
-        if args.command == "shear":
-            return _shear(args)
-        if args.command == "interim-prior":
-            return _interim_prior(args)
+        return commands[args.command](args)
     except BayesblendError as exc:
         print(f"bayesblend: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bayesblend: interrupted", file=sys.stderr)
         return 130
-    parser.error(f"unknown command {args.command!r}")
-    return 2
 
 
 if __name__ == "__main__":
