@@ -6,7 +6,9 @@ central 68 % interval. Ellipticities are shear-type, ``g = (a - b)/(a + b)``,
 with +e2 along +45 degrees counter-clockwise from +x (GalSim's ``g1, g2``);
 ``size`` is ``det(Q)^(1/4)`` of the PSF-corrected adaptive second moments of
 the model-frame morphology in the shape band (the sigma of an equal-area
-round Gaussian), in arcsec. Convergence columns (``r_hat_max``,
+round Gaussian), in arcsec, measured after reconvolving to the survey PSF
+FWHM of header keyword ``SHAPEPSF`` (arcsec); ``resolution`` compares it with
+that PSF (:func:`bayesblend.measure.resolution`). Convergence columns (``r_hat_max``,
 ``ess_bulk_min``) are filled for NUTS only (NaN otherwise): the other methods
 give independent draws from an approximation, which those statistics do not
 test.
@@ -30,6 +32,7 @@ FLAGS = {
     "DIVERGENT": 32,  # NUTS: divergent transitions in the source's blend
     "LOW_SNR": 64,  # posterior flux_r median / std < 5
     "MOVED": 128,  # fitted centre more than 2 pixels from the detection
+    "UNRESOLVED": 256,  # resolution factor < 0.3: the shape is mostly the prior's (no shear use)
 }
 #: Thresholds behind the flags.
 R_HAT_MAX = 1.05
@@ -37,6 +40,8 @@ ESS_MIN = 100.0
 SNR_MIN = 5.0
 MOVED_PIXELS = 2.0
 EDGE_PIXELS = 3.0
+#: The HSC first-year shear catalogue's cut (Mandelbaum et al. 2018, PASJ 70, S25).
+RESOLUTION_MIN = 0.3
 
 ELLIPTICITY_CONVENTION = "shear-type g=(a-b)/(a+b); +e2 along +45 deg CCW from +x (GalSim g1,g2)"
 
@@ -71,6 +76,7 @@ def columns(bands: Sequence[str]) -> list[tuple[str, type, u.UnitBase | None, st
         ("e1_e2_cov", np.float64, None, "posterior covariance of e1 and e2"),
         ("size", np.float64, u.arcsec, "posterior median size det(Q)^(1/4), PSF-corrected"),
         ("size_std", np.float64, u.arcsec, "posterior std of size"),
+        ("resolution", np.float64, None, "size^2/(size^2+sigma^2), sigma of the SHAPEPSF Gaussian"),
         ("r_hat_max", np.float64, None, "largest split r-hat over the source's parameters (NUTS)"),
         ("ess_bulk_min", np.float64, None, "smallest bulk ESS over the source's parameters (NUTS)"),
         ("n_divergent", np.int64, None, "divergent transitions in the source's blend (NUTS)"),

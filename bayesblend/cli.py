@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--calibrated", action="store_true", help="divide by the model card's R")
     sb.add_argument("--json", default=None, help="write the summary as JSON here")
     sb.add_argument("--min-snr", type=float, default=0.0, help="summarise galaxies of true S/N >= this")
+    sb.add_argument(
+        "--min-resolution",
+        type=float,
+        default=None,
+        help="resolution-factor cut instead of the catalogue's UNRESOLVED flag (0: none)",
+    )
     sb.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sh = sub.add_parser("shear", help="the field's shear from a posterior catalogue (or posterior.nc)")
@@ -232,6 +238,10 @@ def _shear_bias(args: argparse.Namespace) -> int:
 
     if args.calibrate and args.calibrated:
         raise BayesblendError("--calibrate measures R; it cannot also divide by it (--calibrated)")
+    if args.calibrate and (args.min_snr or args.min_resolution is not None):
+        raise BayesblendError(
+            "--calibrate measures R on the shear catalogue's own selection: drop --min-snr/--min-resolution"
+        )
     bundle = load_bundle(args.prior)
     latent_prior = bundle.check_latent_prior(args.latent_prior)
     cfg = HarnessConfig(
@@ -246,13 +256,19 @@ def _shear_bias(args: argparse.Namespace) -> int:
     if not args.report:
         limit = None if args.max_minutes is None else 60.0 * args.max_minutes
         run(cfg, args.n, args.out, bundle, progress=not args.quiet, time_limit=limit)
-    R = responsivity_from_card(bundle.card, args.method)[0] if args.calibrated else 1.0
+    run_cfg = Path(args.out) / "config.json"
+    if not run_cfg.exists():
+        raise BayesblendError(f"{args.out}: no shear-bias run there (no config.json)")
+    shape_psf = float(json.loads(run_cfg.read_text()).get("shape_psf_fwhm", 0.0))
+    R = responsivity_from_card(bundle.card, args.method, shape_psf)[0] if args.calibrated else 1.0
     try:
-        interim = interim_prior_from_card(bundle.card, latent_prior)
+        interim = interim_prior_from_card(bundle.card, latent_prior, shape_psf)
     except BayesblendError as exc:
         print(f"bayesblend: warning: {exc}; hierarchical estimator skipped", file=sys.stderr)
         interim = None
-    res = summarise(args.out, responsivity=R, interim=interim, min_snr=args.min_snr)
+    res = summarise(
+        args.out, responsivity=R, interim=interim, min_snr=args.min_snr, min_resolution=args.min_resolution
+    )
     print(format_summary(res))
     if args.json:
         from bayesblend.io import atomic_path
@@ -264,9 +280,9 @@ def _shear_bias(args: argparse.Namespace) -> int:
 
         e = res["estimators"]["ensemble"]
         command = (
-            "bayesblend " + " ".join(sys.argv[1:])
-            if sys.argv[0].endswith("bayesblend")
-            else str(Path(args.out))
+            f"bayesblend shear-bias --kind {args.kind} --method {args.method} --seed {args.seed} "
+            f"--shear {args.shear} --draws {args.draws} --latent-prior {latent_prior} --n {args.n} "
+            f"--out {args.out}{' --detect' if args.detect else ''} --calibrate"
         )
         entry = store_responsivity(bundle.path, args.method, e, res, command)
         print(
@@ -300,7 +316,8 @@ def _shear(args: argparse.Namespace) -> int:
         )
     bundle = load_bundle(args.prior or catalog.meta.get("BUNDLE"))
     method = str(catalog.meta.get("METHOD", "map")).lower()
-    R, source = responsivity_from_card(bundle.card, method)
+    shape_psf = float(catalog.meta.get("SHAPEPSF", 0.0))  # 0: made before shapes were reconvolved
+    R, source = responsivity_from_card(bundle.card, method, shape_psf)
     sigma_e = SIGMA_E if args.sigma_e is None else args.sigma_e
     shear_cat = shear_catalog(catalog, R, sigma_e, source)
     est = ensemble_shear(
@@ -311,7 +328,7 @@ def _shear(args: argparse.Namespace) -> int:
         e1, e2, attrs = posterior_ellipticities(args.posterior)
         if e1.shape[0] != len(catalog):
             raise BayesblendError(f"{args.posterior} has {e1.shape[0]} sources, the catalogue {len(catalog)}")
-        interim = interim_prior_from_card(bundle.card, str(attrs.get("latent_prior", "flow")))
+        interim = interim_prior_from_card(bundle.card, str(attrs.get("latent_prior", "flow")), shape_psf)
         ok = np.asarray(shear_cat["weight"]) > 0
         h = hierarchical_shear(e1[ok], e2[ok], interim, seed=args.seed)
         print(

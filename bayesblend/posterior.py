@@ -8,9 +8,10 @@ sampled parameters (``u``: the latent code in the flow's base space,
 - ``z``: latent code; ``flux`` (electrons) and ``mag`` (AB) per band;
 - ``x``, ``y``: position in the scene, pixels, 0-based;
 - ``e1``, ``e2``, ``size``: JAX adaptive moments (:mod:`bayesblend.measure`)
-  of the model-frame morphology in the shape band (``r`` for LSST), with the
-  narrow model PSF's covariance subtracted; shear-type ellipticity; size
-  ``det(Q)^(1/4)`` in arcsec.
+  of the model-frame morphology in the shape band (``r`` for LSST),
+  reconvolved to the survey's PSF FWHM in that band, with the covariance of
+  the model PSF and of the reconvolution subtracted (:func:`shape_setup`);
+  shear-type ellipticity; size ``det(Q)^(1/4)`` in arcsec.
 
 The morphology of every draw is decoded and measured once, under ``jit``, in
 fixed-size chunks (``lax.map``), never in a Python loop over draws.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -33,8 +34,9 @@ from astropy.table import Table
 from bayesblend import catalog as cat
 from bayesblend.forward import render_scene
 from bayesblend.io import atomic_path, write_table
-from bayesblend.measure import morphology_shape
+from bayesblend.measure import morphology_shape, resolution
 from bayesblend.prior.bundle import Networks, PriorBundle
+from bayesblend.survey import get_survey
 
 #: Sampled parameters and derived quantities kept per source.
 SAMPLED = ("u", "log_flux", "offset")
@@ -47,31 +49,76 @@ def shape_band(bands: Sequence[str]) -> str:
     return "r" if "r" in bands else bands[len(bands) // 2]
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4))
-def _measure(nets: Networks, w: dict, u: jnp.ndarray, band: int, model_psf_fwhm_pixels: float):
+@dataclass(frozen=True)
+class ShapeSetup:
+    """How a bundle's morphologies are measured: one definition for every shape of the project.
+
+    Attributes
+    ----------
+    band : str
+        Shape band (:func:`shape_band`).
+    index : int
+        Its position in the bundle's bands.
+    pixel_scale : float
+        arcsec per pixel.
+    model_psf_fwhm : float
+        Model PSF FWHM, pixels.
+    shape_psf_fwhm : float
+        FWHM of the round Gaussian the morphology is reconvolved with before
+        measuring, pixels: the survey's PSF FWHM in the shape band.
+    """
+
+    band: str
+    index: int
+    pixel_scale: float
+    model_psf_fwhm: float
+    shape_psf_fwhm: float
+
+    @property
+    def shape_psf_fwhm_arcsec(self) -> float:
+        """The reconvolution FWHM in arcsec (written to catalogue headers and the card)."""
+        return round(self.shape_psf_fwhm * self.pixel_scale, 6)
+
+
+def shape_setup(bundle: PriorBundle) -> ShapeSetup:
+    """The :class:`ShapeSetup` of ``bundle`` (its survey's PSF in the shape band)."""
+    arch = bundle.card["architecture"]
+    band = shape_band(bundle.bands)
+    scale = float(arch["pixel_scale"])
+    return ShapeSetup(
+        band=band,
+        index=bundle.bands.index(band),
+        pixel_scale=scale,
+        model_psf_fwhm=float(arch["model_psf_fwhm"]) / scale,
+        shape_psf_fwhm=float(get_survey(bundle.survey).band(band).psf_fwhm) / scale,
+    )
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _measure(nets: Networks, w: dict, u: jnp.ndarray, setup: ShapeSetup):
     """``z``, e1, e2, size (pixels) of base draws ``u`` ``(N, latent)``, N a multiple of the chunk."""
 
     def one(ui):
         z = nets.latent(w, ui)
-        m = nets.decode(w, z)[band]
-        s = morphology_shape(m, model_psf_fwhm_pixels)
+        m = nets.decode(w, z)[setup.index]
+        s = morphology_shape(m, setup.model_psf_fwhm, setup.shape_psf_fwhm)
         return z, s["e1"], s["e2"], s["size"]
 
     return jax.lax.map(one, u, batch_size=_CHUNK)
 
 
-def derive_shapes(nets: Networks, u: np.ndarray, band: int, psf_pixels: float):
+def derive_shapes(nets: Networks, u: np.ndarray, setup: ShapeSetup):
     """Latent codes and the PSF-corrected shape of base draws ``u`` ``(..., latent)``.
 
     Returns ``z`` ``(..., latent)`` and e1, e2, size (pixels), each ``(...)``,
-    measured in band index ``band`` with the model PSF of FWHM ``psf_pixels``.
+    measured as ``setup`` says (:func:`shape_setup`).
     """
     flat = u.reshape(-1, u.shape[-1])
     n = flat.shape[0]
     size = _CHUNK * int(2 ** np.ceil(np.log2(max(n, _CHUNK) / _CHUNK)))  # few distinct shapes
     padded = np.zeros((size, flat.shape[1]), np.float32)
     padded[:n] = flat
-    z, e1, e2, s = jax.device_get(_measure(nets, nets.weights(), jnp.asarray(padded), band, psf_pixels))
+    z, e1, e2, s = jax.device_get(_measure(nets, nets.weights(), jnp.asarray(padded), setup))
     shape = u.shape[:-1]
     return z[:n].reshape(u.shape), e1[:n].reshape(shape), e2[:n].reshape(shape), s[:n].reshape(shape)
 
@@ -186,11 +233,10 @@ class Posterior:
         with np.errstate(divide="ignore"):
             draws["mag"] = mz - 2.5 * np.log10(draws["flux"])
         nets = Networks(bundle, latent_prior)
-        band = bundle.bands.index(shape_band(bundle.bands))
-        scale = float(bundle.card["architecture"]["pixel_scale"])
-        psf_pixels = float(bundle.card["architecture"]["model_psf_fwhm"]) / scale
+        setup = shape_setup(bundle)
+        scale = setup.pixel_scale
         if draws["u"].shape[2]:
-            z, e1, e2, size = derive_shapes(nets, draws["u"], band, psf_pixels)
+            z, e1, e2, size = derive_shapes(nets, draws["u"], setup)
         else:
             z = draws["u"].copy()
             e1 = e2 = size = np.zeros(draws["u"].shape[:3], np.float32)
@@ -353,6 +399,7 @@ class Posterior:
             "NCHAIN": int(c),
             "NDRAW": int(d),
             "SHAPEBND": shape_band(self.bands),
+            "SHAPEPSF": shape_setup(self.bundle).shape_psf_fwhm_arcsec,
         }
 
     def catalog(self) -> Table:
@@ -405,6 +452,7 @@ class Posterior:
             v["e1_std"], v["e2_std"] = np.nanstd(e1, axis=0), np.nanstd(e2, axis=0)
             v["e1_e2_cov"] = np.nanmean((e1 - np.nanmean(e1, 0)) * (e2 - np.nanmean(e2, 0)), axis=0)
             v["size"], v["size_std"] = np.nanmedian(size, axis=0), np.nanstd(size, axis=0)
+        v["resolution"] = np.asarray(resolution(v["size"], shape_setup(self.bundle).shape_psf_fwhm_arcsec))
         diag = self.diagnostics()
         v.update(diag)
         flags = np.zeros(self.n_sources, np.int64)
@@ -420,6 +468,7 @@ class Posterior:
         flags |= np.where(snr < cat.SNR_MIN, cat.FLAGS["LOW_SNR"], 0)
         moved = np.hypot(v["x"] - v["x_det"], v["y"] - v["y_det"]) > cat.MOVED_PIXELS
         flags |= np.where(moved, cat.FLAGS["MOVED"], 0)
+        flags |= np.where(~(v["resolution"] >= cat.RESOLUTION_MIN), cat.FLAGS["UNRESOLVED"], 0)
         v["flags"] = flags
         return cat.make_table(v, self.bands, self.meta())
 

@@ -33,7 +33,6 @@ networks except through :class:`InterimPrior`.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,8 +48,10 @@ from bayesblend.errors import BayesblendError
 
 #: Per-component intrinsic shape dispersion of the ensemble weights (LSST-like, = the simulator's).
 SIGMA_E = 0.26
-#: Catalogue flags that exclude a source from shear estimates.
-EXCLUDE_FLAGS = FLAGS["EDGE"] | FLAGS["MASKED_CENTRE"]
+#: Catalogue flags that exclude a source from shear estimates (UNRESOLVED: the shape is the prior's).
+EXCLUDE_FLAGS = FLAGS["EDGE"] | FLAGS["MASKED_CENTRE"] | FLAGS["UNRESOLVED"]
+#: Posterior-catalogue header keywords the shear catalogue carries over.
+_SHEAR_HEADER = ("BUNDLE", "METHOD", "LATPRIOR", "SHAPEBND", "SHAPEPSF")
 #: Importance-weight ESS below which the hierarchical estimate counts a source as poorly covered.
 IS_ESS_MIN = 5.0
 #: Largest |g| and the range of the intrinsic scale ``s`` the hierarchical model allows.
@@ -141,6 +142,10 @@ class InterimPrior:
         Band of the shapes.
     valid_fraction : float
         Fraction of prior draws with a valid shape.
+    shape_psf_fwhm : float
+        FWHM the morphologies were reconvolved to before measuring, arcsec
+        (0: measured at the model PSF, as before that step existed). Shapes
+        measured otherwise follow another prior.
     """
 
     nodes: np.ndarray
@@ -152,6 +157,7 @@ class InterimPrior:
     mean_e2: float = 0.0
     band: str = "r"
     valid_fraction: float = 1.0
+    shape_psf_fwhm: float = 0.0
 
     def log_prob(self, e: jnp.ndarray) -> jnp.ndarray:
         """``log pi(e)`` at complex ellipticities ``e`` (any shape)."""
@@ -173,6 +179,7 @@ class InterimPrior:
             "mean_e2": float(self.mean_e2),
             "band": self.band,
             "valid_fraction": float(self.valid_fraction),
+            "shape_psf_fwhm": float(self.shape_psf_fwhm),
         }
 
     @classmethod
@@ -187,6 +194,7 @@ class InterimPrior:
             mean_e2=float(d.get("mean_e2", 0.0)),
             band=str(d.get("band", "r")),
             valid_fraction=float(d.get("valid_fraction", 1.0)),
+            shape_psf_fwhm=float(d.get("shape_psf_fwhm", 0.0)),
         )
 
 
@@ -197,6 +205,7 @@ def interim_from_draws(
     n_nodes: int = 41,
     bandwidth: float = 0.03,
     band: str = "r",
+    shape_psf_fwhm: float = 0.0,
 ) -> InterimPrior:
     """Tabulate ``pi(e)`` from prior draws of ``(e1, e2)`` (Gaussian kernel density estimate).
 
@@ -228,6 +237,7 @@ def interim_from_draws(
         mean_e2=float(y.mean()),
         band=band,
         valid_fraction=float(ok.mean()),
+        shape_psf_fwhm=float(shape_psf_fwhm),
     )
 
 
@@ -242,17 +252,17 @@ def estimate_interim_prior(bundle, latent_prior: str, n_draws: int = 16384, seed
         Prior draws (the table's precision; 16384 take about a minute on 2 CPU cores).
     seed : int
     """
-    from bayesblend.posterior import derive_shapes, shape_band
+    from bayesblend.posterior import derive_shapes, shape_setup
     from bayesblend.prior.bundle import Networks
 
     latent_prior = bundle.check_latent_prior(latent_prior)
     nets = Networks(bundle, latent_prior)
     u = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (n_draws, bundle.latent_dim)), np.float32)
-    band = shape_band(bundle.bands)
-    arch = bundle.card["architecture"]
-    psf_pixels = float(arch["model_psf_fwhm"]) / float(arch["pixel_scale"])
-    _, e1, e2, _ = derive_shapes(nets, u, bundle.bands.index(band), psf_pixels)
-    return interim_from_draws(e1, e2, latent_prior, band=band)
+    setup = shape_setup(bundle)
+    _, e1, e2, _ = derive_shapes(nets, u, setup)
+    return interim_from_draws(
+        e1, e2, latent_prior, band=setup.band, shape_psf_fwhm=setup.shape_psf_fwhm_arcsec
+    )
 
 
 # ----------------------------------------------------------------------------- shear catalogue
@@ -262,11 +272,15 @@ def shape_weight(e1_std: np.ndarray, e2_std: np.ndarray, sigma_e: float = SIGMA_
     return 1.0 / (sigma_e**2 + np.where(np.isfinite(var), var, np.inf))
 
 
-def usable_shapes(e1: np.ndarray, e2: np.ndarray, flags: np.ndarray) -> np.ndarray:
-    """Finite e1, e2 and no flag of :data:`EXCLUDE_FLAGS` (arrays of any one shape)."""
+def usable_shapes(
+    e1: np.ndarray, e2: np.ndarray, flags: np.ndarray, exclude: int = EXCLUDE_FLAGS
+) -> np.ndarray:
+    """Finite e1, e2 with ``|e| < 1`` and no flag of ``exclude`` (arrays of any one shape)."""
     e1 = np.asarray(e1, float)
     e2 = np.asarray(e2, float)
-    return np.isfinite(e1) & np.isfinite(e2) & ((np.asarray(flags, np.int64) & EXCLUDE_FLAGS) == 0)
+    with np.errstate(invalid="ignore"):
+        valid = np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1.0)
+    return valid & ((np.asarray(flags, np.int64) & exclude) == 0)
 
 
 def usable(catalog: Table) -> np.ndarray:
@@ -274,15 +288,26 @@ def usable(catalog: Table) -> np.ndarray:
     return usable_shapes(catalog["e1"], catalog["e2"], catalog["flags"])
 
 
-def responsivity_from_card(card: dict, method: str) -> tuple[float, str]:
+def responsivity_from_card(card: dict, method: str, shape_psf_fwhm: float | None = None) -> tuple[float, str]:
     """The shear responsivity of ``method`` stored in a model card, and where it came from.
 
-    Returns ``(1.0, "none")`` with a warning when the card holds none for that method.
+    Returns ``(1.0, "none")`` with a warning when the card holds none for that
+    method, or (when ``shape_psf_fwhm``, arcsec, is given) none measured on
+    shapes reconvolved to that FWHM.
     """
     entry = card.get("shear_responsivity", {}).get(method)
     if entry is None:
         warnings.warn(
             f"model card has no shear responsivity for method {method!r}: using R = 1 (uncalibrated)",
+            stacklevel=2,
+        )
+        return 1.0, "none"
+    stored = float(entry.get("shape_psf_fwhm", 0.0))
+    if shape_psf_fwhm is not None and not np.isclose(stored, shape_psf_fwhm, atol=1e-4):
+        warnings.warn(
+            f"the card's responsivity for {method!r} was measured on shapes reconvolved to {stored:g} "
+            "arcsec, "
+            f"these are at {shape_psf_fwhm:g} arcsec: using R = 1 (uncalibrated)",
             stacklevel=2,
         )
         return 1.0, "none"
@@ -309,9 +334,9 @@ def shear_catalog(
     out["responsivity"] = np.full(len(catalog), float(responsivity))
     out["responsivity"].description = "shear responsivity R: <e> = R g (measured on simulations)"
     out["flags"] = catalog["flags"]
-    out.meta.update(
-        {k: v for k, v in catalog.meta.items() if k in ("BUNDLE", "METHOD", "LATPRIOR", "SHAPEBND")}
-    )
+    if "resolution" in catalog.colnames:
+        out["resolution"] = catalog["resolution"]
+    out.meta.update({k: v for k, v in catalog.meta.items() if k in _SHEAR_HEADER})
     out.meta.update(
         {
             "ELLCONV": ELLIPTICITY_CONVENTION,
@@ -655,15 +680,28 @@ def posterior_ellipticities(path: str | Path) -> tuple[np.ndarray, np.ndarray, d
         return flat("e1"), flat("e2"), dict(ds.attrs)
 
 
-def interim_prior_from_card(card: dict, latent_prior: str) -> InterimPrior:
-    """The interim ellipticity prior stored in a model card for ``latent_prior``."""
+def interim_prior_from_card(
+    card: dict, latent_prior: str, shape_psf_fwhm: float | None = None
+) -> InterimPrior:
+    """The interim ellipticity prior stored in a model card for ``latent_prior``.
+
+    With ``shape_psf_fwhm`` (arcsec), the stored prior must be of shapes
+    measured after reconvolving to that FWHM (a clear error otherwise).
+    """
     entry = card.get("interim_ellipticity_prior", {}).get(latent_prior)
     if entry is None:
         raise BayesblendError(
             f"model card {card.get('name', '?')!r} has no interim ellipticity prior for the "
             f"{latent_prior!r} latent prior (make it with `bayesblend interim-prior`)"
         )
-    return InterimPrior.from_dict(entry)
+    prior = InterimPrior.from_dict(entry)
+    if shape_psf_fwhm is not None and not np.isclose(prior.shape_psf_fwhm, shape_psf_fwhm, atol=1e-4):
+        raise BayesblendError(
+            f"model card {card.get('name', '?')!r}: its interim prior is of shapes reconvolved to "
+            f"{prior.shape_psf_fwhm:g} arcsec, the catalogue's are at {shape_psf_fwhm:g} arcsec "
+            "(remake it with `bayesblend interim-prior`)"
+        )
+    return prior
 
 
 def store_interim_prior(bundle_path: str | Path, tables: dict[str, InterimPrior], command: str) -> None:
@@ -684,7 +722,6 @@ def store_responsivity(
     """
     from bayesblend.prior.bundle import update_card
 
-    card = json.loads((Path(bundle_path) / "card.json").read_text())
     entry = {
         "R": 1.0 + ensemble["m"],
         "R_err": ensemble["m_err"],
@@ -698,9 +735,8 @@ def store_responsivity(
         "seed": summary["config"]["seed"],
         "n_items": summary["n_items"],
         "n_galaxies": summary["n_used"],
+        "shape_psf_fwhm": float(summary["config"].get("shape_psf_fwhm", 0.0)),
         "command": command,
     }
-    table = dict(card.get("shear_responsivity", {}))
-    table[method] = entry
-    update_card(bundle_path, "shear_responsivity", table)
+    update_card(bundle_path, f"shear_responsivity.{method}", entry)
     return entry

@@ -33,9 +33,11 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from bayesblend.catalog import FLAGS
 from bayesblend.errors import BayesblendError
 from bayesblend.io import atomic_path
 from bayesblend.shear import (
+    EXCLUDE_FLAGS,
     InterimPrior,
     hierarchical_mode,
     jackknife,
@@ -118,7 +120,7 @@ def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
     """Simulate, deblend and match one item's ten variants; arrays ``(variant, galaxy, ...)``."""
     from bayesblend.infer import deblend
     from bayesblend.measure import batched_morphology_shape
-    from bayesblend.posterior import shape_band
+    from bayesblend.posterior import shape_setup
     from bayesblend.simulate.scenes import shear_twins
 
     twins = shear_twins(
@@ -142,7 +144,7 @@ def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
     e1d, e2d = e1d[keep].T, e2d[keep].T  # (source, draw)
     n_gal = len(twins[0].truth)
     n_draw = len(keep)
-    names = ("e1", "e2", "e1_std", "e2_std", "flux_r", "x", "y")
+    names = ("e1", "e2", "e1_std", "e2_std", "flux_r", "x", "y", "size", "resolution")
     out = {k: np.full((N_VARIANTS, n_gal), np.nan) for k in names}
     out["matched"] = np.zeros((N_VARIANTS, n_gal), bool)
     out["flags"] = np.zeros((N_VARIANTS, n_gal), np.int64)
@@ -174,14 +176,12 @@ def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
         out["e1_draws"][v, hit] = e1d[src]
         out["e2_draws"][v, hit] = e2d[src]
     # the noiseless target's model-frame morphology, measured as the posterior draws are
-    band = bundle.bands.index(shape_band(bundle.bands))
-    arch = bundle.card["architecture"]
-    morph = np.stack([t.morphology[0, band] for t in twins]).astype(np.float32)
-    s = batched_morphology_shape(
-        jnp.asarray(morph), float(arch["model_psf_fwhm"]) / float(arch["pixel_scale"]), 40
-    )
+    setup = shape_setup(bundle)
+    morph = np.stack([t.morphology[0, setup.index] for t in twins]).astype(np.float32)
+    s = batched_morphology_shape(jnp.asarray(morph), setup.model_psf_fwhm, setup.shape_psf_fwhm, 40)
     out["target_e1"] = np.asarray(s["e1"], float)
     out["target_e2"] = np.asarray(s["e2"], float)
+    out["target_size"] = np.asarray(s["size"], float) * setup.pixel_scale
     return out
 
 
@@ -206,8 +206,13 @@ def run(
 
     out = Path(out)
     (out / "items").mkdir(parents=True, exist_ok=True)
+    from bayesblend.posterior import shape_setup
+
     bundle = bundle if bundle is not None else load_bundle()
-    key = cfg.key() | {"bundle": str(bundle.card.get("name", bundle.path))}
+    key = cfg.key() | {
+        "bundle": str(bundle.card.get("name", bundle.path)),
+        "shape_psf_fwhm": shape_setup(bundle).shape_psf_fwhm_arcsec,
+    }
     cfg_file = out / "config.json"
     if cfg_file.exists():
         old = json.loads(cfg_file.read_text())
@@ -263,11 +268,21 @@ def load_items(out: str | Path) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v, axis=1) for k, v in parts.items()}
 
 
-def _usable(r: dict) -> np.ndarray:
-    """Galaxies matched with a valid shape in every variant ``(galaxy,)``."""
-    ok = r["matched"] & usable_shapes(r["e1"], r["e2"], r["flags"])
-    with np.errstate(invalid="ignore"):
-        ok &= np.hypot(r["e1"], r["e2"]) < 1
+def _usable(r: dict, min_resolution: float | None = None) -> np.ndarray:
+    """Galaxies matched with a usable shape in every variant ``(galaxy,)``.
+
+    ``min_resolution`` None: the shear catalogue's rule (its UNRESOLVED flag
+    included); a number: that cut on the stored resolution instead of the flag.
+    """
+    exclude = EXCLUDE_FLAGS
+    ok = r["matched"].copy()
+    if min_resolution is not None:
+        if "resolution" not in r:
+            raise BayesblendError("these shear-bias items predate the resolution column: no resolution cut")
+        exclude &= ~FLAGS["UNRESOLVED"]
+        with np.errstate(invalid="ignore"):
+            ok &= r["resolution"] >= min_resolution
+    ok &= usable_shapes(r["e1"], r["e2"], r["flags"], exclude)
     return ok.all(axis=0)
 
 
@@ -327,6 +342,7 @@ def summarise(
     n_blocks: int = 50,
     estimators: tuple[str, ...] = ESTIMATORS,
     min_snr: float = 0.0,
+    min_resolution: float | None = None,
 ) -> dict:
     """Shear biases of every estimator from a run's items (see the module docstring).
 
@@ -344,11 +360,17 @@ def summarise(
         Keep galaxies whose true S/N (unsheared scene) is at least this. A cut on
         the truth, the same for all ten variants: it shows where the response
         comes from but leaves out the selection bias a cut on measured S/N has.
+    min_resolution : float, optional
+        Keep galaxies whose deblended resolution factor is at least this in
+        every variant, instead of the shear catalogue's UNRESOLVED flag (0: no
+        resolution cut). Like the flag, a cut on measured quantities applied
+        to all ten variants alike: galaxies that cross it between variants
+        are dropped, so the selection bias of the cut is not measured.
     """
     cfg = json.loads((Path(out) / "config.json").read_text())
     g = float(cfg["shear"])
     r = load_items(out)
-    use = _usable(r) & (r["true_snr"][0] >= min_snr)
+    use = _usable(r, min_resolution) & (r["true_snr"][0] >= min_snr)
     items = r["item"][0]
     blocks_all = jackknife_blocks(items, n_blocks)
     res: dict = {
@@ -358,6 +380,7 @@ def summarise(
         "n_used": int(use.sum()),
         "responsivity": float(responsivity),
         "min_snr": float(min_snr),
+        "min_resolution": min_resolution,
     }
     sel = {k: v[:, use] for k, v in r.items()}
     blocks = blocks_all[use]
@@ -419,10 +442,12 @@ def summarise(
 def format_summary(res: dict) -> str:
     """A plain-text table of :func:`summarise`'s result."""
     c = res["config"]
+    cut = res.get("min_resolution")
     lines = [
         f"shear bias: {c['kind']}, method {c['method']}, detection {'on' if c['detect'] else 'off'}, "
         f"g = {c['shear']}, seed {c['seed']}, {res['n_items']} items, {res['n_used']}/{res['n_galaxies']} "
-        f"galaxies usable in all 10 variants (true S/N >= {res.get('min_snr', 0.0):g}), "
+        f"galaxies usable in all 10 variants (true S/N >= {res.get('min_snr', 0.0):g}, resolution "
+        f"{'flag' if cut is None else f'>= {cut:g}'}), "
         f"R = {res['responsivity']:.4f}",
         f"{'estimator':<18}{'n':>6}{'m1':>20}{'m2':>20}{'c1':>20}{'c2':>20}",
     ]

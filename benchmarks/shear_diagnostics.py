@@ -1,17 +1,23 @@
 """Where the shear response goes: the diagnostics quoted in RESULTS.md "Shear bias".
 
-    .venv/bin/python benchmarks/shear_diagnostics.py benchmarks/shear/blends-map-s5
+    .venv/bin/python benchmarks/shear_diagnostics.py benchmarks/shear/blends-map-rc-s5
 
 1. per-galaxy response (e(+g) - e(-g)) / 2g of the posterior medians, by true S/N, and the
    mean e2 at zero shear, from a shear-bias run directory;
 2. the mean ellipticity of the latent prior pushed through the decoder, by PSF-corrected size
    (both latent priors, 8192 draws);
 3. the fraction of noiseless isolated targets (held-out seed 2, 600 stamps) whose PSF-corrected
-   moments give no valid shape (NaN or |e| >= 1), and the mean measured e by size.
+   moments give no valid shape (NaN or |e| >= 1), and the mean measured e by size;
+4. the VAE's reconstructions of the same 600 galaxies brightened to S/N 100 (encoder mean,
+   decoded): mean e2 and the slope of reconstructed on true e, by true size.
+
+2-4 are measured twice: at the model PSF (the shape definition before reconvolution) and after
+reconvolving to the survey PSF (:func:`bayesblend.posterior.shape_setup`, the current one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -21,10 +27,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayesblend.measure import batched_morphology_shape
-from bayesblend.posterior import derive_shapes
+from bayesblend.posterior import ShapeSetup, derive_shapes, shape_setup
 from bayesblend.prior.bundle import Networks, load_bundle
 from bayesblend.shear_bias import _usable, load_items
 from bayesblend.simulate.scenes import simulate_isolated
+
+SIZE_BINS = ((0, 1), (1, 2), (2, np.inf))  # PSF-corrected size, pixels
+
+
+def _valid(e1, e2):
+    return np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1)
+
+
+def _setups(bundle) -> dict[str, ShapeSetup]:
+    now = shape_setup(bundle)
+    return {"model PSF": dataclasses.replace(now, shape_psf_fwhm=0.0), f'{now.shape_psf_fwhm_arcsec}"': now}
 
 
 def response_by_snr(run: str) -> None:
@@ -46,37 +63,65 @@ def response_by_snr(run: str) -> None:
 
 def prior_by_size(bundle) -> None:
     print("2. latent prior through the decoder: mean e by PSF-corrected size (r band, 8192 draws)")
-    arch = bundle.card["architecture"]
-    psf = float(arch["model_psf_fwhm"]) / float(arch["pixel_scale"])
     u = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (8192, bundle.latent_dim)), np.float32)
-    for lp in ("flow", "normal"):
-        _, e1, e2, size = derive_shapes(Networks(bundle, lp), u, bundle.bands.index("r"), psf)
-        ok = np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1)
-        print(f"   {lp}: valid {ok.mean():.1%}; mean e1 {e1[ok].mean():+.3f}, e2 {e2[ok].mean():+.3f}")
-        for lo, hi in ((0, 1), (1, 2), (2, np.inf)):
-            s = ok & (size >= lo) & (size < hi)
-            if s.any():
-                print(
-                    f"      size {lo}-{hi} px: n={s.sum():>4}  "
-                    f"mean e1 {e1[s].mean():+.3f}  e2 {e2[s].mean():+.3f}"
-                )
+    for name, setup in _setups(bundle).items():
+        for lp in ("flow", "normal"):
+            _, e1, e2, size = derive_shapes(Networks(bundle, lp), u, setup)
+            ok = _valid(e1, e2)
+            print(
+                f"   {name}, {lp}: valid {ok.mean():.1%}; "
+                f"mean e1 {e1[ok].mean():+.3f}, e2 {e2[ok].mean():+.3f}"
+            )
+            for lo, hi in SIZE_BINS:
+                s = ok & (size >= lo) & (size < hi)
+                if s.any():
+                    print(
+                        f"      size {lo}-{hi} px: n={s.sum():>4}  "
+                        f"mean e1 {e1[s].mean():+.3f}  e2 {e2[s].mean():+.3f}"
+                    )
 
 
-def noiseless_targets(bundle, n: int = 600) -> None:
-    arch = bundle.card["architecture"]
-    psf = float(arch["model_psf_fwhm"]) / float(arch["pixel_scale"])
-    morph = np.stack([simulate_isolated(2, i, max_shift=0.5, noise=False).morphology[0, 2] for i in range(n)])
-    s = batched_morphology_shape(jnp.asarray(morph, jnp.float32), psf, 40)
-    e1, e2, size = (np.asarray(s[k]) for k in ("e1", "e2", "size"))
-    ok = np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1)
-    print(f"3. noiseless isolated targets (seed 2, {n}): no valid shape for {1 - ok.mean():.1%}")
-    for lo, hi in ((0, 1), (1, 2), (2, np.inf)):
-        m = ok & (size >= lo) & (size < hi)
-        print(f"      size {lo}-{hi} px: n={m.sum():>4}  mean e1 {e1[m].mean():+.3f}  e2 {e2[m].mean():+.3f}")
+def targets_and_reconstructions(bundle, n: int = 600) -> None:
+    from bayesblend.prior.flow import SNR_FOR_FLOW
+
+    sims = [simulate_isolated(2, i, max_shift=0.5, psf_jitter=0.05, noise=False) for i in range(n)]
+    r = bundle.bands.index("r")
+    morph = jnp.asarray(np.stack([t.morphology[0, r] for t in sims]), jnp.float32)
+    clean = np.stack([t.noiseless for t in sims]).astype(np.float32)
+    sky = np.stack([np.median(t.scene.variance, axis=(1, 2)) for t in sims]).astype(np.float32)
+    snr = np.sqrt(np.sum(clean[:, r] ** 2 / (clean[:, r] + sky[:, r, None, None]), axis=(1, 2)))
+    bright = clean * np.maximum(1.0, SNR_FOR_FLOW / snr)[:, None, None, None]
+    rng = np.random.default_rng(0)
+    noisy = bright + np.sqrt(sky[:, :, None, None] + bright) * rng.standard_normal(bright.shape).astype(
+        np.float32
+    )
+    mean, _ = bundle.encode(jnp.asarray(noisy), jnp.sqrt(jnp.asarray(sky[0])))
+    recon = bundle.decode(mean)[:, r]
+    for name, setup in _setups(bundle).items():
+        t = batched_morphology_shape(morph, setup.model_psf_fwhm, setup.shape_psf_fwhm, 40)
+        d = batched_morphology_shape(recon, setup.model_psf_fwhm, setup.shape_psf_fwhm, 40)
+        t1, t2, ts, d1, d2 = (np.asarray(x) for x in (t["e1"], t["e2"], t["size"], d["e1"], d["e2"]))
+        ok_t = _valid(t1, t2)
+        ok = ok_t & _valid(d1, d2)
+        print(
+            f"3-4. {name}: noiseless isolated targets (seed 2, {n}): "
+            f"no valid shape for {1 - ok_t.mean():.1%}; "
+            f"reconstructions of the S/N-100 stamps: no valid shape for {1 - _valid(d1, d2).mean():.1%}"
+        )
+        for lo, hi in SIZE_BINS:
+            m = ok & (ts >= lo) & (ts < hi)
+            if m.sum() < 10:
+                continue
+            s1 = np.sum(d1[m] * t1[m]) / np.sum(t1[m] ** 2)
+            s2 = np.sum(d2[m] * t2[m]) / np.sum(t2[m] ** 2)
+            print(
+                f"      size {lo}-{hi} px: n={m.sum():>4}  targets mean e2 {t2[m].mean():+.3f}  "
+                f"reconstructions mean e2 {d2[m].mean():+.3f}, slope on truth e1 {s1:.2f} e2 {s2:.2f}"
+            )
 
 
 if __name__ == "__main__":
     bundle = load_bundle()
-    response_by_snr(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/shear/blends-map-s5")
+    response_by_snr(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/shear/blends-map-rc-s5")
     prior_by_size(bundle)
-    noiseless_targets(bundle)
+    targets_and_reconstructions(bundle)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bayesblend.errors import BundleError
-from bayesblend.prior.bundle import load_bundle, save_bundle
+from bayesblend.prior.bundle import load_bundle, save_bundle, update_card
 from bayesblend.prior.flow import fit_flow, log_prob, sample
 from bayesblend.prior.networks import Decoder, Encoder
 from bayesblend.prior.train import TrainConfig, train
@@ -141,3 +141,15 @@ def test_flow_normalises_and_matches_its_data():
     draws = np.asarray(sample(flow, params, jax.random.PRNGKey(2), 4000))
     np.testing.assert_allclose(draws.mean(0), [1.0, -0.5], atol=0.1)
     np.testing.assert_allclose(np.cov(draws.T), cov, atol=0.15)
+
+
+def test_update_card_sets_nested_entries_and_keeps_the_rest(tmp_path):
+    (tmp_path / "card.json").write_text(json.dumps({"name": "b", "table": {"map": 1, "svi": 2}}))
+    card = update_card(tmp_path, "table.map", {"R": 0.5})
+    assert card["table"] == {"map": {"R": 0.5}, "svi": 2} and card["name"] == "b"
+    assert json.loads((tmp_path / "card.json").read_text()) == card
+    assert update_card(tmp_path, "new.deep.key", 3)["new"] == {"deep": {"key": 3}}
+    with pytest.raises(BundleError, match="'name' is not a table"):
+        update_card(tmp_path, "name.x", 1)
+    with pytest.raises(BundleError, match="no card.json"):
+        update_card(tmp_path / "missing", "a", 1)

@@ -10,18 +10,22 @@ import pytest
 from bayesblend.catalog import FLAGS, make_table
 from bayesblend.errors import BayesblendError
 from bayesblend.shear import (
+    EXCLUDE_FLAGS,
     InterimPrior,
     component_sigma,
     ensemble_shear,
     hierarchical_mode,
     hierarchical_shear,
     interim_from_draws,
+    interim_prior_from_card,
     intrinsic_log_density,
     lens,
+    responsivity_from_card,
     shear_catalog,
     sheared_log_density,
     unlens,
     unlens_log_jacobian,
+    usable_shapes,
 )
 from bayesblend.simulate.population import SIGMA_E, draw_ellipticities, ellipticity_scale
 from bayesblend.simulate.render import lensed_ellipticity
@@ -202,24 +206,27 @@ def test_interim_from_draws_is_a_normalised_density():
 
 
 def test_shear_catalog_columns_weights_and_header():
-    n = 5
+    n = 7
     vals = {
         "id": np.arange(n),
         "blend_id": np.arange(n),
-        "e1": np.array([0.1, 0.2, np.nan, 0.0, -0.1]),
-        "e2": np.zeros(n),
+        "e1": np.array([0.1, 0.2, np.nan, 0.0, -0.1, 0.9, 0.1]),
+        "e2": np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0]),
         "e1_std": np.full(n, 0.1),
         "e2_std": np.full(n, 0.1),
-        "flags": np.array([0, FLAGS["EDGE"], 0, FLAGS["LOW_SNR"], 0]),
+        "resolution": np.array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.1]),
+        "flags": np.array([0, FLAGS["EDGE"], 0, FLAGS["LOW_SNR"], 0, 0, FLAGS["UNRESOLVED"]]),
     }
-    cat = make_table(vals, ["r"], {"METHOD": "map"})
+    cat = make_table(vals, ["r"], {"METHOD": "map", "SHAPEPSF": 0.81})
     sc = shear_catalog(cat, responsivity=0.8, source="test")
     for c in ("e1", "e2", "weight", "responsivity", "flags", "ra", "dec"):
         assert c in sc.colnames
     w = np.asarray(sc["weight"])
     assert w[1] == 0 and w[2] == 0  # edge; no shape
+    assert w[5] == 0 and w[6] == 0  # |e| >= 1; unresolved
     assert w[0] == pytest.approx(1 / (0.26**2 + 0.01)) and w[3] > 0
-    assert "45" in sc.meta["E2SIGN"] and sc.meta["RESPSRC"] == "test"
+    assert "45" in sc.meta["E2SIGN"] and sc.meta["RESPSRC"] == "test" and sc.meta["SHAPEPSF"] == 0.81
+    assert "resolution" in sc.colnames
     assert np.all(sc["responsivity"] == 0.8)
 
 
@@ -231,3 +238,29 @@ def test_shipped_bundle_carries_interim_priors(prior):
         assert ip.n_draws > 10000 and ip.log_density.shape == (41, 41)
     with pytest.raises(BayesblendError, match="interim-prior"):
         interim_prior_from_card({"name": "x"}, "flow")
+
+
+def test_card_entries_must_match_the_shape_definition(prior):
+    from bayesblend.posterior import shape_setup
+
+    now = shape_setup(prior).shape_psf_fwhm_arcsec
+    assert now == pytest.approx(0.81)  # LSST r-band PSF
+    assert interim_prior_from_card(prior.card, "flow", now).shape_psf_fwhm == pytest.approx(now)
+    # shapes measured at the model PSF (old catalogues: no SHAPEPSF) follow another prior
+    with pytest.raises(BayesblendError, match="reconvolved to 0.81 arcsec.*interim-prior"):
+        interim_prior_from_card(prior.card, "flow", 0.0)
+    card = {"shear_responsivity": {"map": {"R": 0.5, "shape_psf_fwhm": now, "command": "c"}}}
+    assert responsivity_from_card(card, "map", now) == (0.5, "c")
+    with pytest.warns(UserWarning, match="reconvolved to 0.81"):
+        assert responsivity_from_card(card, "map", 0.0) == (1.0, "none")
+    with pytest.warns(UserWarning, match="no shear responsivity"):
+        assert responsivity_from_card(card, "svi", now) == (1.0, "none")
+
+
+def test_usable_shapes_rule():
+    e1 = np.array([0.1, np.nan, 0.8, 0.1, 0.1])
+    e2 = np.array([0.0, 0.0, 0.7, 0.0, 0.0])
+    flags = np.array([0, 0, 0, FLAGS["UNRESOLVED"], FLAGS["LOW_SNR"]])
+    np.testing.assert_array_equal(usable_shapes(e1, e2, flags), [True, False, False, False, True])
+    relaxed = usable_shapes(e1, e2, flags, EXCLUDE_FLAGS & ~FLAGS["UNRESOLVED"])
+    np.testing.assert_array_equal(relaxed, [True, False, False, True, True])

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from bayesblend.catalog import make_table
+from bayesblend.catalog import FLAGS, RESOLUTION_MIN, make_table
 from bayesblend.cli import main
 from bayesblend.errors import BayesblendError
 from bayesblend.io import write_table
@@ -42,8 +44,14 @@ def test_harness_end_to_end_on_isolated_galaxies(tmp_path, prior):
     assert r["matched"].all()
     # the twins' truth: rotated variants have minus the intrinsic ellipticity of the unrotated ones
     np.testing.assert_allclose(r["true_e1_int"][5], -r["true_e1_int"][0], atol=1e-12)
-    res = summarise(tmp_path, estimators=("truth", "ensemble", "noiseless"))
-    assert res["n_items"] == 2 and res["n_galaxies"] == 2
+    assert r["resolution"].shape == (10, 2) and np.all((r["resolution"] > 0) & (r["resolution"] < 1))
+    unresolved = (r["flags"] & FLAGS["UNRESOLVED"]) > 0
+    np.testing.assert_array_equal(unresolved, r["resolution"] < RESOLUTION_MIN)
+    assert json.loads((tmp_path / "config.json").read_text())["shape_psf_fwhm"] == pytest.approx(0.81)
+    flagged = summarise(tmp_path, estimators=("truth",))
+    assert flagged["n_used"] == int((~unresolved).all(axis=0).sum())
+    res = summarise(tmp_path, estimators=("truth", "ensemble", "noiseless"), min_resolution=0.0)
+    assert res["n_items"] == 2 and res["n_galaxies"] == 2 and res["n_used"] == 2
     t = res["estimators"]["truth"]
     assert abs(t["c1"]) < 1e-12 and abs(t["c2"]) < 1e-12  # rotated twins cancel at zero shear
     assert abs(t["m1"]) < 0.1 and abs(t["m2"]) < 0.1

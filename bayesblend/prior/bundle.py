@@ -295,13 +295,21 @@ def update_card(path: str | Path, key: str, value: Any) -> dict:
     """Set ``card[key] = value`` in a bundle's ``card.json`` (atomically); returns the new card.
 
     For measurements made *with* a bundle (calibrations, tables derived from
-    its networks); the weights and their checksums are left alone.
+    its networks); the weights and their checksums are left alone. A dotted
+    ``key`` (``"shear_responsivity.map"``) sets one entry of a nested table,
+    keeping its other entries.
     """
     card_file = Path(path) / "card.json"
     if not card_file.exists():
         raise BundleError(f"no model bundle at {path} (no card.json)")
     card = json.loads(card_file.read_text())
-    card[key] = value
+    *parents, last = key.split(".")
+    node = card
+    for k in parents:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise BundleError(f"{card_file}: {k!r} is not a table, cannot set {key!r}")
+    node[last] = value
     with atomic_path(card_file) as tmp:
         tmp.write_text(json.dumps(card, indent=1, sort_keys=False))
     return card
