@@ -138,8 +138,9 @@ def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
         **cfg.settings,
     )
     cat = post.catalog()
-    e1d = post.draws["e1"].reshape((-1,) + post.draws["e1"].shape[2:])  # (sample, source)
-    e2d = post.draws["e2"].reshape((-1,) + post.draws["e2"].shape[2:])
+    chains, draws, n_src = post.draws["e1"].shape  # n_src may be 0 (nothing detected)
+    e1d = post.draws["e1"].reshape(chains * draws, n_src)  # (sample, source)
+    e2d = post.draws["e2"].reshape(chains * draws, n_src)
     keep = np.linspace(0, e1d.shape[0] - 1, min(cfg.draws, e1d.shape[0])).astype(int)
     e1d, e2d = e1d[keep].T, e2d[keep].T  # (source, draw)
     n_gal = len(twins[0].truth)

@@ -12,7 +12,7 @@ BB=${BB:-.venv/bin/bayesblend}
 CAL_MIN=${CAL_MIN:-35}
 VAL_MIN=${VAL_MIN:-15}
 ISO_MIN=${ISO_MIN:-12}
-DET_MIN=${DET_MIN:-12}
+DET_MIN=${DET_MIN:-10}
 OUT=benchmarks/shear
 $BB shear-bias --kind blends --method map --seed 5 --n 2000 --out $OUT/blends-map-rc-s5 --max-minutes "$CAL_MIN" --quiet --json $OUT/blends-map-rc-s5.json --calibrate
 $BB shear-bias --kind blends --method map --seed 6 --n 2000 --out $OUT/blends-map-rc-s6 --max-minutes "$VAL_MIN" --quiet --json $OUT/blends-map-rc-s6.json --calibrated

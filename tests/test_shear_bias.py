@@ -11,7 +11,16 @@ from bayesblend.catalog import FLAGS, RESOLUTION_MIN, make_table
 from bayesblend.cli import main
 from bayesblend.errors import BayesblendError
 from bayesblend.io import write_table
-from bayesblend.shear_bias import HarnessConfig, _biases, _match, format_summary, load_items, run, summarise
+from bayesblend.shear_bias import (
+    HarnessConfig,
+    _biases,
+    _match,
+    format_summary,
+    load_items,
+    run,
+    run_item,
+    summarise,
+)
 
 
 def test_match_is_one_to_one_within_the_radius():
@@ -132,3 +141,10 @@ def test_cli_shear_with_a_posterior_runs_the_hierarchical_estimator(tmp_path, ca
     out = capsys.readouterr().out
     assert code == 0, out
     assert "hierarchical" in out and "importance ESS" in out
+
+
+def test_harness_item_with_nothing_detected(prior):
+    # item 0 of seed 5: sep finds none of its three faint galaxies in any variant
+    r = run_item(0, HarnessConfig(kind="blends", seed=5, detect=True, method="amortised", draws=8), prior)
+    assert r["e1"].shape == (10, 3) and not r["matched"].any()
+    assert np.isnan(r["e1"]).all() and r["e1_draws"].shape[:2] == (10, 3)
