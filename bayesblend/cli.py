@@ -230,11 +230,10 @@ def _deblend(args: argparse.Namespace) -> int:
 
 def _shear_bias(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from bayesblend.prior.bundle import load_bundle
     from bayesblend.shear import interim_prior_from_card, responsivity_from_card
-    from bayesblend.shear_bias import HarnessConfig, format_summary, run, summarise
+    from bayesblend.shear_bias import HarnessConfig, format_summary, run, run_config, summarise
 
     if args.calibrate and args.calibrated:
         raise BayesblendError("--calibrate measures R; it cannot also divide by it (--calibrated)")
@@ -256,10 +255,7 @@ def _shear_bias(args: argparse.Namespace) -> int:
     if not args.report:
         limit = None if args.max_minutes is None else 60.0 * args.max_minutes
         run(cfg, args.n, args.out, bundle, progress=not args.quiet, time_limit=limit)
-    run_cfg = Path(args.out) / "config.json"
-    if not run_cfg.exists():
-        raise BayesblendError(f"{args.out}: no shear-bias run there (no config.json)")
-    shape_psf = float(json.loads(run_cfg.read_text()).get("shape_psf_fwhm", 0.0))
+    shape_psf = float(run_config(args.out).get("shape_psf_fwhm", 0.0))
     R = responsivity_from_card(bundle.card, args.method, shape_psf)[0] if args.calibrated else 1.0
     try:
         interim = interim_prior_from_card(bundle.card, latent_prior, shape_psf)

@@ -135,6 +135,8 @@ class Posterior:
     seed : int
     latent_prior : str
     bands : tuple of str
+    shapes : ShapeSetup
+        How ``e1``, ``e2`` and ``size`` were measured (:func:`shape_setup`).
     draws : dict of numpy.ndarray
         Sampled parameters (:data:`SAMPLED`) and derived quantities (:data:`DERIVED`).
     sources : astropy.table.Table
@@ -176,6 +178,7 @@ class Posterior:
         self.bundle = bundle
         self.scenes = list(scenes)
         self.bands = tuple(bundle.bands)
+        self.shapes = shape_setup(bundle)
         self.draws = draws
         self.sources = sources
         self.stats = stats
@@ -398,8 +401,8 @@ class Posterior:
             "LATPRIOR": self.latent_prior,
             "NCHAIN": int(c),
             "NDRAW": int(d),
-            "SHAPEBND": shape_band(self.bands),
-            "SHAPEPSF": shape_setup(self.bundle).shape_psf_fwhm_arcsec,
+            "SHAPEBND": self.shapes.band,
+            "SHAPEPSF": self.shapes.shape_psf_fwhm_arcsec,
         }
 
     def catalog(self) -> Table:
@@ -452,7 +455,7 @@ class Posterior:
             v["e1_std"], v["e2_std"] = np.nanstd(e1, axis=0), np.nanstd(e2, axis=0)
             v["e1_e2_cov"] = np.nanmean((e1 - np.nanmean(e1, 0)) * (e2 - np.nanmean(e2, 0)), axis=0)
             v["size"], v["size_std"] = np.nanmedian(size, axis=0), np.nanstd(size, axis=0)
-        v["resolution"] = np.asarray(resolution(v["size"], shape_setup(self.bundle).shape_psf_fwhm_arcsec))
+        v["resolution"] = np.asarray(resolution(v["size"], self.shapes.shape_psf_fwhm_arcsec))
         diag = self.diagnostics()
         v.update(diag)
         flags = np.zeros(self.n_sources, np.int64)
@@ -463,7 +466,7 @@ class Posterior:
         flags |= np.where(diag["r_hat_max"] > cat.R_HAT_MAX, cat.FLAGS["NOT_CONVERGED"], 0)
         flags |= np.where(diag["ess_bulk_min"] < cat.ESS_MIN, cat.FLAGS["LOW_ESS"], 0)
         flags |= np.where(diag["n_divergent"] > 0, cat.FLAGS["DIVERGENT"], 0)
-        sb = shape_band(self.bands)
+        sb = self.shapes.band
         snr = v[f"flux_{sb}"] / np.maximum(v[f"flux_{sb}_std"], 1e-30)
         flags |= np.where(snr < cat.SNR_MIN, cat.FLAGS["LOW_SNR"], 0)
         moved = np.hypot(v["x"] - v["x_det"], v["y"] - v["y_det"]) > cat.MOVED_PIXELS

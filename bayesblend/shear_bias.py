@@ -247,6 +247,14 @@ def run(
     return done
 
 
+def run_config(out: str | Path) -> dict:
+    """The configuration a run directory was made with (``out/config.json``; a clear error if none)."""
+    cfg_file = Path(out) / "config.json"
+    if not cfg_file.exists():
+        raise BayesblendError(f"{out}: no shear-bias run there (no config.json)")
+    return json.loads(cfg_file.read_text())
+
+
 def load_items(out: str | Path) -> dict[str, np.ndarray]:
     """All items of a run, concatenated along the galaxy axis, with ``item`` per galaxy."""
     files = sorted((Path(out) / "items").glob("item_*.npz"))
@@ -368,7 +376,7 @@ def summarise(
         to all ten variants alike: galaxies that cross it between variants
         are dropped, so the selection bias of the cut is not measured.
     """
-    cfg = json.loads((Path(out) / "config.json").read_text())
+    cfg = run_config(out)
     g = float(cfg["shear"])
     r = load_items(out)
     use = _usable(r, min_resolution) & (r["true_snr"][0] >= min_snr)

@@ -82,19 +82,15 @@ def prior_by_size(bundle) -> None:
 
 
 def targets_and_reconstructions(bundle, n: int = 600) -> None:
-    from bayesblend.prior.flow import SNR_FOR_FLOW
+    from bayesblend.prior.flow import brightened_observation
 
     sims = [simulate_isolated(2, i, max_shift=0.5, psf_jitter=0.05, noise=False) for i in range(n)]
     r = bundle.bands.index("r")
     morph = jnp.asarray(np.stack([t.morphology[0, r] for t in sims]), jnp.float32)
     clean = np.stack([t.noiseless for t in sims]).astype(np.float32)
     sky = np.stack([np.median(t.scene.variance, axis=(1, 2)) for t in sims]).astype(np.float32)
-    snr = np.sqrt(np.sum(clean[:, r] ** 2 / (clean[:, r] + sky[:, r, None, None]), axis=(1, 2)))
-    bright = clean * np.maximum(1.0, SNR_FOR_FLOW / snr)[:, None, None, None]
-    rng = np.random.default_rng(0)
-    noisy = bright + np.sqrt(sky[:, :, None, None] + bright) * rng.standard_normal(bright.shape).astype(
-        np.float32
-    )
+    normal = np.random.default_rng(0).standard_normal(clean.shape)
+    noisy = brightened_observation(clean, sky, r, normal)
     mean, _ = bundle.encode(jnp.asarray(noisy), jnp.sqrt(jnp.asarray(sky[0])))
     recon = bundle.decode(mean)[:, r]
     for name, setup in _setups(bundle).items():

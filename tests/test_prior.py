@@ -9,7 +9,7 @@ import pytest
 
 from bayesblend.errors import BundleError
 from bayesblend.prior.bundle import load_bundle, save_bundle, update_card
-from bayesblend.prior.flow import fit_flow, log_prob, sample
+from bayesblend.prior.flow import SNR_FOR_FLOW, brightened_observation, fit_flow, log_prob, sample
 from bayesblend.prior.networks import Decoder, Encoder
 from bayesblend.prior.train import TrainConfig, train
 from bayesblend.simulate.dataset import simulate_dataset
@@ -153,3 +153,20 @@ def test_update_card_sets_nested_entries_and_keeps_the_rest(tmp_path):
         update_card(tmp_path, "name.x", 1)
     with pytest.raises(BundleError, match="no card.json"):
         update_card(tmp_path / "missing", "a", 1)
+
+
+def test_brightened_observation_lifts_faint_galaxies_only():
+    yy, xx = np.mgrid[:16, :16] - 7.5
+    blob = np.exp(-(xx**2 + yy**2) / 8.0).astype(np.float32)
+    clean = np.stack([np.stack([a * blob] * 2) for a in (1.0, 1e5)])  # (2 galaxies, 2 bands, y, x)
+    sky = np.array([100.0, 400.0], np.float32)
+    out = brightened_observation(clean, sky, 1, np.zeros_like(clean))  # noiseless: just the boost
+    assert out.dtype == np.float32
+    ref = clean[:, 1]
+    snr = np.sqrt(np.sum(ref**2 / (ref + sky[1]), axis=(1, 2)))  # S/N before brightening
+    assert snr[0] < SNR_FOR_FLOW < snr[1]
+    np.testing.assert_allclose(out[0], clean[0] * SNR_FOR_FLOW / snr[0], rtol=1e-5)  # faint: boosted
+    np.testing.assert_allclose(out[1], clean[1])  # bright already: unchanged
+    np.testing.assert_allclose(out[0, 0] / out[0, 1], 1.0)  # one factor for all bands: colour kept
+    noisy = brightened_observation(clean, sky, 1, np.ones_like(clean))  # noise of variance sky + signal
+    np.testing.assert_allclose(noisy, out + np.sqrt(sky[:, None, None] + out), rtol=1e-6)

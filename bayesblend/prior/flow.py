@@ -119,6 +119,40 @@ def sample(flow: RealNVP, params, key: jax.Array, n: int) -> jnp.ndarray:
     return flow.apply(params, u, method=RealNVP.sample_from_base)
 
 
+def brightened_observation(clean: np.ndarray, sky: np.ndarray, band: int, normal: np.ndarray) -> np.ndarray:
+    """Noiseless stamps brightened by ``max(1, SNR_FOR_FLOW / S/N)``, then observed with noise.
+
+    The S/N is measured before brightening; as the source's own Poisson
+    variance grows with it, the brightened S/N is a little below
+    :data:`SNR_FOR_FLOW` for galaxies bright enough to matter against the sky.
+
+    Parameters
+    ----------
+    clean : array ``(n, band, y, x)``
+        Noiseless stamps, electrons.
+    sky : array ``(band,)`` or ``(n, band)``
+        Sky level per pixel, electrons.
+    band : int
+        Index of the band whose S/N (optimal, sky plus source variance) sets the boost.
+    normal : array like ``clean``
+        Standard-normal draws for the noise.
+
+    Returns
+    -------
+    numpy.ndarray
+        Each galaxy scaled by that factor (shape, size and colour unchanged) plus
+        Gaussian noise of variance sky + signal, in ``clean``'s dtype.
+    """
+    sky = np.asarray(sky, clean.dtype)
+    sky_b = sky[..., band].reshape(-1, 1, 1)
+    ref = np.clip(clean[:, band], 0, None)
+    snr = np.sqrt(np.sum(ref**2 / (ref + sky_b), axis=(1, 2)))
+    boost = np.maximum(1.0, SNR_FOR_FLOW / np.maximum(snr, 1e-3)).astype(clean.dtype)
+    bright = clean * boost[:, None, None, None]
+    var = sky[..., :, None, None] + np.clip(bright, 0, None)
+    return bright + np.sqrt(var) * np.asarray(normal, clean.dtype)
+
+
 def fit_flow(
     z: np.ndarray,
     layers: int = 6,
@@ -199,13 +233,7 @@ def train_flow_from_run(cfg, progress: bool = True, n_galaxies: int = 50000) -> 
         # is brightened to S/N >= 100 in the reference band (its shape and size unchanged)
         # and observed with the matching noise before encoding: informative codes for all.
         r = data.bands.index("r") if "r" in data.bands else 0
-        sig = np.sqrt(
-            np.sum(np.clip(clean[:, r], 0, None) ** 2 / (clean[:, r].clip(0) + data.sky[r]), axis=(1, 2))
-        )
-        boost = np.maximum(1.0, SNR_FOR_FLOW / np.maximum(sig, 1e-3))[:, None, None, None]
-        bright = clean * boost
-        var = data.sky[:, None, None] + np.clip(bright, 0, None)
-        noisy = bright + np.sqrt(var) * np.asarray(jax.random.normal(k1, bright.shape))
+        noisy = brightened_observation(clean, data.sky, r, jax.random.normal(k1, clean.shape))
         mean, log_sigma = encode(params, jnp.asarray(noisy, dtype=jnp.float32))
         zs.append(np.asarray(mean + jnp.exp(log_sigma) * jax.random.normal(k2, mean.shape)))
     z = np.concatenate(zs)
