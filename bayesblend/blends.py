@@ -157,6 +157,7 @@ def prepare_blend(
     bundle: PriorBundle,
     log_flux_sigma: float = 2.0,
     position_sigma: float = 0.5,
+    model_error: float = 0.0,
     origin: tuple[int, int] = (0, 0),
 ) -> PreparedBlend:
     """Arrays of the scene model for sources at ``(x, y)`` in ``scene`` (bands in the bundle's order).
@@ -227,5 +228,6 @@ def prepare_blend(
         log_flux_sigma=log_flux_sigma,
         position_sigma=position_sigma,
         has_variance=sc.variance is not None,
+        model_error=model_error,
     )
     return PreparedBlend(spec, data, k, x, y, tuple(bundle.bands), np.asarray(sc.magzero), sc, origin)

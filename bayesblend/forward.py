@@ -9,6 +9,14 @@ cancels. Convolution and shift are one multiplication in Fourier space on a
 zero-padded grid of side ``n`` (even), which keeps PSF wings from wrapping
 around onto the stamp.
 
+In a scene (:func:`render_scene`) the offset places the morphology's light
+centroid, not its stamp centre: the decoder's softmax output can put light
+anywhere in the stamp, and a joint fit used that freedom to let faint
+neighbours of a bright galaxy put their light on its core and absorb its
+residuals (a refinement of DESIGN.md's "shifted by its sub-pixel offset").
+:func:`render_source` is the stamp-level operation and shifts the stamp as
+given (training uses it with centred targets).
+
 Every function here is jit- and vmap-friendly (static shapes only).
 """
 
@@ -110,6 +118,30 @@ def render_source(
     return flux[:, None, None] * image
 
 
+def light_centroid(morphology: jnp.ndarray) -> jnp.ndarray:
+    """First moment ``(dx, dy)`` of a morphology's light from its stamp centre, pixels.
+
+    Parameters
+    ----------
+    morphology : jax.Array
+        ``(..., band, S, S)``; the bands are summed (one centroid for all bands,
+        so colour gradients are kept) and negative pixels are ignored.
+
+    Returns
+    -------
+    jax.Array
+        ``(..., 2)``; zero for an empty morphology.
+    """
+    light = jnp.clip(morphology, 0.0, None).sum(axis=-3)
+    s = light.shape[-1]
+    coords = jnp.arange(s, dtype=light.dtype) - (s - 1) / 2.0
+    total = light.sum(axis=(-2, -1))
+    safe = jnp.where(total > 0, total, 1.0)
+    dx = jnp.einsum("...yx,x->...", light, coords) / safe
+    dy = jnp.einsum("...yx,y->...", light, coords) / safe
+    return jnp.stack([dx, dy], axis=-1) * (total > 0)[..., None]
+
+
 def render_scene(
     morphology: jnp.ndarray,
     flux: jnp.ndarray,
@@ -127,7 +159,13 @@ def render_scene(
     flux : jax.Array
         ``(source, band)`` electrons (zero for padded sources).
     offset : jax.Array
-        ``(source, 2)`` sub-pixel ``(dx, dy)`` of each source from its stamp centre.
+        ``(source, 2)`` sub-pixel ``(dx, dy)`` of each source's light centroid
+        from its stamp centre. Each morphology is first shifted so that its
+        centroid (:func:`light_centroid`) sits at the stamp centre, so a
+        source's position is where its light is: a decoded morphology cannot
+        put its light pixels away from the source's position (a joint fit
+        otherwise uses faint neighbours' off-centre light to absorb a bright
+        galaxy's residuals).
     anchor : jax.Array of int
         ``(source, 2)`` canvas pixel ``(x0, y0)`` of each stamp's first pixel;
         anywhere in ``[-S, W] x [-S, H]`` (sources across or beyond the edge
@@ -145,7 +183,8 @@ def render_scene(
     s = morphology.shape[-1]
     nb = morphology.shape[-3]
     h, w = shape
-    stamps = jax.vmap(render_source, in_axes=(0, 0, 0, None))(morphology, flux, offset, kernel)
+    shift = offset - light_centroid(morphology)
+    stamps = jax.vmap(render_source, in_axes=(0, 0, 0, None))(morphology, flux, shift, kernel)
     canvas = jnp.zeros((nb, h + 2 * s, w + 2 * s), dtype=stamps.dtype)
     anchor = jnp.clip(anchor, -s, jnp.array([w, h])) + s
 

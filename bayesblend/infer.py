@@ -103,6 +103,16 @@ class InferenceConfig:
         Pixels around a blend's sources in its cutout.
     log_flux_sigma, position_sigma : float
         Prior widths (natural log of flux; pixels).
+    flux_prior : str
+        Centre of the log-flux prior: ``"detection"`` (a box sum at the
+        position over the PSF's fraction in the box, which counts every
+        neighbour's light in the box) or ``"amortised"`` (the joint
+        non-negative least-squares fluxes of the encoder's morphologies, which
+        shares the light between neighbours).
+    model_error : float
+        Fractional error of the model (dimensionless): ``(model_error *
+        data)**2`` is added to every pixel's variance. 0 is the survey's noise
+        alone.
     """
 
     num_chains: int = 2
@@ -126,6 +136,8 @@ class InferenceConfig:
     region_margin: int = 16
     log_flux_sigma: float = 2.0
     position_sigma: float = 0.5
+    flux_prior: str = "amortised"
+    model_error: float = 0.03
 
     def __post_init__(self) -> None:
         positive = (
@@ -144,10 +156,12 @@ class InferenceConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise BayesblendError(f"inference setting {name} must be positive, got {getattr(self, name)}")
-        if self.num_warmup < 0 or self.region_margin < 0 or self.linking_length < 0:
-            raise BayesblendError("num_warmup, region_margin and linking_length must be >= 0")
+        if min(self.num_warmup, self.region_margin, self.linking_length, self.model_error) < 0:
+            raise BayesblendError("num_warmup, region_margin, linking_length and model_error must be >= 0")
         if not 0 < self.target_accept < 1:
             raise BayesblendError(f"target_accept must be in (0, 1), got {self.target_accept}")
+        if self.flux_prior not in ("detection", "amortised"):
+            raise BayesblendError(f"flux_prior must be 'detection' or 'amortised', got {self.flux_prior!r}")
         if self.svi_guide not in ("full", "lowrank"):
             raise BayesblendError(f"svi_guide must be 'full' or 'lowrank', got {self.svi_guide!r}")
 
@@ -337,6 +351,8 @@ def _blend_fit(
     """One blend: draws ``(chain, draw, source, ...)`` of u, log_flux, offset, and statistics."""
     k_draw, k_svi, k_nuts = jax.random.split(key, 3)
     mean, sigma, start = _amortised(nets, w, spec, data, stamp)
+    if cfg.flux_prior == "amortised" and method != "amortised":
+        data = dict(data, log_flux0=start["log_flux"])
     if method == "amortised":
         n = cfg.num_draws
         z = mean + sigma * jax.random.normal(k_draw, (n,) + mean.shape)
@@ -558,6 +574,7 @@ def prepare_scene(
                 bundle,
                 config.log_flux_sigma,
                 config.position_sigma,
+                config.model_error,
                 origin=(x0, y0),
             )
         )

@@ -6,21 +6,25 @@ Per source (a ``source`` plate of fixed, padded size):
   for the N(0, I) prior. Sampling in the flow's base space is the
   reparametrisation that makes the posterior geometry close to Gaussian for
   NUTS; the prior on ``z`` is exactly the flow.
-- ``log_flux`` (band): Normal(log of the detection estimate,
-  ``log_flux_sigma``), a proper and broad prior (default sigma = 2, a factor
-  of 7 either way).
+- ``log_flux`` (band): Normal(``log_flux0``, ``log_flux_sigma``), a proper
+  and broad prior (default sigma = 2, a factor of 7 either way) around a flux
+  estimate given with the data (the inference layer chooses it:
+  ``InferenceConfig.flux_prior``).
 - ``offset`` (2): Normal around the detected position, ``position_sigma``
-  pixels (default 0.5).
+  pixels (default 0.5). It places the source's light centroid
+  (:func:`bayesblend.forward.render_scene`).
 
 Scene mean = the sum of the rendered sources (:func:`bayesblend.forward.render_scene`).
 Likelihood: an independent Gaussian per pixel, written with NumPyro's own
 ``Normal(...).mask(...).to_event(3)``. The variance is the data's variance
 plane when given, else ``sky + max(mean, 0)`` (sky plus the model's Poisson
-term). Masked pixels carry no weight. Padded sources have zero flux, so they
-add nothing to the scene; their parameters keep their (proper, normalised)
-priors and are independent of everything else, so they leave the posterior of
-the real sources unchanged. (Masking their priors instead leaves them flat and
-improper, and NUTS then lets them drift without bound.)
+term), plus ``(model_error * max(data, 0))**2`` for the decoder's own error
+(``SceneSpec.model_error``; 0 gives the survey's noise alone). Masked pixels
+carry no weight. Padded sources have zero flux, so they add nothing to the
+scene; their parameters keep their (proper, normalised) priors and are
+independent of everything else, so they leave the posterior of the real
+sources unchanged. (Masking their priors instead leaves them flat and improper,
+and NUTS then lets them drift without bound.)
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ class SceneSpec:
         Width of the position prior, pixels.
     has_variance : bool
         Whether the data carry a variance plane (else sky + model Poisson term).
+    model_error : float
+        Fractional error of the model itself (dimensionless): adds
+        ``(model_error * max(data, 0))**2`` to every pixel's variance (the
+        data stand in for the true scene, so the term does not depend on the
+        parameters). 0 is the survey's noise alone.
     """
 
     shape: tuple[int, int]
@@ -60,6 +69,7 @@ class SceneSpec:
     log_flux_sigma: float = 2.0
     position_sigma: float = 0.5
     has_variance: bool = True
+    model_error: float = 0.0
 
 
 def scene_mean(
@@ -88,6 +98,8 @@ def pixel_variance(spec: SceneSpec, data: dict[str, jnp.ndarray], mean: jnp.ndar
         var = data["variance"]
     else:
         var = data["sky"][:, None, None] + jnp.clip(mean, 0.0, None)
+    if spec.model_error > 0:
+        var = var + (spec.model_error * jnp.clip(data["image"], 0.0, None)) ** 2
     return jnp.where(data["valid"], var, 1.0)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).parent / "deblend"
+OUT = Path(__file__).parent / "deblend"  # --out changes it
 SIM = dict(max_shift=0.5, psf_jitter=0.05)
 SEED = 4
 SNR_CUTS = (0, 10, 30)
@@ -233,13 +233,16 @@ def report(n: int) -> None:
 
 
 def main() -> None:
+    global OUT
     p = argparse.ArgumentParser()
     p.add_argument("--methods", default="amortised,map,svi")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--report", action="store_true")
     p.add_argument("--set", action="append", default=[], help="inference setting name=value")
+    p.add_argument("--out", type=Path, default=OUT, help="directory of the per-method .jsonl files")
     args = p.parse_args()
+    OUT = args.out
     if args.report:
         report(args.n)
         return

@@ -135,3 +135,31 @@ def test_config_errors():
         InferenceConfig().replace(num_drawz=3)
     with pytest.raises(BayesblendError, match="svi_guide"):
         InferenceConfig(svi_guide="diag")
+    with pytest.raises(BayesblendError, match="flux_prior"):
+        InferenceConfig(flux_prior="box")
+    with pytest.raises(BayesblendError, match="model_error"):
+        InferenceConfig(model_error=-0.1)
+
+
+def test_amortised_flux_prior_shares_a_bright_neighbours_light(prior):
+    """Faint galaxies 4-7 pixels from an r = 18.2 galaxy: the detection box counts the bright one's light."""
+    import jax
+
+    from bayesblend.blends import prepare_blend
+    from bayesblend.infer import _amortised
+    from bayesblend.prior.bundle import Networks
+
+    s = simulate_blend(4, 149, max_shift=0.5, psf_jitter=0.05)  # held-out blend set, item 149
+    t = s.truth
+    assert t["mag_r"][0] < 19 and np.all(t["mag_r"][1:] > 26.5)
+    prep = prepare_blend(s.scene, t["x"], t["y"], prior)
+    nets = Networks(prior, "flow")
+    _, _, start = jax.jit(_amortised, static_argnums=(0, 2, 4))(
+        nets, nets.weights(), prep.spec, prep.data, prior.stamp
+    )
+    true = np.log(t["flux_r"] * t["frac_in_image_r"])
+    box = np.asarray(prep.data["log_flux0"])[:3, 2]
+    joint = np.asarray(start["log_flux"])[:3, 2]
+    assert np.all(box[1:] - true[1:] > np.log(10))  # the box sum is more than 10x too bright
+    assert np.all(np.abs(joint[1:] - true[1:]) < 0.5 * np.abs(box[1:] - true[1:]))
+    assert abs(joint[0] - true[0]) < 0.05  # and the bright galaxy keeps its light

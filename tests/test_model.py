@@ -41,10 +41,12 @@ def _data(lsst, has_variance):
     }
 
 
-@pytest.mark.parametrize("has_variance", [True, False])
-def test_numpyro_log_density_equals_hand_written(lsst, has_variance):
+@pytest.mark.parametrize("has_variance,model_error", [(True, 0.0), (False, 0.0), (True, 0.05)])
+def test_numpyro_log_density_equals_hand_written(lsst, has_variance, model_error):
     data = _data(lsst, has_variance)
-    spec = SceneSpec(shape=(20, 24), n_sources=3, latent_dim=2, has_variance=has_variance)
+    spec = SceneSpec(
+        shape=(20, 24), n_sources=3, latent_dim=2, has_variance=has_variance, model_error=model_error
+    )
     rng = np.random.default_rng(1)
     params = {
         "u": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
@@ -64,6 +66,7 @@ def test_numpyro_log_density_equals_hand_written(lsst, has_variance):
         blob_decoder(params["u"]), flux, params["offset"], data["anchor"], data["kernel"], (20, 24)
     )
     var = data["variance"] if has_variance else data["sky"][:, None, None] + jnp.clip(mean, 0, None)
+    var = var + (model_error * jnp.clip(data["image"], 0, None)) ** 2
     ll = jnp.where(data["valid"], norm.logpdf(data["image"], mean, jnp.sqrt(var)), 0.0).sum()
     assert float(lp) == pytest.approx(float(prior + ll), rel=1e-5)
     # the masked pixels do not count, and the padded source adds nothing to the scene
@@ -97,3 +100,28 @@ def test_pasting_matches_direct_rendering_and_clips_at_edges(lsst):
     assert anchor[1][0] < 0  # source 1 straddles the left edge
     np.testing.assert_allclose(np.asarray(scene), ref, rtol=1e-5, atol=1e-3)
     assert float(scene.sum()) < float(flux.sum())  # the source across the edge lost light
+
+
+def test_sources_are_placed_by_their_light_centroid(lsst):
+    """A morphology whose light sits off its stamp centre is moved so the light lands at the position."""
+    from bayesblend.forward import light_centroid
+
+    psf = np.stack([lsst.psf_image("g", 11), lsst.psf_image("r", 11)])
+    kernel = difference_kernel(psf, lsst.model_psf_image(11), fft_size(S))
+    yy, xx = np.mgrid[:S, :S] - (S - 1) / 2
+
+    def blob(dx, dy):
+        img = np.exp(-0.5 * ((xx - dx) ** 2 + (yy - dy) ** 2) / 1.2**2)
+        return jnp.asarray(np.stack([img, 2 * img])[None] / img.sum(), dtype=jnp.float32)
+
+    centred = blob(0.0, 0.0)
+    np.testing.assert_allclose(np.asarray(light_centroid(centred)), 0.0, atol=1e-5)
+    moved = blob(-3.0, 2.0)  # light 3 px left of and 2 px below the stamp centre
+    np.testing.assert_allclose(np.asarray(light_centroid(moved))[0], [-3.0, 2.0], atol=1e-3)
+    assert np.all(np.asarray(light_centroid(jnp.zeros((2, 2, S, S)))) == 0.0)  # empty: no shift, no NaN
+    flux = jnp.asarray([[1000.0, 2000.0]])
+    anchor, offset = anchor_and_offset(np.array([12.3]), np.array([9.6]), S)
+    args = (flux, jnp.asarray(offset), jnp.asarray(anchor), kernel, (24, 28))
+    np.testing.assert_allclose(
+        np.asarray(render_scene(moved, *args)), np.asarray(render_scene(centred, *args)), atol=2e-2
+    )
