@@ -200,19 +200,22 @@ def run(
 ) -> int:
     """Run items ``0 .. n_items-1`` that are not yet on disk; returns how many were run.
 
-    ``out/config.json`` records the configuration; a run in a directory made
-    with another configuration is refused (results would mix).
+    ``out/config.json`` records the configuration, including every effective
+    :class:`~bayesblend.infer.InferenceConfig` field (defaults too, so a run
+    made before a default changed is not resumed under the new one); a run in
+    a directory made with another configuration is refused (results would mix).
     """
+    from bayesblend.infer import InferenceConfig
+    from bayesblend.posterior import shape_setup
     from bayesblend.prior.bundle import load_bundle
 
     out = Path(out)
     (out / "items").mkdir(parents=True, exist_ok=True)
-    from bayesblend.posterior import shape_setup
-
     bundle = bundle if bundle is not None else load_bundle()
     key = cfg.key() | {
         "bundle": str(bundle.card.get("name", bundle.path)),
         "shape_psf_fwhm": shape_setup(bundle).shape_psf_fwhm_arcsec,
+        "inference": asdict(InferenceConfig().replace(**cfg.settings)),
     }
     cfg_file = out / "config.json"
     if cfg_file.exists():

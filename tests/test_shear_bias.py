@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from bayesblend.catalog import FLAGS, RESOLUTION_MIN, make_table
 from bayesblend.cli import main
 from bayesblend.errors import BayesblendError
+from bayesblend.infer import InferenceConfig
 from bayesblend.io import write_table
 from bayesblend.shear_bias import (
     HarnessConfig,
@@ -56,7 +58,9 @@ def test_harness_end_to_end_on_isolated_galaxies(tmp_path, prior):
     assert r["resolution"].shape == (10, 2) and np.all((r["resolution"] > 0) & (r["resolution"] < 1))
     unresolved = (r["flags"] & FLAGS["UNRESOLVED"]) > 0
     np.testing.assert_array_equal(unresolved, r["resolution"] < RESOLUTION_MIN)
-    assert json.loads((tmp_path / "config.json").read_text())["shape_psf_fwhm"] == pytest.approx(0.81)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded["shape_psf_fwhm"] == pytest.approx(0.81)
+    assert recorded["inference"]["model_error"] == InferenceConfig().model_error  # defaults recorded too
     flagged = summarise(tmp_path, estimators=("truth",))
     assert flagged["n_used"] == int((~unresolved).all(axis=0).sum())
     res = summarise(tmp_path, estimators=("truth", "ensemble", "noiseless"), min_resolution=0.0)
@@ -74,6 +78,8 @@ def test_harness_end_to_end_on_isolated_galaxies(tmp_path, prior):
             prior,
             progress=False,
         )
+    with pytest.raises(BayesblendError, match="another configuration"):  # an inference setting differs
+        run(replace(cfg, settings={"model_error": 0.0}), 1, tmp_path, prior, progress=False)
 
 
 def test_harness_config_errors():
