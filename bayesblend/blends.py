@@ -150,14 +150,21 @@ class PreparedBlend:
     origin: tuple[int, int] = (0, 0)
 
 
+#: Defaults of the scene model's priors and variance (one source: :class:`bayesblend.infer.InferenceConfig`
+#: uses them too). Log-flux prior sigma (natural log), position prior sigma (pixels), fractional model error.
+LOG_FLUX_SIGMA = 2.0
+POSITION_SIGMA = 0.5
+MODEL_ERROR = 0.03
+
+
 def prepare_blend(
     scene: Scene,
     x: Sequence[float],
     y: Sequence[float],
     bundle: PriorBundle,
-    log_flux_sigma: float = 2.0,
-    position_sigma: float = 0.5,
-    model_error: float = 0.0,
+    log_flux_sigma: float = LOG_FLUX_SIGMA,
+    position_sigma: float = POSITION_SIGMA,
+    model_error: float = MODEL_ERROR,
     origin: tuple[int, int] = (0, 0),
 ) -> PreparedBlend:
     """Arrays of the scene model for sources at ``(x, y)`` in ``scene`` (bands in the bundle's order).

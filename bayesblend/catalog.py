@@ -43,6 +43,10 @@ EDGE_PIXELS = 3.0
 #: The HSC first-year shear catalogue's cut (Mandelbaum et al. 2018, PASJ 70, S25).
 RESOLUTION_MIN = 0.3
 
+#: Header keywords of the scene-model settings that change fitted shapes
+#: (:func:`bayesblend.posterior.scene_model_settings`).
+SCENE_HEADER = {"flux_prior": "FLUXPRIR", "model_error": "MODELERR", "centroid_window": "CENWIN"}
+
 ELLIPTICITY_CONVENTION = "shear-type g=(a-b)/(a+b); +e2 along +45 deg CCW from +x (GalSim g1,g2)"
 
 

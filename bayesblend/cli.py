@@ -255,8 +255,11 @@ def _shear_bias(args: argparse.Namespace) -> int:
     if not args.report:
         limit = None if args.max_minutes is None else 60.0 * args.max_minutes
         run(cfg, args.n, args.out, bundle, progress=not args.quiet, time_limit=limit)
-    shape_psf = float(run_config(args.out).get("shape_psf_fwhm", 0.0))
-    R = responsivity_from_card(bundle.card, args.method, shape_psf)[0] if args.calibrated else 1.0
+    made = run_config(args.out)
+    shape_psf = float(made.get("shape_psf_fwhm", 0.0))
+    R = 1.0
+    if args.calibrated:
+        R = responsivity_from_card(bundle.card, args.method, shape_psf, made.get("scene_model", {}))[0]
     try:
         interim = interim_prior_from_card(bundle.card, latent_prior, shape_psf)
     except BayesblendError as exc:
@@ -301,6 +304,7 @@ def _shear(args: argparse.Namespace) -> int:
         interim_prior_from_card,
         posterior_ellipticities,
         responsivity_from_card,
+        scene_model_from_header,
         shear_catalog,
     )
 
@@ -313,7 +317,8 @@ def _shear(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.prior or catalog.meta.get("BUNDLE"))
     method = str(catalog.meta.get("METHOD", "map")).lower()
     shape_psf = float(catalog.meta.get("SHAPEPSF", 0.0))  # 0: made before shapes were reconvolved
-    R, source = responsivity_from_card(bundle.card, method, shape_psf)
+    # a catalogue made before these settings were recorded has none: no stored R applies to it
+    R, source = responsivity_from_card(bundle.card, method, shape_psf, scene_model_from_header(catalog.meta))
     sigma_e = SIGMA_E if args.sigma_e is None else args.sigma_e
     shear_cat = shear_catalog(catalog, R, sigma_e, source)
     est = ensemble_shear(

@@ -118,14 +118,32 @@ def render_source(
     return flux[:, None, None] * image
 
 
-def light_centroid(morphology: jnp.ndarray) -> jnp.ndarray:
-    """First moment ``(dx, dy)`` of a morphology's light from its stamp centre, pixels.
+#: Gaussian window (sigma, model-frame pixels) of :func:`light_centroid`.
+CENTROID_WINDOW = 3.0
+#: Mean-shift iterations of :func:`light_centroid` (each moves the window to the windowed centroid).
+CENTROID_ITERATIONS = 4
+
+
+def light_centroid(morphology: jnp.ndarray, window: float = CENTROID_WINDOW) -> jnp.ndarray:
+    """Windowed centroid ``(dx, dy)`` of a morphology's light from its stamp centre, pixels.
+
+    The first moment of the light under a round Gaussian window of ``window``
+    pixels (sigma), iterated: the window starts at the plain first moment and is
+    moved to the windowed centroid :data:`CENTROID_ITERATIONS` times (a mean
+    shift, as in SExtractor's ``XWIN``/``YWIN`` or the centroid of GalSim's
+    adaptive moments). For a symmetric profile it is the profile's centre. The
+    plain first moment over the whole stamp is not: a decoded morphology's
+    faint outer light (16 % beyond 10 px for a bright disc) has long lever arms,
+    and an asymmetry there moved a bright galaxy's fitted position 0.6 px from
+    its centre.
 
     Parameters
     ----------
     morphology : jax.Array
         ``(..., band, S, S)``; the bands are summed (one centroid for all bands,
         so colour gradients are kept) and negative pixels are ignored.
+    window : float
+        Gaussian window sigma, pixels (static).
 
     Returns
     -------
@@ -135,11 +153,23 @@ def light_centroid(morphology: jnp.ndarray) -> jnp.ndarray:
     light = jnp.clip(morphology, 0.0, None).sum(axis=-3)
     s = light.shape[-1]
     coords = jnp.arange(s, dtype=light.dtype) - (s - 1) / 2.0
-    total = light.sum(axis=(-2, -1))
-    safe = jnp.where(total > 0, total, 1.0)
-    dx = jnp.einsum("...yx,x->...", light, coords) / safe
-    dy = jnp.einsum("...yx,y->...", light, coords) / safe
-    return jnp.stack([dx, dy], axis=-1) * (total > 0)[..., None]
+
+    def moment(weighted: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        total = weighted.sum(axis=(-2, -1))
+        safe = jnp.where(total > 0, total, 1.0)
+        dx = jnp.einsum("...yx,x->...", weighted, coords) / safe
+        dy = jnp.einsum("...yx,y->...", weighted, coords) / safe
+        return jnp.stack([dx, dy], axis=-1), total > 0
+
+    def step(_, centre: jnp.ndarray) -> jnp.ndarray:
+        wx = jnp.exp(-0.5 * ((coords - centre[..., :1]) / window) ** 2)  # (..., S) along x
+        wy = jnp.exp(-0.5 * ((coords - centre[..., 1:]) / window) ** 2)  # (..., S) along y
+        new, ok = moment(light * wy[..., :, None] * wx[..., None, :])
+        return jnp.where(ok[..., None], new, centre)
+
+    start, nonempty = moment(light)
+    centre = jax.lax.fori_loop(0, CENTROID_ITERATIONS, step, start)
+    return centre * nonempty[..., None]
 
 
 def render_scene(

@@ -32,9 +32,9 @@ import numpy as np
 from astropy.table import Table
 
 from bayesblend import catalog as cat
-from bayesblend.forward import render_scene
+from bayesblend.forward import CENTROID_WINDOW, render_scene
 from bayesblend.io import atomic_path, write_table
-from bayesblend.measure import morphology_shape, resolution
+from bayesblend.measure import batched_morphology_shape, resolution
 from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.survey import get_survey
 
@@ -79,6 +79,16 @@ class ShapeSetup:
         """The reconvolution FWHM in arcsec (written to catalogue headers and the card)."""
         return round(self.shape_psf_fwhm * self.pixel_scale, 6)
 
+    def measure(self, morphology: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        """``e1``, ``e2`` and ``size`` (pixels) of shape-band morphologies ``(..., y, x)``, each ``(...)``.
+
+        The one spelling of "measured as this setup says" (posterior draws, the
+        shear-bias harness's noiseless targets, the diagnostics); traceable.
+        """
+        flat = morphology.reshape((-1,) + morphology.shape[-2:])
+        s = batched_morphology_shape(flat, self.model_psf_fwhm, self.shape_psf_fwhm)
+        return {k: v.reshape(morphology.shape[:-2]) for k, v in s.items()}
+
 
 def shape_setup(bundle: PriorBundle) -> ShapeSetup:
     """The :class:`ShapeSetup` of ``bundle`` (its survey's PSF in the shape band)."""
@@ -94,14 +104,29 @@ def shape_setup(bundle: PriorBundle) -> ShapeSetup:
     )
 
 
+def scene_model_settings(config) -> dict:
+    """The scene-model settings that change fitted shapes, beside :class:`ShapeSetup`.
+
+    ``flux_prior`` and ``model_error`` of an :class:`~bayesblend.infer.InferenceConfig`
+    and the light-centroid window (:data:`~bayesblend.forward.CENTROID_WINDOW`,
+    pixels). A shear responsivity measured under one set of them does not hold
+    under another; they go to catalogue headers (:data:`bayesblend.catalog.SCENE_HEADER`),
+    shear-bias run configurations and the card's responsivity entries.
+    """
+    return {
+        "flux_prior": str(config.flux_prior),
+        "model_error": float(config.model_error),
+        "centroid_window": float(CENTROID_WINDOW),
+    }
+
+
 @partial(jax.jit, static_argnums=(0, 3))
 def _measure(nets: Networks, w: dict, u: jnp.ndarray, setup: ShapeSetup):
     """``z``, e1, e2, size (pixels) of base draws ``u`` ``(N, latent)``, N a multiple of the chunk."""
 
     def one(ui):
         z = nets.latent(w, ui)
-        m = nets.decode(w, z)[setup.index]
-        s = morphology_shape(m, setup.model_psf_fwhm, setup.shape_psf_fwhm)
+        s = setup.measure(nets.decode(w, z)[setup.index])
         return z, s["e1"], s["e2"], s["size"]
 
     return jax.lax.map(one, u, batch_size=_CHUNK)
@@ -392,7 +417,7 @@ class Posterior:
 
     # ------------------------------------------------------------------ catalogue
     def meta(self) -> dict:
-        """Catalogue header keywords: the bundle, method, seed and draws."""
+        """Catalogue header keywords: the bundle, method, seed, draws and how shapes were made."""
         c, d = self.draws["u"].shape[:2]
         return {
             "BUNDLE": str(self.bundle.card.get("name", self.bundle.path)),
@@ -403,7 +428,7 @@ class Posterior:
             "NDRAW": int(d),
             "SHAPEBND": self.shapes.band,
             "SHAPEPSF": self.shapes.shape_psf_fwhm_arcsec,
-        }
+        } | {cat.SCENE_HEADER[k]: v for k, v in scene_model_settings(self.config).items()}
 
     def catalog(self) -> Table:
         """The posterior catalogue (columns of :func:`bayesblend.catalog.columns`), a fresh copy.

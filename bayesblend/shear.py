@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from astropy.table import Table
 
-from bayesblend.catalog import ELLIPTICITY_CONVENTION, FLAGS
+from bayesblend.catalog import ELLIPTICITY_CONVENTION, FLAGS, SCENE_HEADER
 from bayesblend.errors import BayesblendError
 
 #: Per-component intrinsic shape dispersion of the ensemble weights (LSST-like, = the simulator's).
@@ -51,7 +51,7 @@ SIGMA_E = 0.26
 #: Catalogue flags that exclude a source from shear estimates (UNRESOLVED: the shape is the prior's).
 EXCLUDE_FLAGS = FLAGS["EDGE"] | FLAGS["MASKED_CENTRE"] | FLAGS["UNRESOLVED"]
 #: Posterior-catalogue header keywords the shear catalogue carries over.
-_SHEAR_HEADER = ("BUNDLE", "METHOD", "LATPRIOR", "SHAPEBND", "SHAPEPSF")
+_SHEAR_HEADER = ("BUNDLE", "METHOD", "LATPRIOR", "SHAPEBND", "SHAPEPSF", *SCENE_HEADER.values())
 #: Importance-weight ESS below which the hierarchical estimate counts a source as poorly covered.
 IS_ESS_MIN = 5.0
 #: Largest |g| and the range of the intrinsic scale ``s`` the hierarchical model allows.
@@ -288,30 +288,56 @@ def usable(catalog: Table) -> np.ndarray:
     return usable_shapes(catalog["e1"], catalog["e2"], catalog["flags"])
 
 
-def responsivity_from_card(card: dict, method: str, shape_psf_fwhm: float | None = None) -> tuple[float, str]:
+def responsivity_from_card(
+    card: dict, method: str, shape_psf_fwhm: float | None = None, scene_model: dict | None = None
+) -> tuple[float, str]:
     """The shear responsivity of ``method`` stored in a model card, and where it came from.
 
     Returns ``(1.0, "none")`` with a warning when the card holds none for that
-    method, or (when ``shape_psf_fwhm``, arcsec, is given) none measured on
-    shapes reconvolved to that FWHM.
+    method, or none that applies: when ``shape_psf_fwhm`` (arcsec) is given, it
+    must be the FWHM the stored R's shapes were reconvolved to; when
+    ``scene_model`` (:func:`bayesblend.posterior.scene_model_settings`, e.g. read
+    back from a catalogue header with :func:`scene_model_from_header`) is
+    given, it must equal the settings R was measured under. R is the mean
+    response of the shapes a scene model produces: a change of flux prior,
+    model error or centroid changes those shapes, and an R from another
+    scene model would calibrate them wrongly.
     """
     entry = card.get("shear_responsivity", {}).get(method)
     if entry is None:
-        warnings.warn(
-            f"model card has no shear responsivity for method {method!r}: using R = 1 (uncalibrated)",
-            stacklevel=2,
-        )
-        return 1.0, "none"
+        return _uncalibrated(f"model card has no shear responsivity for method {method!r}")
     stored = float(entry.get("shape_psf_fwhm", 0.0))
     if shape_psf_fwhm is not None and not np.isclose(stored, shape_psf_fwhm, atol=1e-4):
-        warnings.warn(
-            f"the card's responsivity for {method!r} was measured on shapes reconvolved to {stored:g} "
-            "arcsec, "
-            f"these are at {shape_psf_fwhm:g} arcsec: using R = 1 (uncalibrated)",
-            stacklevel=2,
+        return _uncalibrated(
+            f"the card's responsivity for {method!r} was measured on shapes reconvolved to "
+            f"{stored:g} arcsec, these are at {shape_psf_fwhm:g} arcsec"
         )
-        return 1.0, "none"
+    if scene_model is not None:
+        made = entry.get("scene_model", {})
+        differ = sorted(k for k in set(made) | set(scene_model) if made.get(k) != scene_model.get(k))
+        if differ:
+            these = ", ".join(f"{k}={scene_model.get(k, 'unrecorded')}" for k in differ)
+            then = ", ".join(f"{k}={made.get(k, 'unrecorded')}" for k in differ)
+            return _uncalibrated(
+                f"the card's responsivity for {method!r} was measured with {then}; "
+                f"these shapes were made with {these}"
+            )
     return float(entry["R"]), str(entry.get("command", "model card"))
+
+
+def _uncalibrated(reason: str) -> tuple[float, str]:
+    warnings.warn(f"{reason}: using R = 1 (uncalibrated)", stacklevel=3)
+    return 1.0, "none"
+
+
+def scene_model_from_header(meta: dict) -> dict:
+    """The scene-model settings in a catalogue header (``catalog.SCENE_HEADER``); absent ones left out."""
+    out = {}
+    for k, key in SCENE_HEADER.items():
+        if key in meta:
+            v = meta[key]
+            out[k] = v if isinstance(v, str) else float(v)
+    return out
 
 
 def shear_catalog(
@@ -736,6 +762,7 @@ def store_responsivity(
         "n_items": summary["n_items"],
         "n_galaxies": summary["n_used"],
         "shape_psf_fwhm": float(summary["config"].get("shape_psf_fwhm", 0.0)),
+        "scene_model": summary["config"].get("scene_model", {}),
         "command": command,
     }
     update_card(bundle_path, f"shear_responsivity.{method}", entry)

@@ -119,7 +119,6 @@ def _match(x_true, y_true, x_fit, y_fit, radius):
 def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
     """Simulate, deblend and match one item's ten variants; arrays ``(variant, galaxy, ...)``."""
     from bayesblend.infer import deblend
-    from bayesblend.measure import batched_morphology_shape
     from bayesblend.posterior import shape_setup
     from bayesblend.simulate.scenes import shear_twins
 
@@ -179,7 +178,7 @@ def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
     # the noiseless target's model-frame morphology, measured as the posterior draws are
     setup = shape_setup(bundle)
     morph = np.stack([t.morphology[0, setup.index] for t in twins]).astype(np.float32)
-    s = batched_morphology_shape(jnp.asarray(morph), setup.model_psf_fwhm, setup.shape_psf_fwhm, 40)
+    s = setup.measure(jnp.asarray(morph))
     out["target_e1"] = np.asarray(s["e1"], float)
     out["target_e2"] = np.asarray(s["e2"], float)
     out["target_size"] = np.asarray(s["size"], float) * setup.pixel_scale
@@ -206,7 +205,7 @@ def run(
     a directory made with another configuration is refused (results would mix).
     """
     from bayesblend.infer import InferenceConfig
-    from bayesblend.posterior import shape_setup
+    from bayesblend.posterior import scene_model_settings, shape_setup
     from bayesblend.prior.bundle import load_bundle
 
     out = Path(out)
@@ -216,6 +215,7 @@ def run(
         "bundle": str(bundle.card.get("name", bundle.path)),
         "shape_psf_fwhm": shape_setup(bundle).shape_psf_fwhm_arcsec,
         "inference": asdict(InferenceConfig().replace(**cfg.settings)),
+        "scene_model": scene_model_settings(InferenceConfig().replace(**cfg.settings)),
     }
     cfg_file = out / "config.json"
     if cfg_file.exists():

@@ -5,8 +5,11 @@
 #  2. independent validation set (seed 6), divided by the stored R
 #  3. isolated galaxies (seed 5), uncalibrated
 #  4. blends with detection on (seed 5), uncalibrated
-# The earlier runs at the model PSF (blends-map-s5, blends-map-normal-s5, blends-map-s6) were made
-# before reconvolution; their items cannot be resumed with this code (the run key differs).
+# Runs are named *-sm2-*: the second scene model (windowed light-centroid placement, flux prior centred on
+# the amortised joint fluxes, 3 % model error; README "Worked example: deblending"). The *-rc-* runs were
+# made with the first (plain first-moment centroid, detection flux prior, no model error) and the runs
+# at the model PSF (blends-map-s5, blends-map-normal-s5, blends-map-s6) before reconvolution; none of
+# them can be resumed with this code (the run key differs). STEPS picks which runs (default all four).
 set -euo pipefail
 BB=${BB:-.venv/bin/bayesblend}
 CAL_MIN=${CAL_MIN:-35}
@@ -14,7 +17,13 @@ VAL_MIN=${VAL_MIN:-15}
 ISO_MIN=${ISO_MIN:-12}
 DET_MIN=${DET_MIN:-10}
 OUT=benchmarks/shear
-$BB shear-bias --kind blends --method map --seed 5 --n 2000 --out $OUT/blends-map-rc-s5 --max-minutes "$CAL_MIN" --quiet --json $OUT/blends-map-rc-s5.json --calibrate
-$BB shear-bias --kind blends --method map --seed 6 --n 2000 --out $OUT/blends-map-rc-s6 --max-minutes "$VAL_MIN" --quiet --json $OUT/blends-map-rc-s6.json --calibrated
-$BB shear-bias --kind isolated --method map --seed 5 --n 2000 --out $OUT/isolated-map-rc-s5 --max-minutes "$ISO_MIN" --quiet --json $OUT/isolated-map-rc-s5.json
-$BB shear-bias --kind blends --detect --method map --seed 5 --n 2000 --out $OUT/blends-detect-map-rc-s5 --max-minutes "$DET_MIN" --quiet --json $OUT/blends-detect-map-rc-s5.json
+STEPS=${STEPS:-1234}
+step() {  # step N ARGS...: run "bayesblend ARGS" when N is in STEPS
+    local n=$1
+    shift
+    if [[ $STEPS == *$n* ]]; then "$BB" "$@"; fi
+}
+step 1 shear-bias --kind blends --method map --seed 5 --n 2000 --out $OUT/blends-map-sm2-s5 --max-minutes "$CAL_MIN" --quiet --json $OUT/blends-map-sm2-s5.json --calibrate
+step 2 shear-bias --kind blends --method map --seed 6 --n 2000 --out $OUT/blends-map-sm2-s6 --max-minutes "$VAL_MIN" --quiet --json $OUT/blends-map-sm2-s6.json --calibrated
+step 3 shear-bias --kind isolated --method map --seed 5 --n 2000 --out $OUT/isolated-map-sm2-s5 --max-minutes "$ISO_MIN" --quiet --json $OUT/isolated-map-sm2-s5.json
+step 4 shear-bias --kind blends --detect --method map --seed 5 --n 2000 --out $OUT/blends-detect-map-sm2-s5 --max-minutes "$DET_MIN" --quiet --json $OUT/blends-detect-map-sm2-s5.json

@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayesblend.measure import batched_morphology_shape
 from bayesblend.posterior import ShapeSetup, derive_shapes, shape_setup
 from bayesblend.prior.bundle import Networks, load_bundle
 from bayesblend.shear_bias import _usable, load_items
@@ -94,8 +93,7 @@ def targets_and_reconstructions(bundle, n: int = 600) -> None:
     mean, _ = bundle.encode(jnp.asarray(noisy), jnp.sqrt(jnp.asarray(sky[0])))
     recon = bundle.decode(mean)[:, r]
     for name, setup in _setups(bundle).items():
-        t = batched_morphology_shape(morph, setup.model_psf_fwhm, setup.shape_psf_fwhm, 40)
-        d = batched_morphology_shape(recon, setup.model_psf_fwhm, setup.shape_psf_fwhm, 40)
+        t, d = setup.measure(morph), setup.measure(recon)
         t1, t2, ts, d1, d2 = (np.asarray(x) for x in (t["e1"], t["e2"], t["size"], d["e1"], d["e2"]))
         ok_t = _valid(t1, t2)
         ok = ok_t & _valid(d1, d2)

@@ -119,6 +119,12 @@ def test_sources_are_placed_by_their_light_centroid(lsst):
     moved = blob(-3.0, 2.0)  # light 3 px left of and 2 px below the stamp centre
     np.testing.assert_allclose(np.asarray(light_centroid(moved))[0], [-3.0, 2.0], atol=1e-3)
     assert np.all(np.asarray(light_centroid(jnp.zeros((2, 2, S, S)))) == 0.0)  # empty: no shift, no NaN
+    # a faint one-sided outer wing (10 % of the light, 9 px out) moves the plain first moment over 0.5 px, but
+    # not the windowed centroid: the position is the core's
+    wing = centred + 0.1 * blob(9.0, 0.0)
+    plain = float(jnp.sum(jnp.clip(wing, 0).sum(1)[0] * xx) / jnp.sum(wing))
+    assert plain > 0.5
+    np.testing.assert_allclose(np.asarray(light_centroid(wing))[0], [0.0, 0.0], atol=0.1)
     flux = jnp.asarray([[1000.0, 2000.0]])
     anchor, offset = anchor_and_offset(np.array([12.3]), np.array([9.6]), S)
     args = (flux, jnp.asarray(offset), jnp.asarray(anchor), kernel, (24, 28))

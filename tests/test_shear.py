@@ -257,6 +257,26 @@ def test_card_entries_must_match_the_shape_definition(prior):
         assert responsivity_from_card(card, "svi", now) == (1.0, "none")
 
 
+def test_card_responsivity_must_match_the_scene_model():
+    """An R measured under one flux prior / model error / centroid does not calibrate another's shapes."""
+    from bayesblend.infer import InferenceConfig
+    from bayesblend.posterior import scene_model_settings
+
+    made = scene_model_settings(InferenceConfig())
+    assert made["flux_prior"] == "amortised" and made["model_error"] == pytest.approx(0.03)
+    entry = {"R": 0.5, "shape_psf_fwhm": 0.81, "scene_model": made, "command": "c"}
+    card = {"shear_responsivity": {"map": entry}}
+    assert responsivity_from_card(card, "map", 0.81, made) == (0.5, "c")
+    other = scene_model_settings(InferenceConfig(flux_prior="detection"))
+    with pytest.warns(
+        UserWarning, match="with flux_prior=amortised; these shapes were made with flux_prior=detection"
+    ):
+        assert responsivity_from_card(card, "map", 0.81, other) == (1.0, "none")
+    old = {k: v for k, v in made.items() if k != "model_error"}  # a catalogue from before the header keys
+    with pytest.warns(UserWarning, match="model_error=unrecorded"):
+        assert responsivity_from_card(card, "map", 0.81, old) == (1.0, "none")
+
+
 def test_usable_shapes_rule():
     e1 = np.array([0.1, np.nan, 0.8, 0.1, 0.1])
     e2 = np.array([0.0, 0.0, 0.7, 0.0, 0.0])
