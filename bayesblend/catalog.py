@@ -33,6 +33,7 @@ FLAGS = {
     "LOW_SNR": 64,  # posterior flux_r median / std < 5
     "MOVED": 128,  # fitted centre more than 2 pixels from the detection
     "UNRESOLVED": 256,  # resolution factor < 0.3: the shape is mostly the prior's (no shear use)
+    "BLENDED": 512,  # blendedness > 0.9: a neighbour's light dominates the source's pixels
 }
 #: Thresholds behind the flags.
 R_HAT_MAX = 1.05
@@ -40,6 +41,9 @@ ESS_MIN = 100.0
 SNR_MIN = 5.0
 MOVED_PIXELS = 2.0
 EDGE_PIXELS = 3.0
+#: Above it a source's fitted flux is often a neighbour's residual: on 200 held-out blends (MAP,
+#: benchmarks/RESULTS.md) 18 of the 27 galaxies with true blendedness > 0.9 were off by more than 100 %.
+BLENDEDNESS_MAX = 0.9
 #: The HSC first-year shear catalogue's cut (Mandelbaum et al. 2018, PASJ 70, S25).
 RESOLUTION_MIN = 0.3
 
@@ -81,6 +85,7 @@ def columns(bands: Sequence[str]) -> list[tuple[str, type, u.UnitBase | None, st
         ("size", np.float64, u.arcsec, "posterior median size det(Q)^(1/4), PSF-corrected"),
         ("size_std", np.float64, u.arcsec, "posterior std of size"),
         ("resolution", np.float64, None, "size^2/(size^2+sigma^2), sigma of the SHAPEPSF Gaussian"),
+        ("blendedness", np.float64, None, "1 - <I,I>/<I,I_total> of the fitted model, shape band"),
         ("r_hat_max", np.float64, None, "largest split r-hat over the source's parameters (NUTS)"),
         ("ess_bulk_min", np.float64, None, "smallest bulk ESS over the source's parameters (NUTS)"),
         ("n_divergent", np.int64, None, "divergent transitions in the source's blend (NUTS)"),

@@ -113,6 +113,27 @@ def resolution(size_sigma: jnp.ndarray, shape_psf_fwhm: float) -> jnp.ndarray:
     return s2 / (s2 + (shape_psf_fwhm * FWHM_TO_SIGMA) ** 2)
 
 
+def blendedness(images: jnp.ndarray) -> jnp.ndarray:
+    """Total blendedness of each source, ``1 - <I_i, I_i> / <I_i, I_total>`` (Arcelin et al. 2021, eq. 3).
+
+    Parameters
+    ----------
+    images : jax.Array
+        ``(source, y, x)`` each source's image alone on a common frame, one band
+        (any unit); the scene's image ``I_total`` is their sum.
+
+    Returns
+    -------
+    jax.Array
+        ``(source,)``: 0 for a source alone, towards 1 when its pixels hold
+        mostly other sources' light; 0 for a source without light.
+    """
+    total = images.sum(axis=0)
+    self_dot = (images * images).sum(axis=(-2, -1))
+    cross = (images * total).sum(axis=(-2, -1))
+    return jnp.where(cross > 0, 1.0 - self_dot / jnp.where(cross > 0, cross, 1.0), 0.0)
+
+
 def morphology_shape(
     morphology: jnp.ndarray,
     model_psf_fwhm_pixels: float,

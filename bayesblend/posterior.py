@@ -34,7 +34,7 @@ from astropy.table import Table
 from bayesblend import catalog as cat
 from bayesblend.forward import CENTROID_WINDOW, render_scene
 from bayesblend.io import atomic_path, write_table
-from bayesblend.measure import batched_morphology_shape, resolution
+from bayesblend.measure import batched_morphology_shape, blendedness, resolution
 from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.survey import get_survey
 
@@ -481,6 +481,7 @@ class Posterior:
             v["e1_e2_cov"] = np.nanmean((e1 - np.nanmean(e1, 0)) * (e2 - np.nanmean(e2, 0)), axis=0)
             v["size"], v["size_std"] = np.nanmedian(size, axis=0), np.nanstd(size, axis=0)
         v["resolution"] = np.asarray(resolution(v["size"], self.shapes.shape_psf_fwhm_arcsec))
+        v["blendedness"] = self.blendedness()
         diag = self.diagnostics()
         v.update(diag)
         flags = np.zeros(self.n_sources, np.int64)
@@ -497,6 +498,7 @@ class Posterior:
         moved = np.hypot(v["x"] - v["x_det"], v["y"] - v["y_det"]) > cat.MOVED_PIXELS
         flags |= np.where(moved, cat.FLAGS["MOVED"], 0)
         flags |= np.where(~(v["resolution"] >= cat.RESOLUTION_MIN), cat.FLAGS["UNRESOLVED"], 0)
+        flags |= np.where(v["blendedness"] > cat.BLENDEDNESS_MAX, cat.FLAGS["BLENDED"], 0)
         v["flags"] = flags
         return cat.make_table(v, self.bands, self.meta())
 
@@ -529,14 +531,23 @@ class Posterior:
         """Each source of a blend rendered alone at the point estimate, ``(source, band, y, x)``."""
         b = self.blends[blend_id]
         nets = Networks(self.bundle, self.latent_prior)
-        params = self.points[blend_id]
-        out = []
-        for k in range(b.n_real):
-            keep = np.zeros(b.spec.n_sources, bool)
-            keep[k] = True
-            data = dict(b.data, source_valid=jnp.asarray(keep))
-            out.append(np.asarray(_render(nets, nets.weights(), b.spec.shape, params, data)))
-        return np.stack(out)
+        return np.asarray(_source_images(nets, nets.weights(), b.spec.shape, self.points[blend_id], b.data))[
+            : b.n_real
+        ]
+
+    def blendedness(self) -> np.ndarray:
+        """Each source's total blendedness in the shape band at the point estimate, ``(source,)``.
+
+        :func:`bayesblend.measure.blendedness` of the fitted model: the share of
+        a source's pixels' light that belongs to its neighbours. Near 1, its
+        flux and shape are those the fit could leave to it beside a brighter
+        neighbour, and are unreliable (flag ``BLENDED``).
+        """
+        out = np.zeros(self.n_sources)
+        for i in range(self.n_blends):
+            images = self.source_images(i)[:, self.shapes.index]
+            out[np.flatnonzero(self.sources["blend_id"] == i)] = np.asarray(blendedness(jnp.asarray(images)))
+        return out
 
 
 @partial(jax.jit, static_argnums=(0, 2))
@@ -544,6 +555,17 @@ def _render(nets: Networks, w: dict, shape: tuple[int, int], params: dict, data:
     z = nets.latent(w, jnp.asarray(params["u"]))
     flux = jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
     return render_scene(nets.decode(w, z), flux, params["offset"], data["anchor"], data["kernel"], shape)
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _source_images(nets: Networks, w: dict, shape: tuple[int, int], params: dict, data: dict) -> jnp.ndarray:
+    """Every (padded) source rendered alone, ``(source, band, y, x)``; padded sources are zero."""
+    morph = nets.decode(w, nets.latent(w, jnp.asarray(params["u"])))
+    flux = jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
+    alone = jnp.eye(flux.shape[0], dtype=flux.dtype)[:, :, None] * flux[None]  # (k, source, band)
+    return jax.vmap(
+        lambda f: render_scene(morph, f, params["offset"], data["anchor"], data["kernel"], shape)
+    )(alone)
 
 
 def _arviz():

@@ -70,6 +70,20 @@ def test_catalogue_schema_units_and_header(map_post, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_blendedness_of_the_fit_matches_the_truth(map_post, bright_pair):
+    """The catalogue's blendedness (eq. 3 on the fitted model) is the truth's on a pair the fit gets right."""
+    c = map_post.catalog()
+    t = bright_pair.truth
+    b = np.asarray(c["blendedness"])
+    assert np.all((b >= 0) & (b < 1))
+    np.testing.assert_allclose(b, np.asarray(t["b_tot"]), atol=0.05)
+    blended = (np.asarray(c["flags"]) & cat.FLAGS["BLENDED"]) > 0
+    np.testing.assert_array_equal(blended, b > cat.BLENDEDNESS_MAX)
+    images = map_post.source_images(0)
+    assert images.shape == (2, 6) + map_post.blends[0].spec.shape
+    np.testing.assert_allclose(images.sum(0), map_post.model_image(0), rtol=1e-4, atol=1e-2)
+
+
 def test_headers_record_the_scene_model(map_post):
     """Catalogue and shear-catalogue headers say which scene model made the shapes (checked against R)."""
     from bayesblend.posterior import scene_model_settings
