@@ -26,7 +26,7 @@ from scipy.spatial import cKDTree
 
 from bayesblend.errors import BayesblendError
 from bayesblend.forward import anchor_and_offset, difference_kernel, fft_size
-from bayesblend.model import SceneSpec
+from bayesblend.model import LOG_FLUX_SIGMA, MODEL_ERROR, POSITION_SIGMA, SceneSpec
 from bayesblend.prior.bundle import PriorBundle
 from bayesblend.scene import Scene
 from bayesblend.survey import get_survey
@@ -148,13 +148,6 @@ class PreparedBlend:
     magzero: np.ndarray
     scene: Scene
     origin: tuple[int, int] = (0, 0)
-
-
-#: Defaults of the scene model's priors and variance (one source: :class:`bayesblend.infer.InferenceConfig`
-#: uses them too). Log-flux prior sigma (natural log), position prior sigma (pixels), fractional model error.
-LOG_FLUX_SIGMA = 2.0
-POSITION_SIGMA = 0.5
-MODEL_ERROR = 0.03
 
 
 def prepare_blend(

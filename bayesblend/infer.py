@@ -43,19 +43,19 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from bayesblend.blends import (
+from bayesblend.blends import PreparedBlend, blend_region, check_bands, group_sources, prepare_blend
+from bayesblend.errors import BayesblendError
+from bayesblend.forward import render_scene
+from bayesblend.model import (
     LOG_FLUX_SIGMA,
     MODEL_ERROR,
     POSITION_SIGMA,
-    PreparedBlend,
-    blend_region,
-    check_bands,
-    group_sources,
-    prepare_blend,
+    SceneSpec,
+    inverse_variance,
+    prior_precision,
+    scene_mean,
+    scene_model,
 )
-from bayesblend.errors import BayesblendError
-from bayesblend.forward import render_scene
-from bayesblend.model import SceneSpec, inverse_variance, prior_precision, scene_mean, scene_model
 from bayesblend.posterior import Posterior
 from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.scene import Scene

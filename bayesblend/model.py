@@ -38,6 +38,13 @@ import numpyro.distributions as dist
 
 from bayesblend.forward import render_scene
 
+#: Defaults of the scene model's priors and variance, the one source of them (``prepare_blend`` and
+#: :class:`bayesblend.infer.InferenceConfig` use them too): log-flux prior sigma (natural log),
+#: position prior sigma (pixels), fractional model error.
+LOG_FLUX_SIGMA = 2.0
+POSITION_SIGMA = 0.5
+MODEL_ERROR = 0.03
+
 
 @dataclass(frozen=True)
 class SceneSpec:
@@ -66,10 +73,10 @@ class SceneSpec:
     shape: tuple[int, int]
     n_sources: int
     latent_dim: int
-    log_flux_sigma: float = 2.0
-    position_sigma: float = 0.5
+    log_flux_sigma: float = LOG_FLUX_SIGMA
+    position_sigma: float = POSITION_SIGMA
     has_variance: bool = True
-    model_error: float = 0.0
+    model_error: float = MODEL_ERROR
 
 
 def scene_mean(

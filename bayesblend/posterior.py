@@ -527,10 +527,10 @@ class Posterior:
         nets = Networks(self.bundle, self.latent_prior)
         return np.asarray(_render(nets, nets.weights(), b.spec.shape, params, b.data))
 
-    def source_images(self, blend_id: int) -> np.ndarray:
+    def source_images(self, blend_id: int, nets: Networks | None = None) -> np.ndarray:
         """Each source of a blend rendered alone at the point estimate, ``(source, band, y, x)``."""
         b = self.blends[blend_id]
-        nets = Networks(self.bundle, self.latent_prior)
+        nets = nets or Networks(self.bundle, self.latent_prior)
         return np.asarray(_source_images(nets, nets.weights(), b.spec.shape, self.points[blend_id], b.data))[
             : b.n_real
         ]
@@ -544,24 +544,31 @@ class Posterior:
         neighbour, and are unreliable (flag ``BLENDED``).
         """
         out = np.zeros(self.n_sources)
+        nets = Networks(self.bundle, self.latent_prior)
         for i in range(self.n_blends):
-            images = self.source_images(i)[:, self.shapes.index]
+            images = self.source_images(i, nets)[:, self.shapes.index]
             out[np.flatnonzero(self.sources["blend_id"] == i)] = np.asarray(blendedness(jnp.asarray(images)))
         return out
 
 
+def _morphology_and_flux(
+    nets: Networks, w: dict, params: dict, data: dict
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Decoded morphologies ``(source, band, S, S)`` and fluxes ``(source, band)`` (0 if padded)."""
+    morph = nets.decode(w, nets.latent(w, jnp.asarray(params["u"])))
+    return morph, jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
+
+
 @partial(jax.jit, static_argnums=(0, 2))
 def _render(nets: Networks, w: dict, shape: tuple[int, int], params: dict, data: dict) -> jnp.ndarray:
-    z = nets.latent(w, jnp.asarray(params["u"]))
-    flux = jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
-    return render_scene(nets.decode(w, z), flux, params["offset"], data["anchor"], data["kernel"], shape)
+    morph, flux = _morphology_and_flux(nets, w, params, data)
+    return render_scene(morph, flux, params["offset"], data["anchor"], data["kernel"], shape)
 
 
 @partial(jax.jit, static_argnums=(0, 2))
 def _source_images(nets: Networks, w: dict, shape: tuple[int, int], params: dict, data: dict) -> jnp.ndarray:
     """Every (padded) source rendered alone, ``(source, band, y, x)``; padded sources are zero."""
-    morph = nets.decode(w, nets.latent(w, jnp.asarray(params["u"])))
-    flux = jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
+    morph, flux = _morphology_and_flux(nets, w, params, data)
     alone = jnp.eye(flux.shape[0], dtype=flux.dtype)[:, :, None] * flux[None]  # (k, source, band)
     return jax.vmap(
         lambda f: render_scene(morph, f, params["offset"], data["anchor"], data["kernel"], shape)

@@ -211,11 +211,12 @@ def run(
     out = Path(out)
     (out / "items").mkdir(parents=True, exist_ok=True)
     bundle = bundle if bundle is not None else load_bundle()
+    inference = InferenceConfig().replace(**cfg.settings)
     key = cfg.key() | {
         "bundle": str(bundle.card.get("name", bundle.path)),
         "shape_psf_fwhm": shape_setup(bundle).shape_psf_fwhm_arcsec,
-        "inference": asdict(InferenceConfig().replace(**cfg.settings)),
-        "scene_model": scene_model_settings(InferenceConfig().replace(**cfg.settings)),
+        "inference": asdict(inference),
+        "scene_model": scene_model_settings(inference),
     }
     cfg_file = out / "config.json"
     if cfg_file.exists():
