@@ -133,9 +133,8 @@ def light_centroid(morphology: jnp.ndarray, window: float = CENTROID_WINDOW) -> 
     shift, as in SExtractor's ``XWIN``/``YWIN`` or the centroid of GalSim's
     adaptive moments). For a symmetric profile it is the profile's centre. The
     plain first moment over the whole stamp is not: a decoded morphology's
-    faint outer light (16 % beyond 10 px for a bright disc) has long lever arms,
-    and an asymmetry there moved a bright galaxy's fitted position 0.6 px from
-    its centre.
+    faint outer light has long lever arms, and an asymmetry there moved a
+    bright galaxy's fitted position 0.65 px from its centre.
 
     Parameters
     ----------
