@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bayesblend.catalog import FLAGS
+from bayesblend.detect import DETECTOR, match_sources
 from bayesblend.errors import BayesblendError
 from bayesblend.io import atomic_path
 from bayesblend.shear import (
@@ -100,22 +101,6 @@ class HarnessConfig:
         return asdict(self)
 
 
-def _match(x_true, y_true, x_fit, y_fit, radius):
-    """Index of the nearest fitted source of each true galaxy (-1 beyond ``radius``; one-to-one)."""
-    out = np.full(len(x_true), -1)
-    if len(x_fit) == 0:
-        return out
-    d = np.hypot(x_true[:, None] - x_fit[None], y_true[:, None] - y_fit[None])
-    taken = np.zeros(len(x_fit), bool)
-    for i in np.argsort(d.min(axis=1)):  # closest pairs first
-        cand = np.where(taken, np.inf, d[i])
-        j = int(np.argmin(cand))
-        if cand[j] <= radius:
-            out[i] = j
-            taken[j] = True
-    return out
-
-
 def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
     """Simulate, deblend and match one item's ten variants; arrays ``(variant, galaxy, ...)``."""
     from bayesblend.infer import deblend
@@ -160,7 +145,7 @@ def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
     scene = np.asarray(cat["scene"])
     for v, t in enumerate(twins):
         rows = np.flatnonzero(scene == v)
-        j = _match(
+        j = match_sources(
             np.asarray(t.truth["x"]),
             np.asarray(t.truth["y"]),
             np.asarray(cat["x_det"])[rows],
@@ -218,6 +203,8 @@ def run(
         "inference": asdict(inference),
         "scene_model": scene_model_settings(inference),
     }
+    if cfg.detect:  # a run detecting with another detector is another run
+        key["detector"] = DETECTOR
     cfg_file = out / "config.json"
     if cfg_file.exists():
         old = json.loads(cfg_file.read_text())

@@ -4,7 +4,7 @@
 #  1. calibration set (seed 5): MAP, flow latent prior (the default), true positions; stores R in the card
 #  2. independent validation set (seed 6), divided by the stored R
 #  3. isolated galaxies (seed 5), uncalibrated
-#  4. blends with detection on (seed 5), uncalibrated
+#  4. blends with detection on (seed 5), uncalibrated (the run key records the detector, bayesblend.detect.DETECTOR)
 # Runs are named *-sm2-*: the second scene model (windowed light-centroid placement, flux prior centred on
 # the amortised joint fluxes, 3 % model error; README "Worked example: deblending"). The *-rc-* runs were
 # made with the first (plain first-moment centroid, detection flux prior, no model error) and the runs

@@ -3,10 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bayesblend.blends import blend_region, group_sources
-from bayesblend.detect import detect_sources
+from bayesblend.detect import detect_sources, detection_snr_map
+from bayesblend.scene import Scene
 from bayesblend.simulate.scenes import simulate_field, simulate_isolated
+from bayesblend.survey import get_survey
 
 
 def test_detection_finds_separated_galaxies_and_merges_duplicates():
@@ -21,6 +24,48 @@ def test_detection_finds_separated_galaxies_and_merges_duplicates():
     dd = np.hypot(det["x"][:, None] - det["x"][None], det["y"][:, None] - det["y"][None])
     assert np.all(dd[np.triu_indices(len(det), 1)] >= 1.5)
     assert list(det["snr"]) == sorted(det["snr"], reverse=True)
+
+
+def _point_sources(xy, snr, shape=(64, 64), seed=0):
+    """An LSST scene of flat-SED point sources with given optimal S/N, and its noise-free S/N map."""
+    sv = get_survey("lsst")
+    psf = sv.psf_images(sv.band_names)
+    var = np.array([sv.sky_counts(b) for b in sv.band_names])
+    w = 1 / var
+    # flat SED f per band: optimal S/N^2 = f^2 sum_b w_b sum(P_b^2)
+    norm = np.sqrt(np.sum(w * np.sum(psf**2, axis=(1, 2))))
+    image = np.zeros((len(var), *shape))
+    c = psf.shape[1] // 2
+    for (x, y), s in zip(xy, snr, strict=True):
+        for b in range(len(var)):  # integer positions: a pasted PSF image is exact
+            image[b, y - c : y + c + 1, x - c : x + c + 1] += s / norm * psf[b]
+    noisy = image + np.random.default_rng(seed).normal(size=image.shape) * np.sqrt(var)[:, None, None]
+    common = dict(bands=sv.band_names, magzero=np.full(6, 30.0), psf=psf)
+    variance = np.broadcast_to(var[:, None, None], image.shape).copy()
+    return Scene(image=noisy, variance=variance, **common), Scene(image=image, variance=variance, **common)
+
+
+def test_detection_snr_map_is_the_point_source_snr():
+    noisy, clean = _point_sources([(32, 32)], [12.0])
+    m, _ = detection_snr_map(clean)
+    # a flat-SED point source: the matched filter's peak is its optimal S/N (within the bands' PSF spread)
+    assert m[32, 32] == pytest.approx(12.0, rel=0.05) and np.unravel_index(np.argmax(m), m.shape) == (32, 32)
+    # and on noise alone the map has unit variance (read where the source is not)
+    blank, _ = _point_sources([], [], shape=(128, 128))
+    n, _ = detection_snr_map(blank)
+    assert np.std(n[30:-30, 30:-30]) == pytest.approx(1.0, abs=0.1)
+
+
+def test_faint_neighbour_on_a_bright_wing_is_detected():
+    # S/N 100 and S/N 12, 12 pixels (2.4") apart: sep's 3-sigma segmentation (bayesblend's
+    # detection before) gives one segment and misses the faint one, the PSF-matched peaks do not
+    for seed in range(3):
+        noisy, _ = _point_sources([(24, 32), (36, 32)], [100.0, 12.0], seed=seed)
+        det = detect_sources(noisy)
+        assert len(det) == 2
+        assert np.hypot(det["x"][0] - 24, det["y"][0] - 32) < 0.5
+        assert np.hypot(det["x"][1] - 36, det["y"][1] - 32) < 1.0
+        assert det["snr"][1] == pytest.approx(12.0, abs=4.0)
 
 
 def test_detection_on_pure_noise_is_empty():

@@ -278,9 +278,10 @@ def test_card_responsivity_must_match_the_scene_model():
 
 
 def test_usable_shapes_rule():
-    e1 = np.array([0.1, np.nan, 0.8, 0.1, 0.1])
-    e2 = np.array([0.0, 0.0, 0.7, 0.0, 0.0])
-    flags = np.array([0, 0, 0, FLAGS["UNRESOLVED"], FLAGS["LOW_SNR"]])
-    np.testing.assert_array_equal(usable_shapes(e1, e2, flags), [True, False, False, False, True])
+    e1 = np.array([0.1, np.nan, 0.8, 0.1, 0.1, 0.1])
+    e2 = np.array([0.0, 0.0, 0.7, 0.0, 0.0, 0.0])
+    flags = np.array([0, 0, 0, FLAGS["UNRESOLVED"], FLAGS["LOW_SNR"], FLAGS["BLENDED"]])
+    # a neighbour-dominated (BLENDED) source is left out; a merely faint (LOW_SNR) one is kept
+    np.testing.assert_array_equal(usable_shapes(e1, e2, flags), [True, False, False, False, True, False])
     relaxed = usable_shapes(e1, e2, flags, EXCLUDE_FLAGS & ~FLAGS["UNRESOLVED"])
-    np.testing.assert_array_equal(relaxed, [True, False, False, True, True])
+    np.testing.assert_array_equal(relaxed, [True, False, False, True, True, False])
