@@ -68,6 +68,16 @@ def test_faint_neighbour_on_a_bright_wing_is_detected():
         assert det["snr"][1] == pytest.approx(12.0, abs=4.0)
 
 
+def test_close_pair_of_comparable_galaxies_is_split():
+    # S/N 60 and 40, 7 pixels (1.4") apart: the PSF filter blurs them into one peak, the
+    # segmentation of the unfiltered image splits them, and its source joins the peaks
+    for seed in range(3):
+        det = detect_sources(_point_sources([(28, 32), (35, 32)], [60.0, 40.0], seed=seed)[0])
+        assert len(det) == 2
+        d = np.hypot(np.asarray(det["x"])[:, None] - [28, 35], np.asarray(det["y"])[:, None] - 32)
+        assert d.min(axis=0).max() < 1.5
+
+
 def test_detection_on_pure_noise_is_empty():
     g = simulate_isolated(1, 0)
     sc = g.scene.select_bands(list(g.scene.bands))
