@@ -102,9 +102,12 @@ def detection_snr_map(scene: Scene, survey: str | None = None) -> tuple[np.ndarr
     variance away from masked pixels.
     """
     det, bad, w = _detection_image(scene, survey)
-    k = detection_psf(scene, w, survey)
-    snr = signal.fftconvolve(det, k[::-1, ::-1], mode="same") / np.sqrt(np.sum(k**2))
-    return snr, bad
+    return _snr_map(det, detection_psf(scene, w, survey)), bad
+
+
+def _snr_map(det: np.ndarray, psf: np.ndarray) -> np.ndarray:
+    """The unit-noise image ``det`` filtered with ``psf``, over the filtered noise."""
+    return signal.fftconvolve(det, psf[::-1, ::-1], mode="same") / np.sqrt(np.sum(psf**2))
 
 
 def segment_sources(scene: Scene, survey: str | None = None, threshold: float = SEGMENT_THRESHOLD) -> Table:
@@ -115,7 +118,11 @@ def segment_sources(scene: Scene, survey: str | None = None, threshold: float = 
     ``x``, ``y`` (pixels) and ``snr`` (sum of the segment over the square
     root of its area), sorted by decreasing S/N.
     """
-    det, bad = detection_image(scene, survey)
+    return _segments(*detection_image(scene, survey), threshold)
+
+
+def _segments(det: np.ndarray, bad: np.ndarray, threshold: float) -> Table:
+    """:func:`segment_sources` on a unit-noise detection image and its bad-pixel mask."""
     try:
         o = sep.extract(
             np.ascontiguousarray(det), threshold, err=1.0, mask=bad, minarea=5, deblend_cont=0.001
@@ -127,6 +134,22 @@ def segment_sources(scene: Scene, survey: str | None = None, threshold: float = 
     )
     t.sort("snr", reverse=True)
     return t
+
+
+def merge_close(sources: Table, radius: float) -> Table:
+    """Sources with every one closer than ``radius`` pixels to a higher-S/N one removed.
+
+    Greedy, highest ``snr`` first (a handful of sources per blend). Returns
+    the kept rows sorted by decreasing S/N.
+    """
+    t = sources.copy()
+    t.sort("snr", reverse=True)
+    keep = np.ones(len(t), bool)
+    for i in range(len(t)):
+        if keep[i]:
+            d = np.hypot(t["x"] - t["x"][i], t["y"] - t["y"][i])
+            keep &= ~((d < radius) & (np.arange(len(t)) > i))
+    return t[keep]
 
 
 def detect_sources(
@@ -146,7 +169,7 @@ def detect_sources(
         Detection threshold: the smallest point-source S/N of a peak of the
         PSF-filtered detection image.
     merge_radius : float
-        Peaks closer than this (pixels) are merged, keeping the higher.
+        Sources closer than this (pixels) are merged, keeping the higher S/N.
 
     Returns
     -------
@@ -154,7 +177,8 @@ def detect_sources(
         ``x``, ``y`` (pixels, 0-based) and ``snr`` (point-source S/N at the
         peak); sorted by decreasing S/N. No rows when nothing is found.
     """
-    snr, bad = detection_snr_map(scene, survey)
+    det, bad, w = _detection_image(scene, survey)  # shared by the peaks and the segments
+    snr = _snr_map(det, detection_psf(scene, w, survey))
     with warnings.catch_warnings():
         # an empty table says "nothing found"; a failed quadratic centroid falls back to the peak pixel below
         warnings.simplefilter("ignore", AstropyWarning)
@@ -175,19 +199,11 @@ def detect_sources(
     t = Table({"x": x, "y": y, "snr": s})
     # close pairs of comparable galaxies, which the PSF filter blurs into one peak, are often split
     # by the segmentation of the unfiltered image: add its sources that no peak is near
-    seg = segment_sources(scene, survey)
+    seg = _segments(det, bad, SEGMENT_THRESHOLD)
     if len(seg) and len(t):
         d = np.hypot(seg["x"][:, None] - t["x"][None], seg["y"][:, None] - t["y"][None])
         seg = seg[d.min(axis=1) > SEGMENT_RADIUS]
-    t = vstack([t, seg]) if len(seg) else t
-    t.sort("snr", reverse=True)
-    keep = np.ones(len(t), bool)
-    for i in range(len(t)):  # greedy merging, brightest first (a handful of peaks per blend)
-        if not keep[i]:
-            continue
-        d = np.hypot(t["x"] - t["x"][i], t["y"] - t["y"][i])
-        keep &= ~((d < merge_radius) & (np.arange(len(t)) > i))
-    t = t[keep]
+    t = merge_close(vstack([t, seg]) if len(seg) else t, merge_radius)
     t["x"].unit = t["y"].unit = "pix"
     return t
 

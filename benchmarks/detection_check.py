@@ -47,15 +47,9 @@ def _table(name: str, values: np.ndarray, found: np.ndarray, edges: tuple[float,
 
 def sep_baseline(scene) -> Table:
     """The sep detection bayesblend used before (see the module docstring): ``x``, ``y``."""
-    from bayesblend.detect import MERGE_RADIUS, segment_sources
+    from bayesblend.detect import MERGE_RADIUS, merge_close, segment_sources
 
-    t = segment_sources(scene)  # sorted by S/N
-    keep = np.ones(len(t), bool)
-    for i in range(len(t)):
-        if keep[i]:
-            d = np.hypot(t["x"] - t["x"][i], t["y"] - t["y"][i])
-            keep &= ~((d < MERGE_RADIUS) & (np.arange(len(t)) > i))
-    return t[keep]
+    return merge_close(segment_sources(scene), MERGE_RADIUS)
 
 
 def main() -> None:
