@@ -131,6 +131,20 @@ def test_blend_members_sum_to_the_blend_and_sit_in_the_annulus(lsst):
         assert 1 <= len(t) <= 4
 
 
+def test_every_member_morphology_on_request_leaves_the_scene_unchanged():
+    i = next(i for i in range(20) if len(simulate_blend(3, i, noise=False).truth) >= 2)
+    one, every = simulate_blend(3, i), simulate_blend(3, i, all_morphologies=True)
+    t = every.truth
+    assert one.morphology.shape[0] == 1 and every.morphology.shape[0] == len(t)
+    np.testing.assert_array_equal(one.scene.image, every.scene.image)
+    np.testing.assert_array_equal(one.morphology[0], every.morphology[0])
+    np.testing.assert_allclose(every.morphology.sum(axis=(2, 3)), 1.0, rtol=1e-4)
+    yy, xx = np.indices(every.morphology.shape[2:])
+    m = every.morphology[:, 2]  # r band: each member's light is centred on its own true position
+    np.testing.assert_allclose((m * xx).sum(axis=(1, 2)), t["x"], atol=0.2)
+    np.testing.assert_allclose((m * yy).sum(axis=(1, 2)), t["y"], atol=0.2)
+
+
 def test_same_seed_same_images_other_seed_other_images():
     a, b, c = simulate_blend(9, 4), simulate_blend(9, 4), simulate_blend(10, 4)
     np.testing.assert_array_equal(a.scene.image, b.scene.image)

@@ -176,8 +176,14 @@ def simulate_blend(
     rotate: bool = False,
     noise: bool = True,
     mag_range: tuple[float, float] = (MAG_MIN, MAG_MAX),
+    all_morphologies: bool = False,
 ) -> RenderedScene:
-    """A blend stamp with each member's noiseless image and the target's morphology (row 0)."""
+    """A blend stamp with each member's noiseless image and the target's morphology (row 0).
+
+    ``all_morphologies=True`` returns every member's model-frame morphology
+    (row order of the truth table), for measuring each galaxy's shape as the
+    posterior draws are measured; the image and truth do not change.
+    """
     s = _survey(survey)
     check_stamp(s, stamp_size, max_shift)
     bands = s.band_names if bands is None else s.check_bands(bands)
@@ -201,7 +207,7 @@ def simulate_blend(
         rotate=rotate,
         psf_fwhm=fwhm,
         keep_sources=True,
-        morphology_for=[0],
+        morphology_for=range(len(layout)) if all_morphologies else [0],
     )
     out.truth["is_target"] = np.asarray(layout["is_target"])
     out.truth["blend_id"] = np.full(len(out.truth), index, dtype=np.int64)
