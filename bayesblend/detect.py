@@ -47,6 +47,8 @@ MERGE_RADIUS = 1.5
 SEGMENT_THRESHOLD = 3.0
 #: A segmentation source farther than this (pixels) from every peak is a source of its own.
 SEGMENT_RADIUS = 2.0
+#: Residual peaks closer than this (pixels) to a fitted source are its misfit, not a new source.
+RESIDUAL_RADIUS = 3.0
 #: What a run that detects records about the detector (shear-bias run keys).
 DETECTOR = {
     "algorithm": "psf-matched peaks + sep segments",
@@ -152,6 +154,28 @@ def merge_close(sources: Table, radius: float) -> Table:
     return t[keep]
 
 
+def _peaks(snr: np.ndarray, bad: np.ndarray, threshold: float) -> Table:
+    """Local maxima of an S/N map above ``threshold``: ``x``, ``y`` (quadratic centroid) and ``snr``."""
+    with warnings.catch_warnings():
+        # an empty table says "nothing found"; a failed quadratic centroid falls back to the peak pixel below
+        warnings.simplefilter("ignore", AstropyWarning)
+        peaks = find_peaks(
+            np.where(bad, 0.0, snr), threshold, box_size=3, mask=bad, centroid_func=centroid_quadratic
+        )
+    if peaks is None:
+        x = y = s = np.zeros(0)
+    else:
+        x, y = np.asarray(peaks["x_centroid"], float), np.asarray(peaks["y_centroid"], float)
+        s = np.asarray(peaks["peak_value"], float)
+        # the quadratic fit can fail or leave the 3x3 box on a ridge: keep the peak pixel then
+        off = ~np.isfinite(x) | ~np.isfinite(y)
+        off |= np.abs(x - peaks["x_peak"]) > 1
+        off |= np.abs(y - peaks["y_peak"]) > 1
+        x = np.where(off, peaks["x_peak"], x)
+        y = np.where(off, peaks["y_peak"], y)
+    return Table({"x": x, "y": y, "snr": s})
+
+
 def detect_sources(
     scene: Scene,
     survey: str | None = None,
@@ -179,24 +203,7 @@ def detect_sources(
     """
     det, bad, w = _detection_image(scene, survey)  # shared by the peaks and the segments
     snr = _snr_map(det, detection_psf(scene, w, survey))
-    with warnings.catch_warnings():
-        # an empty table says "nothing found"; a failed quadratic centroid falls back to the peak pixel below
-        warnings.simplefilter("ignore", AstropyWarning)
-        peaks = find_peaks(
-            np.where(bad, 0.0, snr), threshold, box_size=3, mask=bad, centroid_func=centroid_quadratic
-        )
-    if peaks is None:
-        x = y = s = np.zeros(0)
-    else:
-        x, y = np.asarray(peaks["x_centroid"], float), np.asarray(peaks["y_centroid"], float)
-        s = np.asarray(peaks["peak_value"], float)
-        # the quadratic fit can fail or leave the 3x3 box on a ridge: keep the peak pixel then
-        off = ~np.isfinite(x) | ~np.isfinite(y)
-        off |= np.abs(x - peaks["x_peak"]) > 1
-        off |= np.abs(y - peaks["y_peak"]) > 1
-        x = np.where(off, peaks["x_peak"], x)
-        y = np.where(off, peaks["y_peak"], y)
-    t = Table({"x": x, "y": y, "snr": s})
+    t = _peaks(snr, bad, threshold)
     # close pairs of comparable galaxies, which the PSF filter blurs into one peak, are often split
     # by the segmentation of the unfiltered image: add its sources that no peak is near
     seg = _segments(det, bad, SEGMENT_THRESHOLD)
@@ -244,3 +251,72 @@ def match_sources(
             out[i] = j
             taken[j] = True
     return out
+
+
+def residual_sources(
+    scene: Scene,
+    model: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    model_error: float = 0.0,
+    survey: str | None = None,
+    threshold: float = THRESHOLD,
+    radius: float = RESIDUAL_RADIUS,
+) -> Table:
+    """Sources a fit missed: peaks of the PSF-filtered residual ``scene - model``.
+
+    A galaxy that detection missed on a neighbour's wing leaves its light in
+    the residual once the neighbour is fitted. Each band's residual is divided
+    by its pixels' noise (the variance plane, else sky plus the model's
+    Poisson term, plus ``(model_error * model)**2`` as in the scene model's
+    likelihood, so a bright galaxy's core misfit is not a detection), the
+    bands are combined as in :func:`detection_image` and filtered with the
+    PSF. Peaks above ``threshold`` closer than ``radius`` pixels to a fitted
+    source at ``(x, y)`` are that source's misfit and are dropped.
+
+    Parameters
+    ----------
+    scene : Scene
+    model : numpy.ndarray ``(band, y, x)``
+        The fitted model of the scene in its bands, electrons.
+    x, y : numpy.ndarray
+        Positions of the fitted sources, pixels.
+    model_error : float
+        Fractional model error of the fit (dimensionless).
+    survey : str, optional
+        Survey giving the sky level and PSF when the scene has none.
+    threshold : float
+        Smallest point-source S/N of a residual peak.
+    radius : float
+        Exclusion radius around the fitted sources, pixels.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``x``, ``y``, ``snr`` of the new sources, decreasing S/N.
+    """
+    model = np.asarray(model, np.float64)
+    if model.shape != tuple(scene.image.shape):
+        raise BayesblendError(
+            f"model shape {model.shape} differs from the scene's {tuple(scene.image.shape)}"
+        )
+    _, bad, sky_weight = _detection_image(scene, survey)
+    image = np.asarray(scene.image, np.float64)
+    if scene.variance is not None:
+        var = np.asarray(scene.variance, np.float64)
+    else:
+        var = 1.0 / sky_weight[:, None, None] + np.clip(model, 0.0, None)
+    var = var + (model_error * model) ** 2
+    band_bad = ~np.isfinite(image) | ~(var > 0) | bad[None]
+    weight = np.where(band_bad, 0.0, 1.0 / np.where(var > 0, var, 1.0))
+    norm = np.sqrt(weight.sum(axis=0))
+    det = np.sum(np.where(band_bad, 0.0, image - model) * weight, axis=0) / np.where(norm > 0, norm, 1.0)
+    t = _peaks(_snr_map(det, detection_psf(scene, sky_weight, survey)), bad | (norm == 0), threshold)
+    if len(t) and len(x):
+        d = np.hypot(
+            t["x"][:, None] - np.asarray(x, float)[None], t["y"][:, None] - np.asarray(y, float)[None]
+        )
+        t = t[d.min(axis=1) > radius]
+    t = merge_close(t, MERGE_RADIUS)
+    t["x"].unit = t["y"].unit = "pix"
+    return t

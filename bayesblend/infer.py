@@ -615,6 +615,7 @@ def deblend(
     latent_prior: str | None = None,
     config: InferenceConfig | None = None,
     progress: bool = False,
+    redetect: bool = False,
     **settings,
 ) -> Posterior:
     """Deblend one scene or several: detect (or take) sources, group them into blends, infer.
@@ -638,12 +639,16 @@ def deblend(
         Settings; ``**settings`` override single fields (e.g. ``num_draws=500``).
     progress : bool
         Show a progress bar over blends.
+    redetect : bool
+        On the scenes whose sources were detected, look for missed sources
+        in the residual of the fit (:func:`bayesblend.detect.residual_sources`)
+        and, when any are found, fit again with them added. Costs a second fit.
 
     Returns
     -------
     Posterior
     """
-    from bayesblend.detect import detect_sources
+    from bayesblend.detect import detect_sources, residual_sources
     from bayesblend.prior.bundle import load_bundle
 
     _check_method(method)
@@ -661,12 +666,16 @@ def deblend(
             raise BayesblendError(f"{len(scenes)} scenes but {len(per_scene)} source lists")
     preps: list[PreparedBlend] = []
     members: list[dict] = []
+    positions: list[tuple[np.ndarray, np.ndarray]] = []
+    detected: list[int] = []
     for si, (sc, src) in enumerate(zip(scenes, per_scene, strict=True)):
         check_bands(sc, bundle)
         pos = _as_positions(src, sc)
         if pos is None:
             det = detect_sources(sc.select_bands(bundle.bands), survey=bundle.survey)
             pos = (np.asarray(det["x"], float), np.asarray(det["y"], float))
+            detected.append(si)
+        positions.append(pos)
         x, y = pos
         if len(x) == 0:
             continue
@@ -679,4 +688,17 @@ def deblend(
         preps[i] = dataclasses.replace(
             preps[i], data=dict(preps[i].data, log_flux0=jnp.asarray(r.pop("log_flux0")))
         )
-    return Posterior.from_fits(bundle, latent_prior, method, seed, cfg, scenes, preps, members, results)
+    post = Posterior.from_fits(bundle, latent_prior, method, seed, cfg, scenes, preps, members, results)
+    if not redetect or not detected:
+        return post
+    added = 0
+    for si in detected:
+        sc = scenes[si].select_bands(bundle.bands)
+        x, y = positions[si]
+        new = residual_sources(sc, post.scene_model(si), x, y, cfg.model_error, survey=bundle.survey)
+        positions[si] = (np.r_[x, np.asarray(new["x"], float)], np.r_[y, np.asarray(new["y"], float)])
+        added += len(new)
+    if not added:
+        return post
+    again = [np.c_[x, y] for x, y in positions]
+    return deblend(scenes, again, method, bundle, seed, latent_prior, cfg, progress)

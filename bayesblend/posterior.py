@@ -527,6 +527,23 @@ class Posterior:
         nets = Networks(self.bundle, self.latent_prior)
         return np.asarray(_render(nets, nets.weights(), b.spec.shape, params, b.data))
 
+    def scene_model(self, scene: int) -> np.ndarray:
+        """Model of scene ``scene`` at the point estimates, ``(band, y, x)`` in the bundle's bands, electrons.
+
+        The sum of its blends' models, each pasted at its cutout's origin.
+        """
+        ny, nx = self.scenes[scene].shape
+        out = np.zeros((len(self.bands), ny, nx), np.float32)
+        scene_of = np.asarray(self.sources["scene"])
+        blend_of = np.asarray(self.sources["blend_id"])
+        for i in np.unique(blend_of[scene_of == scene]):
+            m = self.model_image(int(i))
+            x0, y0 = self.blends[i].origin
+            h, w = m.shape[-2:]
+            ya, yb, xa, xb = max(y0, 0), min(y0 + h, ny), max(x0, 0), min(x0 + w, nx)
+            out[:, ya:yb, xa:xb] += m[:, ya - y0 : yb - y0, xa - x0 : xb - x0]
+        return out
+
     def source_images(self, blend_id: int, nets: Networks | None = None) -> np.ndarray:
         """Each source of a blend rendered alone at the point estimate, ``(source, band, y, x)``."""
         b = self.blends[blend_id]

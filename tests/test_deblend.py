@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from astropy.table import Table
 
 from bayesblend import catalog as cat
 from bayesblend.errors import BayesblendError
@@ -158,6 +159,20 @@ def test_svi_amortised_and_batches_agree_on_a_bright_source(prior):
     assert two.n_blends == 2 and two.n_sources == 2
     c2 = two.catalog()
     np.testing.assert_allclose(c2["flux_r"][0], c2["flux_r"][1], rtol=0.02)
+
+
+def test_redetection_finds_the_galaxy_detection_missed(prior, bright_pair, monkeypatch):
+    import bayesblend.detect
+
+    t = bright_pair.truth
+    # a detector that finds only the brighter galaxy; the other is in the fit's residual
+    found = Table({"x": [t["x"][1]], "y": [t["y"][1]], "snr": [t["snr"][1]]})
+    monkeypatch.setattr(bayesblend.detect, "detect_sources", lambda scene, survey=None: found)
+    fast = dict(method="map", prior=prior, map_steps=150, num_draws=40)
+    assert deblend(bright_pair.scene, **fast).n_sources == 1
+    c = deblend(bright_pair.scene, redetect=True, **fast).catalog()
+    d = np.hypot(np.asarray(t["x"])[:, None] - c["x"][None], np.asarray(t["y"])[:, None] - c["y"][None])
+    assert len(c) == 2 and d.min(axis=1).max() < 1.0
 
 
 def test_config_errors():

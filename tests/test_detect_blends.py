@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from bayesblend.blends import blend_region, group_sources
-from bayesblend.detect import detect_sources, detection_snr_map
+from bayesblend.detect import detect_sources, detection_snr_map, residual_sources
+from bayesblend.errors import BayesblendError
 from bayesblend.scene import Scene
 from bayesblend.simulate.scenes import simulate_field, simulate_isolated
 from bayesblend.survey import get_survey
@@ -66,6 +67,23 @@ def test_faint_neighbour_on_a_bright_wing_is_detected():
         assert np.hypot(det["x"][0] - 24, det["y"][0] - 32) < 0.5
         assert np.hypot(det["x"][1] - 36, det["y"][1] - 32) < 1.0
         assert det["snr"][1] == pytest.approx(12.0, abs=4.0)
+
+
+def test_residual_of_a_fit_finds_the_neighbour_it_missed():
+    # S/N 60 with an S/N 10 neighbour 5 pixels away, fitted as one source: the neighbour is in the
+    # residual; fitted as both, nothing is; a bright source's misfit is dropped by the radius
+    for seed in range(3):
+        noisy, both = _point_sources([(30, 32), (35, 32)], [60.0, 10.0], seed=seed)
+        bright = _point_sources([(30, 32)], [60.0])[1].image
+        new = residual_sources(noisy, bright, np.array([30.0]), np.array([32.0]))
+        assert len(new) == 1 and np.hypot(new["x"][0] - 35, new["y"][0] - 32) < 1.5
+        assert len(residual_sources(noisy, both.image, np.array([30.0, 35.0]), np.array([32.0, 32.0]))) == 0
+        misfit = 0.6 * both.image
+        x, y = np.array([30.0, 35.0]), np.array([32.0, 32.0])
+        assert len(residual_sources(noisy, misfit, x, y, radius=0.0)) >= 1
+        assert len(residual_sources(noisy, misfit, x, y)) == 0
+    with pytest.raises(BayesblendError, match="model shape"):
+        residual_sources(noisy, bright[:3], x, y)
 
 
 def test_close_pair_of_comparable_galaxies_is_split():
