@@ -55,7 +55,9 @@ def done(method: str) -> set[int]:
     return {json.loads(line)["blend"] for line in path.read_text().splitlines() if line.strip()}
 
 
-def run(method: str, n: int, chunk: int, settings: dict, detect: bool = False) -> None:
+def run(
+    method: str, n: int, chunk: int, settings: dict, detect: bool = False, redetect: bool = False
+) -> None:
     import bayesblend
     from bayesblend.detect import match_sources
     from bayesblend.infer import deblend
@@ -75,6 +77,7 @@ def run(method: str, n: int, chunk: int, settings: dict, detect: bool = False) -
             method=method,
             prior=prior,
             seed=11,
+            redetect=redetect,
             **settings,
         )
         wall = time.perf_counter() - t0
@@ -356,7 +359,12 @@ def main() -> None:
         action="store_true",
         help="detect sources instead of giving the true positions; rows for the matched galaxies only",
     )
+    p.add_argument(
+        "--redetect", action="store_true", help="with --detect: refit with the residual's new sources"
+    )
     args = p.parse_args()
+    if args.redetect and not args.detect:
+        p.error("--redetect needs --detect")
     OUT = args.out
     if args.report:
         report(args.n)
@@ -369,7 +377,7 @@ def main() -> None:
         kind = type(getattr(defaults, k))
         settings[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
     for m in args.methods.split(","):
-        run(m, args.n, args.chunk, settings, detect=args.detect)
+        run(m, args.n, args.chunk, settings, detect=args.detect, redetect=args.redetect)
 
 
 if __name__ == "__main__":

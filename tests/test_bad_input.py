@@ -88,10 +88,24 @@ def test_cli_deblend_writes_catalogue_posterior_and_figures(tmp_path, capsys):
     r = simulate_blend(21, 3, n_range=(2, 3), mag_range=(20.0, 24.0))
     scene = write_scene(tmp_path / "scene.fits", r.scene)
     out = tmp_path / "out"
-    code = main(["deblend", str(scene), "--method", "map", "--draws", "30", "--out", str(out), "--quiet"])
-    assert code == 0
+    args = [
+        "deblend",
+        str(scene),
+        "--method",
+        "map",
+        "--draws",
+        "30",
+        "--out",
+        str(out),
+        "--quiet",
+        "--redetect",
+    ]
+    assert main(args) == 0
     c = Table.read(out / "catalog.fits")
     assert len(c) >= 1 and "flux_r" in c.colnames and c.meta["METHOD"] == "map"
+    t = r.truth  # both galaxies found (detection, then the residual of the first fit)
+    d = np.hypot(np.asarray(t["x"])[:, None] - c["x"][None], np.asarray(t["y"])[:, None] - c["y"][None])
+    assert d.min(axis=1).max() < 1.5
     assert (out / "posterior.nc").stat().st_size > 0
     # one figure per blend (detection may find a source far enough away to make a blend of its own)
     n_blends = len(set(np.asarray(c["blend_id"]).tolist()))
