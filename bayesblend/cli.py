@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     dbl.add_argument("--draws", type=int, default=None, help="draws per chain")
     dbl.add_argument("--warmup", type=int, default=None, help="NUTS warm-up steps")
     dbl.add_argument(
-        "--redetect", action="store_true", help="refit with sources found in the residual (detection only)"
+        "--no-redetect",
+        action="store_true",
+        help="skip the pilot MAP fit whose residual adds the sources detection missed",
     )
     dbl.add_argument("--truth", default=None, help="truth table to mark in the figures (simulations)")
     dbl.add_argument("--parquet", action="store_true", help="also write catalog.parquet")
@@ -204,7 +206,7 @@ def _deblend(args: argparse.Namespace) -> int:
         seed=args.seed,
         latent_prior=args.latent_prior,
         progress=not args.quiet,
-        redetect=args.redetect,
+        redetect=not args.no_redetect,
         **settings,
     )
     out = Path(args.out)

@@ -56,6 +56,8 @@ DETECTOR = {
     "merge_radius": MERGE_RADIUS,
     "segment_threshold": SEGMENT_THRESHOLD,
     "segment_radius": SEGMENT_RADIUS,
+    # deblend(redetect=True), the default: a MAP pilot fit, and its residual's peaks
+    "residual": {"pilot": "map", "threshold": THRESHOLD, "radius": RESIDUAL_RADIUS},
 }
 
 

@@ -615,7 +615,7 @@ def deblend(
     latent_prior: str | None = None,
     config: InferenceConfig | None = None,
     progress: bool = False,
-    redetect: bool = False,
+    redetect: bool = True,
     **settings,
 ) -> Posterior:
     """Deblend one scene or several: detect (or take) sources, group them into blends, infer.
@@ -640,9 +640,13 @@ def deblend(
     progress : bool
         Show a progress bar over blends.
     redetect : bool
-        On the scenes whose sources were detected, look for missed sources
-        in the residual of the fit (:func:`bayesblend.detect.residual_sources`)
-        and, when any are found, fit again with them added. Costs a second fit.
+        On the scenes whose sources were detected, fit the detections with
+        MAP first (the amortised method for ``method="amortised"``), add the
+        sources found in its residual (:func:`bayesblend.detect.residual_sources`:
+        galaxies detection missed on a neighbour's wing), then run ``method``.
+        On the held-out blends this finds 18 % more galaxies and cuts the
+        median flux error at S/N > 30 from 11 % to 4 % (RESULTS "Detection").
+        Costs the pilot fit. Ignored when sources are given.
 
     Returns
     -------
@@ -664,8 +668,6 @@ def deblend(
         per_scene = list(sources)
         if len(per_scene) != len(scenes):
             raise BayesblendError(f"{len(scenes)} scenes but {len(per_scene)} source lists")
-    preps: list[PreparedBlend] = []
-    members: list[dict] = []
     positions: list[tuple[np.ndarray, np.ndarray]] = []
     detected: list[int] = []
     for si, (sc, src) in enumerate(zip(scenes, per_scene, strict=True)):
@@ -676,7 +678,27 @@ def deblend(
             pos = (np.asarray(det["x"], float), np.asarray(det["y"], float))
             detected.append(si)
         positions.append(pos)
-        x, y = pos
+    if redetect and any(len(positions[si][0]) for si in detected):
+        # a pilot fit (MAP, or the amortised start for the amortised method) of the detected
+        # sources; the sources in its residual join them, then the method runs once on all
+        pilot_method = "amortised" if method == "amortised" else "map"
+        pilot = deblend(
+            scenes, [np.c_[x, y] for x, y in positions], pilot_method, bundle, seed, latent_prior, cfg
+        )
+        added = 0
+        for si in detected:
+            x, y = positions[si]
+            model = pilot.scene_model(si)
+            new = residual_sources(
+                scenes[si].select_bands(bundle.bands), model, x, y, cfg.model_error, bundle.survey
+            )
+            positions[si] = (np.r_[x, np.asarray(new["x"], float)], np.r_[y, np.asarray(new["y"], float)])
+            added += len(new)
+        if not added and pilot_method == method:
+            return pilot
+    preps: list[PreparedBlend] = []
+    members: list[dict] = []
+    for si, (sc, (x, y)) in enumerate(zip(scenes, positions, strict=True)):
         if len(x) == 0:
             continue
         p, _, split = prepare_scene(sc, x, y, bundle, cfg)
@@ -688,17 +710,4 @@ def deblend(
         preps[i] = dataclasses.replace(
             preps[i], data=dict(preps[i].data, log_flux0=jnp.asarray(r.pop("log_flux0")))
         )
-    post = Posterior.from_fits(bundle, latent_prior, method, seed, cfg, scenes, preps, members, results)
-    if not redetect or not detected:
-        return post
-    added = 0
-    for si in detected:
-        sc = scenes[si].select_bands(bundle.bands)
-        x, y = positions[si]
-        new = residual_sources(sc, post.scene_model(si), x, y, cfg.model_error, survey=bundle.survey)
-        positions[si] = (np.r_[x, np.asarray(new["x"], float)], np.r_[y, np.asarray(new["y"], float)])
-        added += len(new)
-    if not added:
-        return post
-    again = [np.c_[x, y] for x, y in positions]
-    return deblend(scenes, again, method, bundle, seed, latent_prior, cfg, progress)
+    return Posterior.from_fits(bundle, latent_prior, method, seed, cfg, scenes, preps, members, results)

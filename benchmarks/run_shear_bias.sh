@@ -4,7 +4,8 @@
 #  1. calibration set (seed 5): MAP, flow latent prior (the default), true positions; stores R in the card
 #  2. independent validation set (seed 6), divided by the stored R
 #  3. isolated galaxies (seed 5), uncalibrated
-#  4. blends with detection on (seed 5), uncalibrated (the run key records the detector, bayesblend.detect.DETECTOR)
+#  4. blends with detection on (seed 5), uncalibrated (the run key records the detector, bayesblend.detect.DETECTOR;
+#     blends-detect-map-sm2-s5 was made before re-detection from the residual became the default)
 # Runs are named *-sm2-*: the second scene model (windowed light-centroid placement, flux prior centred on
 # the amortised joint fluxes, 3 % model error; README "Worked example: deblending"). The *-rc-* runs were
 # made with the first (plain first-moment centroid, detection flux prior, no model error) and the runs
@@ -26,4 +27,4 @@ step() {  # step N ARGS...: run "bayesblend ARGS" when N is in STEPS
 step 1 shear-bias --kind blends --method map --seed 5 --n 2000 --out $OUT/blends-map-sm2-s5 --max-minutes "$CAL_MIN" --quiet --json $OUT/blends-map-sm2-s5.json --calibrate
 step 2 shear-bias --kind blends --method map --seed 6 --n 2000 --out $OUT/blends-map-sm2-s6 --max-minutes "$VAL_MIN" --quiet --json $OUT/blends-map-sm2-s6.json --calibrated
 step 3 shear-bias --kind isolated --method map --seed 5 --n 2000 --out $OUT/isolated-map-sm2-s5 --max-minutes "$ISO_MIN" --quiet --json $OUT/isolated-map-sm2-s5.json
-step 4 shear-bias --kind blends --detect --method map --seed 5 --n 2000 --out $OUT/blends-detect-map-sm2-s5 --max-minutes "$DET_MIN" --quiet --json $OUT/blends-detect-map-sm2-s5.json
+step 4 shear-bias --kind blends --detect --method map --seed 5 --n 2000 --out $OUT/blends-redetect-map-sm2-s5 --max-minutes "$DET_MIN" --quiet --json $OUT/blends-redetect-map-sm2-s5.json

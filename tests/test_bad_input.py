@@ -98,7 +98,6 @@ def test_cli_deblend_writes_catalogue_posterior_and_figures(tmp_path, capsys):
         "--out",
         str(out),
         "--quiet",
-        "--redetect",
     ]
     assert main(args) == 0
     c = Table.read(out / "catalog.fits")
