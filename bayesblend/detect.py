@@ -21,6 +21,10 @@ bayesblend's detector before, found 19 % of the galaxies (10 % at S/N
 10-20); peaks and segments find 42 % (55 %) with 0.13 spurious detections
 per blend (``benchmarks/detection_check.py``, RESULTS "Detection"). The
 LSST pipelines detect the same way (PSF-smoothed image, then peaks).
+
+:func:`residual_sources` looks for the galaxies a fit missed: the same
+peaks, on the noise-whitened residual of the fitted model
+(``deblend(redetect=True)``, the default, runs it after a pilot MAP fit).
 """
 
 from __future__ import annotations
