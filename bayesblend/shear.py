@@ -428,7 +428,11 @@ def jackknife(values: np.ndarray, replicates: np.ndarray) -> np.ndarray:
 def weighted_mean_replicates(
     x: np.ndarray, w: np.ndarray, blocks: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted mean of ``x`` ``(n, ...)`` over rows, and its leave-one-block-out replicates."""
+    """Weighted mean of ``x`` ``(n, ...)`` over rows, and its leave-one-block-out replicates.
+
+    A replicate is NaN where the other blocks have no weight (one block holds
+    all of it), so the jackknife error is NaN: undefined, not zero.
+    """
     x = np.asarray(x, float)
     w = np.asarray(w, float)
     wx = w.reshape(w.shape + (1,) * (x.ndim - 1)) * x
@@ -439,7 +443,8 @@ def weighted_mean_replicates(
     np.add.at(sum_w, blocks, w)
     full = sum_wx.sum(0) / sum_w.sum()
     rest_w = (sum_w.sum() - sum_w).reshape((k,) + (1,) * (x.ndim - 1))
-    reps = (sum_wx.sum(0) - sum_wx) / rest_w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reps = (sum_wx.sum(0) - sum_wx) / rest_w
     return full, reps
 
 

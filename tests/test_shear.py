@@ -285,3 +285,18 @@ def test_usable_shapes_rule():
     np.testing.assert_array_equal(usable_shapes(e1, e2, flags), [True, False, False, False, True, False])
     relaxed = usable_shapes(e1, e2, flags, EXCLUDE_FLAGS & ~FLAGS["UNRESOLVED"])
     np.testing.assert_array_equal(relaxed, [True, False, False, True, True, False])
+
+
+def test_jackknife_is_undefined_when_one_block_holds_all_the_weight():
+    import warnings
+
+    from bayesblend.shear import jackknife, weighted_mean_replicates
+
+    x = np.array([0.1, 0.3, 0.5, 0.7])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division warning either
+        full, reps = weighted_mean_replicates(x, np.array([1.0, 1.0, 0.0, 0.0]), np.array([0, 0, 1, 1]))
+    assert full == pytest.approx(0.2) and np.isnan(jackknife(full, reps))
+    full, reps = weighted_mean_replicates(x, np.ones(4), np.array([0, 0, 1, 1]))
+    # leave-one-block-out means 0.6 and 0.2 around 0.4: error sqrt(1/2 * 2 * 0.2^2) = 0.2
+    assert full == pytest.approx(0.4) and jackknife(full, reps) == pytest.approx(0.2)
