@@ -314,6 +314,8 @@ def residual_sources(
         var = 1.0 / sky_weight[:, None, None] + np.clip(model, 0.0, None)
     var = var + (model_error * model) ** 2
     band_bad = ~np.isfinite(image) | ~(var > 0) | bad[None]
+    if scene.mask is not None:
+        band_bad |= np.broadcast_to(np.asarray(scene.mask, bool), band_bad.shape)
     weight = np.where(band_bad, 0.0, 1.0 / np.where(var > 0, var, 1.0))
     norm = np.sqrt(weight.sum(axis=0))
     det = np.sum(np.where(band_bad, 0.0, image - model) * weight, axis=0) / np.where(norm > 0, norm, 1.0)
