@@ -174,6 +174,23 @@ class InferenceConfig:
         if self.svi_guide not in ("full", "lowrank"):
             raise BayesblendError(f"svi_guide must be 'full' or 'lowrank', got {self.svi_guide!r}")
 
+    @classmethod
+    def parse_settings(cls, pairs: Sequence[str]) -> dict:
+        """Settings from ``name=value`` strings (command lines), typed as the fields' defaults."""
+        defaults, out = cls(), {}
+        for kv in pairs:
+            name, sep, value = kv.partition("=")
+            if not sep or not hasattr(defaults, name):
+                raise BayesblendError(f"expected an inference setting as name=value, got {kv!r}")
+            kind = type(getattr(defaults, name))
+            try:
+                out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            except ValueError:
+                raise BayesblendError(
+                    f"inference setting {name} must be of type {kind.__name__}, got {value!r}"
+                ) from None
+        return out
+
     def replace(self, **changes) -> InferenceConfig:
         """A copy with ``changes`` (unknown names are an error)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -371,11 +371,7 @@ def main() -> None:
         return
     from bayesblend.infer import InferenceConfig
 
-    defaults, settings = InferenceConfig(), {}
-    for kv in args.set:
-        k, v = kv.split("=")
-        kind = type(getattr(defaults, k))
-        settings[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
+    settings = InferenceConfig.parse_settings(args.set)
     for m in args.methods.split(","):
         run(m, args.n, args.chunk, settings, detect=args.detect, redetect=args.redetect)
 

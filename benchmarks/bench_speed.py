@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--nuts-warmup", type=int, default=150)
     p.add_argument("--nuts-draws", type=int, default=300)
+    p.add_argument("--set", action="append", default=[], help="inference setting name=value (every method)")
     args = p.parse_args()
     import arviz as az
 
@@ -93,6 +94,7 @@ def main() -> None:
     from bayesblend.simulate.scenes import simulate_blend
 
     prior = bayesblend.load_prior()
+    common = InferenceConfig.parse_settings(args.set)
     ref = matmul_rate()
     print(
         f"machine: {platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} device(s); "
@@ -123,7 +125,7 @@ def main() -> None:
                 method=method,
                 prior=prior,
                 batch_size=args.batch,
-                **settings,
+                **(common | settings),
             )
             deblend([s.scene for s in use], **kw)
             t0 = time.perf_counter()
@@ -143,7 +145,7 @@ def main() -> None:
                 f"{gr['flops'] / 1e9:.2f} | {gr['fraction']:.2f} | {ess_txt} | {to400} |",
                 flush=True,
             )
-    print("\ncommand: `.venv/bin/python benchmarks/bench_speed.py`")
+    print(f"\ncommand: `.venv/bin/python benchmarks/bench_speed.py` settings {common or 'default'}")
 
 
 if __name__ == "__main__":

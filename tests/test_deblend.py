@@ -186,6 +186,13 @@ def test_config_errors():
         InferenceConfig(flux_prior="box")
     with pytest.raises(BayesblendError, match="model_error"):
         InferenceConfig(model_error=-0.1)
+    parsed = InferenceConfig.parse_settings(["map_steps=100", "position_sigma=1", "adapt_mass_matrix=yes"])
+    assert parsed == {"map_steps": 100, "position_sigma": 1.0, "adapt_mass_matrix": True}
+    assert type(parsed["map_steps"]) is int and InferenceConfig().replace(**parsed).map_steps == 100
+    with pytest.raises(BayesblendError, match="name=value"):
+        InferenceConfig.parse_settings(["map_stepz=3"])
+    with pytest.raises(BayesblendError, match="map_steps must be of type int"):
+        InferenceConfig.parse_settings(["map_steps=many"])
 
 
 def test_amortised_flux_prior_shares_a_bright_neighbours_light(prior):
