@@ -73,9 +73,19 @@ def detection_image(scene: Scene, survey: str | None = None) -> tuple[np.ndarray
 
 def _detection_image(scene: Scene, survey: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Detection image, bad-pixel mask, and the bands' weights ``1 / s_b^2``."""
+    bad, sky = _bad_pixels_and_sky(scene, survey)
+    det, no_weight = _unit_noise_sum(np.asarray(scene.image, np.float64), sky[:, None, None], bad)
+    return det, no_weight, 1.0 / sky
+
+
+def _bad_pixels_and_sky(scene: Scene, survey: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band bad pixels (non-finite or masked) ``(band, y, x)`` and sky variance per pixel ``(band,)``.
+
+    The sky variance is the variance plane's median over good pixels when the
+    scene has one, else the survey's sky level.
+    """
     sv = get_survey(survey or scene.survey)
-    image = np.asarray(scene.image, np.float64)
-    bad = ~np.isfinite(image)
+    bad = ~np.isfinite(np.asarray(scene.image, np.float64))
     if scene.mask is not None:
         bad |= scene.mask
     if scene.variance is not None:
@@ -84,10 +94,19 @@ def _detection_image(scene: Scene, survey: str | None) -> tuple[np.ndarray, np.n
         var = np.array([sv.sky_counts(b) if b in sv.band_names else np.nan for b in scene.bands])
     if not np.all(np.isfinite(var) & (var > 0)):
         raise BayesblendError("cannot build a detection image: unknown noise level in some band")
-    weight = np.where(bad, 0.0, 1.0 / var[:, None, None])
+    return bad, var
+
+
+def _unit_noise_sum(image: np.ndarray, var: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bands ``(band, y, x)`` summed with inverse-variance weights and scaled to unit noise, ``(y, x)``.
+
+    ``var`` broadcasts against ``image``; pixels that are ``bad`` get no
+    weight. Also returns where no band has weight.
+    """
+    weight = np.where(bad, 0.0, 1.0 / np.where(bad, 1.0, var))
     norm = np.sqrt(np.sum(weight, axis=0))
     det = np.sum(np.where(bad, 0.0, image) * weight, axis=0) / np.where(norm > 0, norm, 1.0)
-    return det.astype(np.float64), norm == 0, 1.0 / var
+    return det, norm == 0
 
 
 def detection_psf(scene: Scene, band_weight: np.ndarray, survey: str | None = None) -> np.ndarray:
@@ -306,20 +325,15 @@ def residual_sources(
         raise BayesblendError(
             f"model shape {model.shape} differs from the scene's {tuple(scene.image.shape)}"
         )
-    _, bad, sky_weight = _detection_image(scene, survey)
-    image = np.asarray(scene.image, np.float64)
+    bad, sky = _bad_pixels_and_sky(scene, survey)
     if scene.variance is not None:
         var = np.asarray(scene.variance, np.float64)
     else:
-        var = 1.0 / sky_weight[:, None, None] + np.clip(model, 0.0, None)
+        var = sky[:, None, None] + np.clip(model, 0.0, None)
     var = var + (model_error * model) ** 2
-    band_bad = ~np.isfinite(image) | ~(var > 0) | bad[None]
-    if scene.mask is not None:
-        band_bad |= np.broadcast_to(np.asarray(scene.mask, bool), band_bad.shape)
-    weight = np.where(band_bad, 0.0, 1.0 / np.where(var > 0, var, 1.0))
-    norm = np.sqrt(weight.sum(axis=0))
-    det = np.sum(np.where(band_bad, 0.0, image - model) * weight, axis=0) / np.where(norm > 0, norm, 1.0)
-    t = _peaks(_snr_map(det, detection_psf(scene, sky_weight, survey)), bad | (norm == 0), threshold)
+    residual = np.asarray(scene.image, np.float64) - model
+    det, no_weight = _unit_noise_sum(residual, var, bad | ~(var > 0))
+    t = _peaks(_snr_map(det, detection_psf(scene, 1.0 / sky, survey)), no_weight, threshold)
     if len(t) and len(x):
         d = np.hypot(
             t["x"][:, None] - np.asarray(x, float)[None], t["y"][:, None] - np.asarray(y, float)[None]
