@@ -699,8 +699,11 @@ def deblend(
         # a pilot fit (MAP, or the amortised start for the amortised method) of the detected
         # sources; the sources in its residual join them, then the method runs once on all
         pilot_method = "amortised" if method == "amortised" else "map"
+        # only its point estimates are read, unless it is returned as the result below: then it
+        # needs the method's draws; else one draw spares decoding and measuring the rest
+        pilot_cfg = cfg if pilot_method == method else cfg.replace(num_draws=1)
         pilot = deblend(
-            scenes, [np.c_[x, y] for x, y in positions], pilot_method, bundle, seed, latent_prior, cfg
+            scenes, [np.c_[x, y] for x, y in positions], pilot_method, bundle, seed, latent_prior, pilot_cfg
         )
         added = 0
         for si in detected:
