@@ -48,11 +48,27 @@ def scenes(indices):
     return [simulate_blend(SEED, int(i), **SIM) for i in indices]
 
 
-def done(method: str) -> set[int]:
-    path = OUT / f"{method}.jsonl"
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a ``.jsonl`` file; none when it does not exist."""
     if not path.exists():
-        return set()
-    return {json.loads(line)["blend"] for line in path.read_text().splitlines() if line.strip()}
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def coverage(quantiles: np.ndarray, truth: np.ndarray) -> str:
+    """``"68 / 95"``: percent of ``truth`` inside the central 68 % and 95 % intervals.
+
+    ``quantiles`` are ``(n, 5)`` percentiles 2.5, 16, 50, 84, 97.5; a row with a
+    non-finite one counts as outside.
+    """
+    ok = np.isfinite(quantiles).all(axis=1) & np.isfinite(truth)
+    c68 = np.mean((truth >= quantiles[:, 1]) & (truth <= quantiles[:, 3]) & ok)
+    c95 = np.mean((truth >= quantiles[:, 0]) & (truth <= quantiles[:, 4]) & ok)
+    return f"{100 * c68:.0f} / {100 * c95:.0f}"
+
+
+def done(method: str) -> set[int]:
+    return {r["blend"] for r in read_rows(OUT / f"{method}.jsonl")}
 
 
 def run(
@@ -141,10 +157,9 @@ def sep_baseline(n: int) -> list[dict]:
     from bayesblend.detect import detect_sources
 
     path = OUT / "sep.jsonl"
-    if path.exists():
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        if len({r["blend"] for r in rows}) >= n:
-            return [r for r in rows if r["blend"] < n]
+    rows = read_rows(path)
+    if len({r["blend"] for r in rows}) >= n:
+        return [r for r in rows if r["blend"] < n]
     rows = []
     for i in range(n):
         s = scenes([i])[0]
@@ -199,7 +214,7 @@ def measured_truth(n: int) -> dict[tuple[int, int], tuple[float, float]]:
     from bayesblend.simulate.scenes import simulate_blend
 
     path = OUT / "truth_shapes.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    rows = read_rows(path)
     have = {r["blend"] for r in rows}
     todo = [i for i in range(n) if i not in have]
     if todo:
@@ -227,10 +242,7 @@ def shape_report(n: int) -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for method in ("amortised", "map", "svi", "nuts"):
-        path = OUT / f"{method}.jsonl"
-        if not path.exists():
-            continue
-        every = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        every = read_rows(OUT / f"{method}.jsonl")
         every = [r for r in every if r["blend"] < n and (r["blend"], r["source"]) in truth]
         for cut in SNR_CUTS:
             rows = [r for r in every if r["snr"] > cut]
@@ -240,17 +252,12 @@ def shape_report(n: int) -> None:
             for c, name in enumerate(("e1", "e2")):
                 q = np.array([r["q"][name] for r in rows])
                 t = np.array([truth[(r["blend"], r["source"])][c] for r in rows])
-                ok = np.isfinite(q).all(axis=1) & np.isfinite(t)
-                c68 = np.mean((t >= q[:, 1]) & (t <= q[:, 3]) & ok)
-                c95 = np.mean((t >= q[:, 0]) & (t <= q[:, 4]) & ok)
-                cells.append(
-                    (np.nanmedian(q[:, 2] - t), np.nanstd(q[:, 2] - t), f"{100 * c68:.0f} / {100 * c95:.0f}")
-                )
+                cells.append((np.nanmedian(q[:, 2] - t), np.nanstd(q[:, 2] - t), coverage(q, t)))
             print(
                 f"| {method} | > {cut} | {len(rows)} | {cells[0][0]:+.3f} | {cells[1][0]:+.3f} | "
                 f"{0.5 * (cells[0][1] + cells[1][1]):.3f} | {cells[0][2]} | {cells[1][2]} |"
             )
-    prof = [json.loads(x) for x in (OUT / "map.jsonl").read_text().splitlines() if x.strip()]
+    prof = read_rows(OUT / "map.jsonl")
     d = np.array(
         [
             [
@@ -278,11 +285,9 @@ def report(n: int) -> None:
     base = sep_baseline(n)
     notes = ""
     for method in ("amortised", "map", "svi", "nuts"):
-        path = OUT / f"{method}.jsonl"
-        if not path.exists():
+        every = [r for r in read_rows(OUT / f"{method}.jsonl") if r["blend"] < n]
+        if not every:
             continue
-        every = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        every = [r for r in every if r["blend"] < n]
         if any(r.get("detected") for r in every):
             notes += f"\n{method}: sources detected; rows: true galaxies matched within {MATCH_RADIUS} px."
         wall = np.array([r["wall_per_source"] for r in every if not r["includes_compile"]])
@@ -297,13 +302,6 @@ def report(n: int) -> None:
             te2 = np.array([r["true_e2"] for r in rows])
             de1, de2 = q["e1"][:, 2] - te1, q["e2"][:, 2] - te2
 
-            def cover(name, truth, q=q):
-                a = q[name]
-                ok = np.isfinite(a).all(axis=1)
-                c68 = np.mean((truth >= a[:, 1]) & (truth <= a[:, 3]) & ok)
-                c95 = np.mean((truth >= a[:, 0]) & (truth <= a[:, 4]) & ok)
-                return f"{100 * c68:.0f} / {100 * c95:.0f}"
-
             bad_e = int(np.sum(~np.isfinite(de1)))
             nan_txt = f" ({bad_e} NaN)" if bad_e else ""
             print(
@@ -311,7 +309,7 @@ def report(n: int) -> None:
                 f"{np.mean(np.abs(rel)):.3f} | {np.median(np.abs(rel)):.3f} | "
                 f"{np.nanmedian(de1):+.3f} | {np.nanmedian(de2):+.3f} | "
                 f"{0.5 * (np.nanstd(de1) + np.nanstd(de2)):.3f}{nan_txt} | "
-                f"{cover('flux_r', tf)} | {cover('e1', te1)} | {cover('e2', te2)} | "
+                f"{coverage(q['flux_r'], tf)} | {coverage(q['e1'], te1)} | {coverage(q['e2'], te2)} | "
                 f"{np.median(wall) if wall.size else float('nan'):.2f} |"
             )
         if method == "nuts":
