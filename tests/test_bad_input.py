@@ -88,18 +88,9 @@ def test_cli_deblend_writes_catalogue_posterior_and_figures(tmp_path, capsys):
     r = simulate_blend(21, 3, n_range=(2, 3), mag_range=(20.0, 24.0))
     scene = write_scene(tmp_path / "scene.fits", r.scene)
     out = tmp_path / "out"
-    args = [
-        "deblend",
-        str(scene),
-        "--method",
-        "map",
-        "--draws",
-        "30",
-        "--out",
-        str(out),
-        "--quiet",
-    ]
-    assert main(args) == 0
+    assert (
+        main(["deblend", str(scene), "--method", "map", "--draws", "30", "--out", str(out), "--quiet"]) == 0
+    )
     c = Table.read(out / "catalog.fits")
     assert len(c) >= 1 and "flux_r" in c.colnames and c.meta["METHOD"] == "map"
     t = r.truth  # both galaxies found (detection, then the residual of the first fit)
