@@ -209,11 +209,34 @@ def render_scene(
     jax.Array
         ``(band, H, W)`` electrons.
     """
-    s = morphology.shape[-1]
-    nb = morphology.shape[-3]
-    h, w = shape
+    return paste_stamps(render_stamps(morphology, flux, offset, kernel), anchor, shape)
+
+
+def render_stamps(
+    morphology: jnp.ndarray, flux: jnp.ndarray, offset: jnp.ndarray, kernel: jnp.ndarray
+) -> jnp.ndarray:
+    """Each source's observed image on its own stamp, ``(source, band, S, S)`` electrons.
+
+    The first half of :func:`render_scene` (same arguments): each morphology is
+    shifted so that its light centroid lands ``offset`` from the stamp centre,
+    convolved with the difference kernel and scaled by its flux. A source's
+    stamp depends on that source's parameters only, which the Gauss-Newton
+    Jacobian of the inference layer uses to differentiate one source at a time.
+    """
     shift = offset - light_centroid(morphology)
-    stamps = jax.vmap(render_source, in_axes=(0, 0, 0, None))(morphology, flux, shift, kernel)
+    return jax.vmap(render_source, in_axes=(0, 0, 0, None))(morphology, flux, shift, kernel)
+
+
+def paste_stamps(stamps: jnp.ndarray, anchor: jnp.ndarray, shape: tuple[int, int]) -> jnp.ndarray:
+    """Sum of stamps ``(source, band, S, S)`` pasted at ``anchor`` into a ``(band, H, W)`` canvas.
+
+    The second half of :func:`render_scene` (``anchor`` and ``shape`` as
+    there); linear in the stamps. Parts of a stamp beyond the canvas are
+    dropped.
+    """
+    s = stamps.shape[-1]
+    nb = stamps.shape[-3]
+    h, w = shape
     canvas = jnp.zeros((nb, h + 2 * s, w + 2 * s), dtype=stamps.dtype)
     anchor = jnp.clip(anchor, -s, jnp.array([w, h])) + s
 

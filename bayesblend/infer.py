@@ -45,7 +45,7 @@ from jax.flatten_util import ravel_pytree
 
 from bayesblend.blends import PreparedBlend, blend_region, check_bands, group_sources, prepare_blend
 from bayesblend.errors import BayesblendError
-from bayesblend.forward import render_scene
+from bayesblend.forward import paste_stamps, render_scene
 from bayesblend.model import (
     LOG_FLUX_SIGMA,
     MODEL_ERROR,
@@ -53,8 +53,8 @@ from bayesblend.model import (
     SceneSpec,
     inverse_variance,
     prior_precision,
-    scene_mean,
     scene_model,
+    source_stamps,
 )
 from bayesblend.posterior import Posterior
 from bayesblend.prior.bundle import Networks, PriorBundle
@@ -314,27 +314,37 @@ def _gauss_newton(nets: Networks, w: dict, spec: SceneSpec, data: dict, flat, un
     """Gauss-Newton precision ``J^T W J + P`` at ``flat``: positive definite by construction.
 
     J is the Jacobian of the expected scene with respect to the flattened
-    parameters (one forward-mode column per parameter, ``lax.map``-ed), W the
-    inverse variance of the unmasked pixels and P the diagonal prior
-    precision. Unlike the exact Hessian it never has negative eigenvalues away
-    from the optimum, so it serves as the Newton matrix, the Laplace
-    covariance and NUTS's mass matrix.
+    parameters, W the inverse variance of the unmasked pixels and P the
+    diagonal prior precision. Unlike the exact Hessian it never has negative
+    eigenvalues away from the optimum, so it serves as the Newton matrix, the
+    Laplace covariance and NUTS's mass matrix.
+
+    J is built one source at a time: a source's parameters move only its own
+    stamp (:func:`bayesblend.model.source_stamps`), so its columns take
+    forward-mode derivatives of that one stamp, which are then pasted into the
+    canvas. The cost grows as the number of sources, where differentiating the
+    whole scene per column grew as its square.
     """
     decode = partial(nets.decode, w, forward_mode=True)
     to_latent = nets.to_latent(w)
+    params = unravel(flat)
+    kernel = data["kernel"]
 
-    def mean_fn(f):
-        return scene_mean(spec, data, decode, to_latent, unravel(f))
+    def stamp(p, valid):
+        one = {"source_valid": valid[None], "kernel": kernel}
+        return source_stamps(one, decode, to_latent, jax.tree_util.tree_map(lambda a: a[None], p))[0]
 
-    d = flat.shape[0]
-    wgt = inverse_variance(spec, data, mean_fn(flat))
+    stamps, jac = jax.vmap(lambda p, v: (stamp(p, v), jax.jacfwd(stamp)(p, v)))(params, data["source_valid"])
 
-    def column(e):
-        return jax.jvp(mean_fn, (flat,), (e,))[1]
+    def canvas_columns(j):  # (source, band, S, S, k) -> (source * k, band, H, W), parameters in ravel order
+        cols = jnp.moveaxis(j, -1, 1)
+        paste = jax.vmap(lambda c, a: paste_stamps(c[None], a[None], spec.shape), in_axes=(0, None))
+        return jax.vmap(paste)(cols, data["anchor"]).reshape((-1, kernel.shape[0]) + spec.shape)
 
-    jac = jax.lax.map(column, jnp.eye(d, dtype=flat.dtype), batch_size=min(d, 24))
+    jmat = jnp.concatenate([canvas_columns(j) for j in jax.tree_util.tree_leaves(jac)])
+    wgt = inverse_variance(spec, data, paste_stamps(stamps, data["anchor"], spec.shape))
     prec, _ = ravel_pytree(prior_precision(spec, data["log_flux0"].shape[-1]))
-    h = jnp.einsum("ibyx,jbyx,byx->ij", jac, jac, wgt) + jnp.diag(prec)
+    h = jnp.einsum("ibyx,jbyx,byx->ij", jmat, jmat, wgt) + jnp.diag(prec)
     return 0.5 * (h + h.T)
 
 

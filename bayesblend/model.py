@@ -3,9 +3,12 @@
 Per source (a ``source`` plate of fixed, padded size):
 - ``u`` (latent dim): standard normal. The latent code is ``z = T(u)``, with
   ``T`` the bundle's flow mapping base draws to latent codes, or the identity
-  for the N(0, I) prior. Sampling in the flow's base space is the
-  reparametrisation that makes the posterior geometry close to Gaussian for
-  NUTS; the prior on ``z`` is exactly the flow.
+  for the N(0, I) prior; the prior on ``z`` is exactly the flow. Every method
+  works in ``u``, where the prior is a plain standard normal. The posterior is
+  not Gaussian there either (directions that leave the image unchanged to
+  first order curve away within a Laplace standard deviation), but NUTS in
+  ``z`` itself mixed flux and ellipticity worse (benchmarks/RESULTS.md,
+  "Speed").
 - ``log_flux`` (band): Normal(``log_flux0``, ``log_flux_sigma``), a proper
   and broad prior (default sigma = 2, a factor of 7 either way) around a flux
   estimate given with the data (the inference layer chooses it:
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 
-from bayesblend.forward import render_scene
+from bayesblend.forward import paste_stamps, render_stamps
 
 #: Defaults of the scene model's priors and variance, the one source of them (``prepare_blend`` and
 #: :class:`bayesblend.infer.InferenceConfig` use them too): log-flux prior sigma (natural log),
@@ -87,10 +90,25 @@ def scene_mean(
     params: dict[str, jnp.ndarray],
 ) -> jnp.ndarray:
     """Expected scene ``(band, H, W)``, electrons, for parameters ``u``, ``log_flux``, ``offset``."""
+    return paste_stamps(source_stamps(data, decode, to_latent, params), data["anchor"], spec.shape)
+
+
+def source_stamps(
+    data: dict[str, jnp.ndarray],
+    decode: Callable[[jnp.ndarray], jnp.ndarray],
+    to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None,
+    params: dict[str, jnp.ndarray],
+) -> jnp.ndarray:
+    """Each source's expected image on its stamp, ``(source, band, S, S)`` electrons.
+
+    Reads ``data["source_valid"]`` and ``data["kernel"]`` only, so it also
+    serves one source at a time (parameters and ``source_valid`` with a
+    leading axis of 1).
+    """
     u = params["u"]
     z = u if to_latent is None else to_latent(u)
     flux = jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
-    return render_scene(decode(z), flux, params["offset"], data["anchor"], data["kernel"], spec.shape)
+    return render_stamps(decode(z), flux, params["offset"], data["kernel"])
 
 
 def pixel_variance(spec: SceneSpec, data: dict[str, jnp.ndarray], mean: jnp.ndarray) -> jnp.ndarray:

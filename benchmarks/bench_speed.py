@@ -5,13 +5,15 @@ mag_range=(20, 24.5))``, sources at their true positions) this measures:
 
 - per-source wall time of ``deblend`` for each method, compilation excluded
   (each call is made twice; the second is timed), on a batch of ``--batch``
-  blends run together under ``vmap`` (NUTS: one blend);
+  blends run together under ``vmap`` (NUTS: ``--nuts-blends``, default one);
 - likelihood-gradient evaluations per second, alone and inside a
   ``lax.fori_loop`` (where MAP, SVI and NUTS take them), and the achieved
   FLOP rate (XLA cost analysis of one gradient) as a fraction of a dense
   2048 x 2048 float32 matmul's rate measured in the same run;
-- for NUTS, the smallest bulk ESS over flux_r, e1 and e2 per source and the
-  wall time per source extrapolated to ESS_bulk = 400 (time x 400 / ESS).
+- for NUTS, the smallest bulk ESS over flux_r, e1 and e2 per source (the
+  median over sources is printed, with the smallest in brackets), the mean
+  leapfrog steps per draw and the divergent fraction, and the wall time per
+  source extrapolated to ESS_bulk = 400 (time x 400 / median ESS).
 
 Run: ``.venv/bin/python benchmarks/bench_speed.py [--methods map,nuts] [--sizes 1,2,4]``
 """
@@ -85,6 +87,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--nuts-warmup", type=int, default=150)
     p.add_argument("--nuts-draws", type=int, default=300)
+    p.add_argument("--nuts-blends", type=int, default=1, help="blends NUTS runs together (at most --batch)")
     p.add_argument("--set", action="append", default=[], help="inference setting name=value (every method)")
     args = p.parse_args()
     import arviz as az
@@ -102,7 +105,7 @@ def main() -> None:
     )
     print(
         "| sources | method | blends | s per source | grads/s alone | grads/s in loop | GFLOP per grad | "
-        "FLOP fraction (loop) | NUTS ESS_bulk min (median) | NUTS s/source to ESS 400 |"
+        "FLOP fraction (loop) | NUTS ESS_bulk median (min); steps, divergences | NUTS s/source to ESS 400 |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for k in [int(s) for s in args.sizes.split(",")]:
@@ -116,7 +119,7 @@ def main() -> None:
         )
         gr = gradient_rate(prior, preps[0], ref)
         for method in args.methods.split(","):
-            use = sims[:1] if method == "nuts" else sims
+            use = sims[: args.nuts_blends] if method == "nuts" else sims
             settings = (
                 {"num_warmup": args.nuts_warmup, "num_draws": args.nuts_draws} if method == "nuts" else {}
             )
@@ -137,7 +140,9 @@ def main() -> None:
                 sub = ds[["e1", "e2"]].assign(flux_r=ds["flux"].sel(band="r"))
                 e = az.ess(sub, method="bulk")
                 ess = np.min([e[v].values for v in ("flux_r", "e1", "e2")], axis=0)
-                ess_txt = f"{np.median(ess):.0f}"
+                st = post.to_inference_data().sample_stats
+                steps, div = float(st["n_steps"].mean()), float(st["diverging"].mean())
+                ess_txt = f"{np.median(ess):.0f} ({np.min(ess):.0f}); {steps:.0f} steps/draw, {div:.1%} div."
                 to400 = f"{per_source * 400 / np.median(ess):.0f}"
             print(
                 f"| {k} | {method} | {len(use)} | {per_source:.2f} | "

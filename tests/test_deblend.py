@@ -118,6 +118,54 @@ def test_joint_flux_is_non_negative_and_exact_on_noiseless_templates(prior, map_
     assert np.all(flux2 >= 0) and np.all(flux2[1] < 1.0) and np.all(flux2[0] > 0)
 
 
+def test_gauss_newton_per_source_jacobian_equals_the_whole_scene_jacobian(prior):
+    """The per-source Gauss-Newton precision equals J^T W J + P with J of the whole scene (padding and a
+    source hanging over the canvas edge included)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    from bayesblend.blends import prepare_blend
+    from bayesblend.infer import _gauss_newton
+    from bayesblend.model import inverse_variance, prior_precision, scene_mean
+    from bayesblend.prior.bundle import Networks
+
+    sim = simulate_blend(31, 2, n_range=(3, 3))
+    t = sim.truth
+    prep = prepare_blend(sim.scene, np.r_[t["x"][:2], -3.0], np.r_[t["y"][:2], 20.0], prior)
+    assert prep.spec.n_sources == 4 and prep.n_real == 3
+    nets = Networks(prior, "flow")
+    w = nets.weights()
+    rng = np.random.default_rng(0)
+    n = prep.spec.n_sources
+    params = {
+        "u": jnp.asarray(rng.normal(size=(n, prior.latent_dim)), jnp.float32),
+        "log_flux": prep.data["log_flux0"],
+        "offset": prep.data["offset0"] + 0.3,
+    }
+    flat, unravel = ravel_pytree(params)
+    h = np.asarray(_gauss_newton(nets, w, prep.spec, prep.data, flat, unravel))
+
+    decode = lambda z: nets.decode(w, z, forward_mode=True)  # noqa: E731
+    to_latent = nets.to_latent(w)
+
+    def mean(f):
+        return scene_mean(prep.spec, prep.data, decode, to_latent, unravel(f))
+
+    jac = jax.jacfwd(mean)(flat)  # (band, H, W, d)
+    wgt = inverse_variance(prep.spec, prep.data, mean(flat))
+    prec, _ = ravel_pytree(prior_precision(prep.spec, 6))
+    dense = np.asarray(jnp.einsum("byxi,byxj,byx->ij", jac, jac, wgt) + jnp.diag(prec))
+    assert h.shape == dense.shape == (flat.size, flat.size)
+    scale = np.sqrt(np.outer(np.diag(dense), np.diag(dense)))
+    np.testing.assert_allclose(h / scale, dense / scale, atol=2e-4)
+    # the edge source's columns are not empty, and the padded source's are the prior alone
+    d_src = prior.latent_dim
+    u_cols = flat.size - n * d_src + np.arange(n * d_src).reshape(n, d_src)
+    assert np.diag(h)[u_cols[2]].sum() - d_src > 0.1
+    np.testing.assert_allclose(np.diag(h)[u_cols[3]], 1.0, rtol=1e-5)
+
+
 def test_nuts_posterior_inference_data_and_diagnostics(prior, tmp_path):
     import arviz as az
 
