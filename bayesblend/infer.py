@@ -434,7 +434,7 @@ def _fit_method(nets, method, cfg, w, spec, data, mean, sigma, start, k_draw, k_
         return out
     if method == "svi":
         return out | _svi(nets, w, spec, data, point, flat, cov, cfg, k_svi)
-    return out | _nuts(nets, w, potential, flat, unravel, root, cfg, k_nuts)  # method checked by fit_blends
+    return out | _nuts(potential, flat, unravel, cov, root, cfg, k_nuts)  # method checked by fit_blends
 
 
 def _svi(nets, w, spec, data, point, flat, cov, cfg: InferenceConfig, key) -> dict:
@@ -465,35 +465,9 @@ def _svi(nets, w, spec, data, point, flat, cov, cfg: InferenceConfig, key) -> di
     return {"draws": _with_chain(draws), "elbo_trace": losses, "stats": {}}
 
 
-def _in_latent_codes(nets: Networks, w: dict, potential: Callable, flat, unravel, root):
-    """The posterior over the latent codes ``z = T(u)`` instead of the flow's base draws ``u``.
-
-    ABLATION (measured worse, reverted in the next commit): potential of
-    ``(z, log_flux, offset)``, start, ``unravel`` and the Laplace root carried
-    over by the Jacobian of ``T``.
-    """
-    to_latent = nets.to_latent(w)
-
-    def to_z(f):
-        p = unravel(f)
-        return ravel_pytree(dict(p, u=to_latent(p["u"])))[0]
-
-    p0 = unravel(flat)
-    flat_z, unravel_z = ravel_pytree(dict(p0, u=to_latent(p0["u"])))
-
-    def potential_z(pz):
-        u, log_det = nets.to_base_and_log_det(w, pz["u"])
-        return potential(dict(pz, u=u)) - jnp.sum(log_det)
-
-    return potential_z, flat_z, unravel_z, jax.jacfwd(to_z)(flat) @ root
-
-
-def _nuts(nets: Networks, w: dict, potential, flat, unravel, root, cfg: InferenceConfig, key) -> dict:
+def _nuts(potential, flat, unravel, cov, root, cfg: InferenceConfig, key) -> dict:
     from numpyro.infer.hmc import hmc
 
-    if nets.latent_prior == "flow":
-        potential, flat, unravel, root = _in_latent_codes(nets, w, potential, flat, unravel, root)
-    cov = root @ root.T
     init_kernel, sample_kernel = hmc(potential_fn=potential, algo="NUTS")
     k_start, k_chain = jax.random.split(key)
     eps = jax.random.normal(k_start, (cfg.num_chains, flat.shape[0]), flat.dtype)
@@ -530,7 +504,7 @@ def _nuts(nets: Networks, w: dict, potential, flat, unravel, root, cfg: Inferenc
         return jax.tree_util.tree_map(lambda a: a[keep], z), stats
 
     draws, stats = jax.vmap(chain)(starts, jax.random.split(k_chain, cfg.num_chains))
-    return {"draws": dict(draws, u=nets.to_base(w, draws["u"])), "stats": stats}
+    return {"draws": draws, "stats": stats}
 
 
 # --------------------------------------------------------------------------------------------

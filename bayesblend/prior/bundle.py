@@ -231,14 +231,6 @@ class Networks:
 
         return self.bundle.flow.apply(w["flow"], z, method=RealNVP.to_base)
 
-    def to_base_and_log_det(self, w: dict, z: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """Base draws ``u`` of latent codes ``z`` and ``log|det du/dz|`` per code (0 for ``normal``)."""
-        if self.latent_prior == "normal":
-            return z, jnp.zeros(z.shape[:-1], z.dtype)
-        from bayesblend.prior.flow import RealNVP
-
-        return self.bundle.flow.apply(w["flow"], z, method=RealNVP.to_base_and_log_det)
-
     def encode(self, w: dict, stamps: jnp.ndarray, noise_sigma: jnp.ndarray):
         """``(mean, log_sigma)`` of q(z | stamps) from the amortised encoder."""
         return self.bundle.encoder.apply(w[self.encoder_name], scale_input(stamps, noise_sigma))

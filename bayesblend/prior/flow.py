@@ -86,21 +86,19 @@ class RealNVP(nn.Module):
 
     def log_prob(self, z: jnp.ndarray) -> jnp.ndarray:
         """``log p(z)`` (nats), shape ``z.shape[:-1]``."""
-        u, logdet = self.to_base_and_log_det(z)
-        return -0.5 * jnp.sum(u**2, axis=-1) - 0.5 * self.dim * LOG_2PI + logdet
-
-    def to_base_and_log_det(self, z: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """Base draws ``u`` of latent codes ``z`` and ``log|det du/dz|`` (shape ``z.shape[:-1]``)."""
         logdet = jnp.zeros(z.shape[:-1])
         u = z
         for c in self.couplings:
             u, ld = c.forward(u)
             logdet = logdet + ld
-        return u, logdet
+        return -0.5 * jnp.sum(u**2, axis=-1) - 0.5 * self.dim * LOG_2PI + logdet
 
     def to_base(self, z: jnp.ndarray) -> jnp.ndarray:
         """Map latent codes to the base space (the inverse of :meth:`sample_from_base`)."""
-        return self.to_base_and_log_det(z)[0]
+        u = z
+        for c in self.couplings:
+            u, _ = c.forward(u)
+        return u
 
     def sample_from_base(self, u: jnp.ndarray) -> jnp.ndarray:
         """Map base draws ``u ~ N(0, I)`` to latent codes."""
