@@ -21,7 +21,10 @@ Every method starts from the one before it:
   the step size only (``adapt_mass_matrix=False`` by default: a dense estimate
   from a short warm-up window did no better). The flow's base space turned out
   less Gaussian than hoped: NUTS still needs about 58 leapfrog steps per draw
-  under the flow prior, against 15 under N(0, I) (benchmarks/RESULTS.md).
+  under the flow prior, against 15 under N(0, I), because image-preserving
+  directions curve away within a Laplace standard deviation. Sampling the
+  latent codes themselves mixed flux and ellipticity worse (both in
+  benchmarks/RESULTS.md, "Speed").
 
 Blends with the same :class:`~bayesblend.model.SceneSpec` (padded source count
 and cutout shape) run together: one per-blend function is ``vmap``-ed over a
