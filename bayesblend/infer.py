@@ -333,11 +333,12 @@ def _gauss_newton(nets: Networks, w: dict, spec: SceneSpec, data: dict, flat, un
     params = unravel(flat)
     kernel = data["kernel"]
 
-    def stamp(p, valid):
+    def stamp(p, valid):  # the stamp twice: as the output to differentiate and as the aux value
         one = {"source_valid": valid[None], "kernel": kernel}
-        return source_stamps(one, decode, to_latent, jax.tree_util.tree_map(lambda a: a[None], p))[0]
+        out = source_stamps(one, decode, to_latent, jax.tree_util.tree_map(lambda a: a[None], p))[0]
+        return out, out
 
-    stamps, jac = jax.vmap(lambda p, v: (stamp(p, v), jax.jacfwd(stamp)(p, v)))(params, data["source_valid"])
+    jac, stamps = jax.vmap(jax.jacfwd(stamp, has_aux=True))(params, data["source_valid"])
 
     def canvas_columns(j):  # (source, band, S, S, k) -> (source * k, band, H, W), parameters in ravel order
         cols = jnp.moveaxis(j, -1, 1)

@@ -136,11 +136,12 @@ def main() -> None:
             per_source = (time.perf_counter() - t0) / post.n_sources
             ess_txt = to400 = "–"
             if method == "nuts":
-                ds = post.to_inference_data().posterior
+                idata = post.to_inference_data()
+                ds = idata.posterior
                 sub = ds[["e1", "e2"]].assign(flux_r=ds["flux"].sel(band="r"))
                 e = az.ess(sub, method="bulk")
                 ess = np.min([e[v].values for v in ("flux_r", "e1", "e2")], axis=0)
-                st = post.to_inference_data().sample_stats
+                st = idata.sample_stats
                 steps, div = float(st["n_steps"].mean()), float(st["diverging"].mean())
                 ess_txt = f"{np.median(ess):.0f} ({np.min(ess):.0f}); {steps:.0f} steps/draw, {div:.1%} div."
                 to400 = f"{per_source * 400 / np.median(ess):.0f}"
