@@ -368,8 +368,9 @@ def report(n: int) -> None:
     for cut in SNR_CUTS:
         inv = 1.0 / snr[snr > cut]
         print(
-            f"| noise floor (r, known profile) | > {cut} | {inv.size} | {np.sqrt(2 / np.pi) * inv.mean():.3f} | "
-            f"{0.674 * np.median(inv):.3f} | – | – | – | – | – | – | – |"
+            f"| noise floor (r, known profile) | > {cut} | {inv.size} | "
+            f"{np.sqrt(2 / np.pi) * inv.mean():.3f} | {0.674 * np.median(inv):.3f} | "
+            "– | – | – | – | – | – | – |"
         )
     flux_by_blendedness()
     if notes:
