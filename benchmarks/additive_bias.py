@@ -21,7 +21,7 @@ rotation-equivariant fit gives ``e(rotated) = -e(as is)`` exactly (the noiseless
 targets' own shapes do, to 1e-8), so ``(e(as is) + e(rotated)) / 2`` per galaxy
 is the offset the fit alone adds (decoder, latent prior, Fourier shift), free
 of the noise scatter that dominates the per-run offsets above. Printed by true
-S/N, for the galaxies resolved (R2 >= 0.3) in both fits. ``--noise`` adds each
+S/N, for the galaxies resolved (R2 >= ``RESOLUTION_MIN``, 0.3) in both fits. ``--noise`` adds each
 item's noise field (the same one to both twins, as in the harness), and
 ``--seed`` picks galaxies and noise independent of the harness runs' (the
 seed-5 runs of every kind share their items' noise fields, so their offsets are
@@ -41,6 +41,7 @@ import warnings
 
 import numpy as np
 
+from bayesblend.catalog import RESOLUTION_MIN
 from bayesblend.shear_bias import _usable, load_items
 
 
@@ -116,17 +117,18 @@ def twins(n: int, seed: int = 5, noise: bool = False, chunk: int = 16) -> None:
             )
             cat = post.catalog()
             rows = np.asarray(cat["scene"])
+            morph = np.stack([s.morphology[0, setup.index] for s in sims]).astype(np.float32)
+            true_shape = setup.measure(morph)  # the true morphologies, measured as the draws are
             for k, i in enumerate(idx):
                 j = np.flatnonzero(rows == k)[0]
                 e[rot, i] = float(cat["e1"][j]), float(cat["e2"][j])
                 res[rot, i] = float(cat["resolution"][j])
-                s = setup.measure(np.asarray(sims[k].morphology[0, setup.index], np.float32))
-                target[rot, i] = float(s["e1"]), float(s["e2"])
+                target[rot, i] = float(true_shape["e1"][k]), float(true_shape["e2"][k])
                 snr[i] = float(sims[k].truth["snr"][0])
         print(f"fitted {min(n, start + chunk)} of {n}", flush=True)
     off = e.mean(axis=0)  # (galaxy, component)
     tgt = target.mean(axis=0)
-    ok = np.all(np.isfinite(e), axis=(0, 2)) & np.all(res >= 0.3, axis=0)
+    ok = np.all(np.isfinite(e), axis=(0, 2)) & np.all(res >= RESOLUTION_MIN, axis=0)
     what = "noisy" if noise else "noiseless"
     print(f"{what} twins, seed {seed}: {ok.sum()} of {n} galaxies resolved in both fits")
     big = np.abs(tgt[ok]).max(axis=0)
