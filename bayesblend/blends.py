@@ -86,11 +86,26 @@ def group_sources(
     return [g for g, _ in groups], [s for _, s in groups]
 
 
-def check_bands(scene: Scene, bundle: PriorBundle) -> None:
-    """A one-line error naming the bands the prior needs that ``scene`` lacks."""
+#: Largest relative difference between a scene's pixel scale and the prior's.
+PIXEL_SCALE_TOLERANCE = 0.01
+
+
+def check_scene(scene: Scene, bundle: PriorBundle) -> None:
+    """A one-line error if the prior cannot fit ``scene``: bands it lacks, or another pixel scale.
+
+    The decoder draws galaxies on its training pixel grid (``architecture.pixel_scale``
+    of the model card, arcsec); a scene sampled otherwise would be fitted with
+    galaxies of the wrong size.
+    """
     missing = [b for b in bundle.bands if b not in scene.bands]
     if missing:
         raise BayesblendError(f"scene lacks band(s) {', '.join(missing)} that the prior needs")
+    scale = float(bundle.card["architecture"]["pixel_scale"])
+    if abs(scene.pixel_scale / scale - 1.0) > PIXEL_SCALE_TOLERANCE:
+        raise BayesblendError(
+            f"scene pixel scale {scene.pixel_scale:g} arcsec differs from the prior's {scale:g} arcsec "
+            "(resample the scene, or use a prior trained at its scale)"
+        )
 
 
 def blend_region(
@@ -165,7 +180,7 @@ def prepare_blend(
     Bad pixels (non-finite values) are masked with a warning; a missing PSF is
     replaced by the survey's default PSF with a warning; missing bands are an error.
     """
-    check_bands(scene, bundle)
+    check_scene(scene, bundle)
     sc = scene.select_bands(bundle.bands)
     survey = get_survey(bundle.survey)
     image = np.asarray(sc.image, dtype=np.float32)

@@ -67,6 +67,8 @@ def columns(bands: Sequence[str]) -> list[tuple[str, type, u.UnitBase | None, st
         ("ra", np.float64, u.deg, "right ascension (NaN without a WCS)"),
         ("dec", np.float64, u.deg, "declination (NaN without a WCS)"),
     ]
+    # Fluxes are electrons over the full exposure (DESIGN.md "counts"); the FITS standard has no
+    # "electron" unit for table columns, so they carry its "ct" (counts).
     for b in bands:
         cols += [
             (f"flux_{b}", np.float64, u.ct, f"posterior median flux in {b}"),

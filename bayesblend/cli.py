@@ -262,10 +262,19 @@ def _shear_bias(args: argparse.Namespace) -> int:
         limit = None if args.max_minutes is None else 60.0 * args.max_minutes
         run(cfg, args.n, args.out, bundle, progress=not args.quiet, time_limit=limit)
     made = run_config(args.out)
+    # R and the interim prior belong to the run's own method, latent prior and bundle, which
+    # config.json records; with --report the command line's --method/--latent-prior may say otherwise.
+    name = str(bundle.card.get("name", bundle.path))
+    if made.get("bundle", name) != name:
+        raise BayesblendError(
+            f"{args.out} was made with bundle {made['bundle']!r}, not {name!r}: pass --prior for it"
+        )
+    method = str(made.get("method", args.method))
+    latent_prior = made.get("latent_prior") or latent_prior
     shape_psf = float(made.get("shape_psf_fwhm", 0.0))
     R = 1.0
     if args.calibrated:
-        R = responsivity_from_card(bundle.card, args.method, shape_psf, made.get("scene_model", {}))[0]
+        R = responsivity_from_card(bundle.card, method, shape_psf, made.get("scene_model", {}))[0]
     try:
         interim = interim_prior_from_card(bundle.card, latent_prior, shape_psf)
     except BayesblendError as exc:
@@ -285,13 +294,13 @@ def _shear_bias(args: argparse.Namespace) -> int:
 
         e = res["estimators"]["ensemble"]
         command = (
-            f"bayesblend shear-bias --kind {args.kind} --method {args.method} --seed {args.seed} "
-            f"--shear {args.shear} --draws {args.draws} --latent-prior {latent_prior} --n {args.n} "
-            f"--out {args.out}{' --detect' if args.detect else ''} --calibrate"
+            f"bayesblend shear-bias --kind {made['kind']} --method {method} --seed {made['seed']} "
+            f"--shear {made['shear']} --draws {made['draws']} --latent-prior {latent_prior} --n {args.n} "
+            f"--out {args.out}{' --detect' if made['detect'] else ''} --calibrate"
         )
-        entry = store_responsivity(bundle.path, args.method, e, res, command)
+        entry = store_responsivity(bundle.path, method, e, res, command)
         print(
-            f"stored R = {entry['R']:.4f} ± {entry['R_err']:.4f} for method {args.method} "
+            f"stored R = {entry['R']:.4f} ± {entry['R_err']:.4f} for method {method} "
             f"in {bundle.path / 'card.json'}"
         )
     return 0

@@ -293,8 +293,9 @@ def residual_sources(
     A galaxy that detection missed on a neighbour's wing leaves its light in
     the residual once the neighbour is fitted. Each band's residual is divided
     by its pixels' noise (the variance plane, else sky plus the model's
-    Poisson term, plus ``(model_error * model)**2`` as in the scene model's
-    likelihood, so a bright galaxy's core misfit is not a detection), the
+    Poisson term, plus ``(model_error * model)**2``: the scene model's
+    model-error term, with the smooth fitted model in place of the noisy data
+    the likelihood uses, so a bright galaxy's core misfit is not a detection), the
     bands are combined as in :func:`detection_image` and filtered with the
     PSF. Peaks above ``threshold`` closer than ``radius`` pixels to a fitted
     source at ``(x, y)`` are that source's misfit and are dropped.

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from bayesblend.blends import PreparedBlend, blend_region, check_bands, group_sources, prepare_blend
+from bayesblend.blends import PreparedBlend, blend_region, check_scene, group_sources, prepare_blend
 from bayesblend.errors import BayesblendError
 from bayesblend.forward import paste_stamps, render_scene
 from bayesblend.model import (
@@ -702,7 +702,7 @@ def deblend(
     positions: list[tuple[np.ndarray, np.ndarray]] = []
     detected: list[int] = []
     for si, (sc, src) in enumerate(zip(scenes, per_scene, strict=True)):
-        check_bands(sc, bundle)
+        check_scene(sc, bundle)
         pos = _as_positions(src, sc)
         if pos is None:
             det = detect_sources(sc.select_bands(bundle.bands), survey=bundle.survey)

@@ -6,6 +6,7 @@ over the full exposure, bands in the survey's order.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -13,6 +14,37 @@ import numpy as np
 from astropy.wcs import WCS
 
 from bayesblend.errors import BayesblendError
+
+#: A PSF image whose sum is further than this from 1 is renormalised, with a warning.
+PSF_SUM_TOLERANCE = 1e-3
+
+
+def check_psf(psf: np.ndarray, n_bands: int) -> np.ndarray:
+    """A scene's PSF images ``(band, py, px)`` as float32 with unit sum per band, or a one-line error.
+
+    Each band's image must be square with an odd side (centred on its middle
+    pixel: an even side would place it half a pixel off), finite, and of
+    positive sum. An image whose sum differs from 1 by more than
+    :data:`PSF_SUM_TOLERANCE` is divided by it, with a warning: every fitted
+    flux would otherwise be off by that factor.
+    """
+    psf = np.asarray(psf, dtype=np.float32)
+    if psf.ndim != 3 or psf.shape[0] != n_bands:
+        raise BayesblendError(f"scene PSF must be (band, py, px) with {n_bands} bands, got {psf.shape}")
+    if psf.shape[1] != psf.shape[2] or psf.shape[1] % 2 == 0:
+        raise BayesblendError(f"scene PSF images must be square with an odd side, got {psf.shape[1:]}")
+    if not np.isfinite(psf).all():
+        raise BayesblendError("scene PSF has non-finite pixels")
+    total = psf.sum(axis=(1, 2), dtype=np.float64)
+    if not (total > 0).all():
+        raise BayesblendError(f"scene PSF has a band of non-positive sum ({total.min():.3g})")
+    if np.any(np.abs(total - 1.0) > PSF_SUM_TOLERANCE):
+        warnings.warn(
+            f"scene PSF sums to {', '.join(f'{t:.4g}' for t in total)} per band: normalised to 1",
+            stacklevel=3,
+        )
+        psf = (psf / total[:, None, None]).astype(np.float32)
+    return psf
 
 
 @dataclass
@@ -76,9 +108,7 @@ class Scene:
                     raise BayesblendError(f"scene {name} has shape {arr.shape}, image has {self.image.shape}")
                 setattr(self, name, arr)
         if self.psf is not None:
-            self.psf = np.asarray(self.psf, dtype=np.float32)
-            if self.psf.ndim != 3 or self.psf.shape[0] != nb:
-                raise BayesblendError(f"scene PSF must be (band, py, px), got {self.psf.shape}")
+            self.psf = check_psf(self.psf, nb)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -371,6 +371,11 @@ def summarise(
     g = float(cfg["shear"])
     r = load_items(out)
     use = _usable(r, min_resolution) & (r["true_snr"][0] >= min_snr)
+    if not use.any():
+        raise BayesblendError(
+            f"{out}: none of its {use.size} galaxies is usable in all 10 variants: run more items or "
+            "relax the selection (--min-snr, --min-resolution)"
+        )
     items = r["item"][0]
     blocks_all = jackknife_blocks(items, n_blocks)
     res: dict = {

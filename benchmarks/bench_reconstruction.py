@@ -6,7 +6,7 @@ Held-out sets, simulated with seeds not used in training (created when missing):
 
 Both use the same options as training (``--max-shift 0.5 --psf-jitter 0.05``).
 
-For every stamp, the amortised reconstruction (:mod:`bayesblend.amortised`)
+For every stamp, the amortised reconstruction (:mod:`bayesblend.prior.reconstruct`)
 gives the centred galaxy's image, with:
 - the VAE encoder for isolated galaxies and the deblender encoder for blends;
 - the flux per band from a linear fit of the decoded template to the noisy
@@ -44,9 +44,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from recon_tables import main as print_tables  # noqa: E402  (benchmarks/, beside this script)
 
-from bayesblend.amortised import reconstruct  # noqa: E402
 from bayesblend.evaluate import adaptive_ellipticity, binned_stats  # noqa: E402
 from bayesblend.prior.bundle import load_bundle  # noqa: E402
+from bayesblend.prior.reconstruct import reconstruct  # noqa: E402
 from bayesblend.simulate.dataset import ShardDataset, simulate_dataset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

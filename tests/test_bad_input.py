@@ -129,3 +129,33 @@ def test_cli_sources_file_needs_x_y(tmp_path, capsys, galaxy):
         ["deblend", str(scene), "--sources", str(tmp_path / "src.fits"), "--out", str(tmp_path / "o")]
     )
     assert code == 2 and "columns x and y" in capsys.readouterr().err
+
+
+def test_bad_psf_images_are_one_line_errors_and_an_unnormalised_one_is_fixed(galaxy):
+    sc = galaxy.scene
+    nb = len(sc.bands)
+
+    def with_psf(psf):
+        return Scene(image=sc.image, bands=sc.bands, magzero=sc.magzero, psf=psf)
+
+    with pytest.raises(BayesblendError, match="square with an odd side"):
+        with_psf(sc.psf[:, 1:, 1:])  # 40 x 40: would sit half a pixel off
+    bad = sc.psf.copy()
+    bad[2, 0, 0] = np.nan
+    with pytest.raises(BayesblendError, match="non-finite"):
+        with_psf(bad)
+    with pytest.raises(BayesblendError, match="non-positive sum"):
+        with_psf(-sc.psf)
+    with pytest.raises(BayesblendError, match=f"{nb} bands"):
+        with_psf(sc.psf[:2])
+    with pytest.warns(UserWarning, match="normalised to 1"):
+        fixed = with_psf(2.5 * sc.psf)
+    np.testing.assert_allclose(fixed.psf.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(fixed.psf, sc.psf / sc.psf.sum(axis=(1, 2), keepdims=True), rtol=1e-5)
+
+
+def test_scene_at_another_pixel_scale_is_refused(prior, galaxy):
+    sc = galaxy.scene
+    other = Scene(image=sc.image, bands=sc.bands, magzero=sc.magzero, psf=sc.psf, pixel_scale=0.1)
+    with pytest.raises(BayesblendError, match="pixel scale 0.1 arcsec differs from the prior's 0.2"):
+        deblend(other, prior=prior, **QUICK)

@@ -82,6 +82,34 @@ def test_harness_end_to_end_on_isolated_galaxies(tmp_path, prior):
         run(replace(cfg, settings={"model_error": 0.0}), 1, tmp_path, prior, progress=False)
 
 
+def test_cli_report_takes_method_and_bundle_from_the_run(tmp_path, prior, monkeypatch, capsys):
+    import bayesblend.shear as shear
+
+    cfg = HarnessConfig(kind="isolated", seed=11, method="amortised", draws=16)
+    run(cfg, 1, tmp_path, prior, progress=False)  # item 0: its galaxy is unresolved
+    argv = ["shear-bias", "--report", "--n", "1", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "none of its 1 galaxies is usable" in err and "\n" not in err
+    run(cfg, 3, tmp_path, prior, progress=False)
+    stored = []
+    monkeypatch.setattr(
+        shear,
+        "store_responsivity",
+        lambda path, method, *a: stored.append(method) or {"R": 1.0, "R_err": 0.0},
+    )
+    # --method says nuts, but the run is amortised: R is stored for the run's own method
+    argv = ["shear-bias", "--report", "--n", "3", "--out", str(tmp_path), "--method", "nuts", "--quiet"]
+    assert main(argv + ["--calibrate"]) == 0
+    assert stored == ["amortised"]
+    assert "for method amortised" in capsys.readouterr().out
+    made = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(made | {"bundle": "another-model"}))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "another-model" in err and "\n" not in err
+
+
 def test_harness_config_errors():
     with pytest.raises(BayesblendError, match="'blends' or 'isolated'"):
         HarnessConfig(kind="field")

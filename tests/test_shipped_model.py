@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 
-from bayesblend.amortised import reconstruct
 from bayesblend.evaluate import adaptive_ellipticity
+from bayesblend.prior.reconstruct import reconstruct
 from bayesblend.simulate.scenes import simulate_blend, simulate_isolated
 
 # Tolerances on medians over 16 bright galaxies, from benchmarks/RESULTS.md (held-out medians at

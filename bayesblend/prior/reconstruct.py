@@ -6,7 +6,13 @@ centred galaxy; the decoder turns it into a model-frame morphology; the forward
 model renders it with the stamp's PSF at the galaxy's offset; and the flux per
 band is the inverse-variance weighted least-squares amplitude of that template
 against the data (a linear fit, exact for a fixed morphology). This is the
-fastest method and the starting point of MAP, SVI and NUTS.
+prior's own test: the held-out reconstruction metrics of the model card
+(``benchmarks/bench_reconstruction.py``, the paper's sect. 4.1) come from it.
+
+It works on stamps centred on one galaxy. Deblending whole scenes is
+:func:`bayesblend.infer.deblend`; its ``method="amortised"`` runs the same
+encoder on each source's stamp but shares the light between neighbours with a
+joint non-negative fit of all their fluxes.
 """
 
 from __future__ import annotations
