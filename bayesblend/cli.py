@@ -190,6 +190,8 @@ def _deblend(args: argparse.Namespace) -> int:
 
     if args.sources is not None and len(args.scenes) != 1:
         raise BayesblendError("--sources goes with exactly one scene")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise BayesblendError(f"--out {args.out} is a file, not a directory")
     scenes = [read_scene(p) for p in args.scenes]
     sources = None if args.sources is None else read_table(args.sources)
     settings = {
@@ -198,6 +200,8 @@ def _deblend(args: argparse.Namespace) -> int:
         if v is not None
     }
     truth = read_table(args.truth) if args.truth else None
+    if truth is not None and not {"x", "y"} <= set(truth.colnames):
+        raise BayesblendError(f"{args.truth}: a truth table needs columns x and y (pixels)")
     post = deblend(
         scenes if len(scenes) > 1 else scenes[0],
         sources=sources,
@@ -324,7 +328,8 @@ def _shear(args: argparse.Namespace) -> int:
     )
 
     catalog = read_table(args.catalog)
-    missing = [c for c in ("e1", "e2", "e1_std", "e2_std", "flags", "blend_id") if c not in catalog.colnames]
+    needed = ("id", "blend_id", "x", "y", "ra", "dec", "e1", "e2", "e1_std", "e2_std", "flags")
+    missing = [c for c in needed if c not in catalog.colnames]
     if missing:
         raise BayesblendError(
             f"{args.catalog}: not a bayesblend posterior catalogue (no {', '.join(missing)})"
@@ -400,6 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except BayesblendError as exc:
         print(f"bayesblend: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path that cannot be read or written: the user's to fix
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"bayesblend: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bayesblend: interrupted", file=sys.stderr)

@@ -207,7 +207,7 @@ def run(
         key["detector"] = DETECTOR
     cfg_file = out / "config.json"
     if cfg_file.exists():
-        old = json.loads(cfg_file.read_text())
+        old = run_config(out)
         if old != json.loads(json.dumps(key)):
             raise BayesblendError(
                 f"{out} holds a run with another configuration ({cfg_file}); use a new --out"
@@ -243,7 +243,10 @@ def run_config(out: str | Path) -> dict:
     cfg_file = Path(out) / "config.json"
     if not cfg_file.exists():
         raise BayesblendError(f"{out}: no shear-bias run there (no config.json)")
-    return json.loads(cfg_file.read_text())
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise BayesblendError(f"{cfg_file}: not a readable run configuration ({exc})") from None
 
 
 def load_items(out: str | Path) -> dict[str, np.ndarray]:

@@ -159,3 +159,36 @@ def test_scene_at_another_pixel_scale_is_refused(prior, galaxy):
     other = Scene(image=sc.image, bands=sc.bands, magzero=sc.magzero, psf=sc.psf, pixel_scale=0.1)
     with pytest.raises(BayesblendError, match="pixel scale 0.1 arcsec differs from the prior's 0.2"):
         deblend(other, prior=prior, **QUICK)
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("kind = 'vae'\nsteps = ", "not valid TOML"),
+        ("kind = 'vae'\nsteps = 'many'", "steps must be int"),
+        ("kind = 'vae'\ndecoder_features = [64, 'wide']", "decoder_features must be a list of integers"),
+        ("kind = 'vae'\nout = 'NOWHERE'", "no VAE checkpoint"),
+    ],
+)
+def test_cli_train_config_errors_are_one_line_exit_2(tmp_path, capsys, toml, message):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml.replace("NOWHERE", str(tmp_path / "no-run")))
+    assert main(["train", "flow", "--config", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("bayesblend: error:")
+
+
+def test_cli_unusable_paths_are_one_line_exit_2(tmp_path, capsys, galaxy):
+    scene = write_scene(tmp_path / "s.fits", galaxy.scene)
+    (tmp_path / "taken").write_text("a file")
+    assert main(["deblend", str(scene), "--out", str(tmp_path / "taken")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    Table({"ra": [1.0]}).write(tmp_path / "truth.fits")
+    assert main(["deblend", str(scene), "--truth", str(tmp_path / "truth.fits"), "--out", str(tmp_path)]) == 2
+    assert "needs columns x and y" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{not json")
+    assert main(["shear-bias", "--report", "--n", "1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a readable run configuration" in err and len(err.splitlines()) == 1

@@ -155,6 +155,10 @@ def test_cli_shear_bad_input_is_one_line_exit_2(tmp_path, capsys):
     path = _catalog(tmp_path)
     assert main(["shear", str(path), "--posterior", str(tmp_path / "missing.nc")]) == 2
     assert "no such posterior" in capsys.readouterr().err
+    (tmp_path / "blocked").write_text("a file, not a directory")
+    assert main(["shear", str(path), "--out", str(tmp_path / "blocked" / "shear.fits")]) == 2
+    err = capsys.readouterr().err.strip()  # the OS's own error, as one line naming the path
+    assert err.startswith("bayesblend: error:") and "blocked" in err and len(err.splitlines()) == 1
 
 
 def test_cli_shear_with_a_posterior_runs_the_hierarchical_estimator(tmp_path, capsys, prior):

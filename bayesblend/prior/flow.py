@@ -211,13 +211,17 @@ def train_flow_from_run(cfg, progress: bool = True, n_galaxies: int = 50000) -> 
 
     from flax import serialization
 
+    from bayesblend.errors import BayesblendError
     from bayesblend.io import atomic_path
     from bayesblend.prior.networks import scale_input
     from bayesblend.prior.train import TrainingData, build_networks
 
+    checkpoint = Path(cfg.out, "checkpoint.msgpack")
+    if not checkpoint.exists():
+        raise BayesblendError(f"{cfg.out}: no VAE checkpoint to fit the flow to (train the VAE first)")
     data = TrainingData(cfg.data, "vae", cfg.validation_items)
     enc, _ = build_networks(cfg, len(data.bands), data.stamp)
-    state = serialization.msgpack_restore(Path(cfg.out, "checkpoint.msgpack").read_bytes())
+    state = serialization.msgpack_restore(checkpoint.read_bytes())
     params = state["params"]["encoder"]
     sigma = jnp.sqrt(jnp.asarray(data.sky))
     encode = jax.jit(lambda p, x: enc.apply(p, scale_input(x, sigma)))

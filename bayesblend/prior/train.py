@@ -72,14 +72,25 @@ class TrainConfig:
         path = Path(path)
         if not path.exists():
             raise BayesblendError(f"{path}: no such config file")
-        raw = tomllib.loads(path.read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise BayesblendError(f"{path}: not valid TOML ({exc})") from None
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(known))
         if unknown:
             raise BayesblendError(f"{path}: unknown config keys {unknown}")
-        for k in ("decoder_features", "encoder_features"):
-            if k in raw:
-                raw[k] = tuple(raw[k])
+        defaults = cls()
+        for k, v in raw.items():
+            want = type(getattr(defaults, k))
+            if want is tuple:
+                if not (isinstance(v, list) and all(isinstance(i, int) for i in v)):
+                    raise BayesblendError(f"{path}: {k} must be a list of integers, got {v!r}")
+                raw[k] = tuple(v)
+            elif want is float and isinstance(v, int) and not isinstance(v, bool):
+                raw[k] = float(v)
+            elif not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
+                raise BayesblendError(f"{path}: {k} must be {want.__name__}, got {v!r}")
         cfg = cls(**raw)
         if cfg.kind not in ("vae", "deblender"):
             raise BayesblendError(f"{path}: kind must be 'vae' or 'deblender', got {cfg.kind!r}")
