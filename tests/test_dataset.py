@@ -27,6 +27,15 @@ def test_shards_do_not_depend_on_workers_or_shard_size(tmp_path):
     np.testing.assert_array_equal(da.load("noisy", [4])[0], direct.scene.image)
     assert da.psf([0, 1]).shape == (2, 6, 41, 41)
     assert len(da.truth()) == 6 and list(da.truth()["blend_id"]) == list(range(6))
+    # simulating again into the same place replaces every shard whole, leaving no temporary behind
+    before = np.array(da.load("noisy"))
+    simulate_dataset(
+        "isolated", 6, tmp_path / "a", seed=6, fmt="shards", workers=1, shard_size=4, progress=False
+    )
+    again = ShardDataset(tmp_path / "a")
+    assert not np.array_equal(again.load("noisy"), before)
+    np.testing.assert_array_equal(again.load("noisy", [4])[0], simulate_isolated(6, 4).scene.image)
+    assert not [q.name for q in (tmp_path / "a").rglob(".*")]
 
 
 def test_blend_shards_hold_targets_and_members(tmp_path):

@@ -246,5 +246,6 @@ def train_flow_from_run(cfg, progress: bool = True, n_galaxies: int = 50000) -> 
     with atomic_path(out / "flow.msgpack") as tmp:
         tmp.write_bytes(serialization.to_bytes(fparams))
     metrics.update({"layers": flow.layers, "hidden": flow.hidden, "dim": flow.dim})
-    (out / "flow_metrics.json").write_text(json.dumps(metrics, indent=1))
+    with atomic_path(out / "flow_metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1))
     return out / "flow.msgpack"

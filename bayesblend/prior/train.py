@@ -241,7 +241,8 @@ def train(
         state["seconds"] = float(raw.get("seconds", 0.0))
         if hist_file.exists():
             state["history"] = json.loads(hist_file.read_text())
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    with atomic_path(out / "config.json") as tmp:
+        tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
     loss_fn = make_loss(enc, dec, model_psf, data.sky, data.stamp)
 

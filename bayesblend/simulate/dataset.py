@@ -116,8 +116,14 @@ def _make_shard(job: dict) -> tuple[int, int]:
     for name, items in arrays.items():
         np.save(tmp / f"{name}.npy", np.stack(items).astype(np.float32))
     stack_truth(tables).write(tmp / "truth.fits", format="fits")
-    shutil.rmtree(shard_dir, ignore_errors=True)
+    # a directory cannot be renamed onto a non-empty one: move the old shard aside first, so that
+    # only the instant between the two renames has no shard, and no reader ever sees half of one
+    old = shard_dir.with_name(f".{shard_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if shard_dir.exists():
+        os.replace(shard_dir, old)
     os.replace(tmp, shard_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return job["shard"], len(job["indices"])
 
 
@@ -243,7 +249,8 @@ def simulate_dataset(
         _pool_map(_make_shard, jobs, workers, n, f"simulate {kind} shards", progress)
         bands = list(sim_options.get("bands") or s.band_names)
         if not sim_options.get("psf_jitter", 0.0) > 0:
-            np.save(out / "psf.npy", s.psf_images(bands))
+            with atomic_path(out / "psf.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, s.psf_images(bands))
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": kind,
