@@ -11,7 +11,7 @@ image's (twice the weighted moments), as in GalSim.
 Morphologies live in the model frame, convolved with the narrow Gaussian model
 PSF. :func:`morphology_shape` first reconvolves them with a round Gaussian
 "shape PSF" (in practice the survey's PSF FWHM in the shape band, see
-:func:`bayesblend.posterior.shape_setup`), then subtracts the covariance of
+:func:`shape_setup`), then subtracts the covariance of
 both Gaussians from the converged covariance before the shape is formed
 (exact for Gaussian profiles). Reconvolution measures each galaxy at the
 resolution the survey actually delivers. The detail finer than the survey PSF
@@ -30,10 +30,23 @@ degrees counter-clockwise from +x.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from bayesblend.survey import get_survey
+
+if TYPE_CHECKING:  # the bundle layer sits above this module: types only, no import at run time
+    from bayesblend.prior.bundle import Networks, PriorBundle
 
 FWHM_TO_SIGMA = 1.0 / 2.354820045
+#: Draws decoded and measured per ``lax.map`` step of :func:`derive_shapes`.
+_CHUNK = 256
 
 
 def adaptive_moments(image: jnp.ndarray, iterations: int = 40) -> dict[str, jnp.ndarray]:
@@ -178,3 +191,91 @@ def batched_morphology_shape(
     return jax.vmap(lambda m: morphology_shape(m, model_psf_fwhm_pixels, shape_psf_fwhm_pixels, iterations))(
         morphologies
     )
+
+
+def shape_band(bands: Sequence[str]) -> str:
+    """The band whose morphology gives e1, e2 and size: r when present, else the middle band."""
+    return "r" if "r" in bands else bands[len(bands) // 2]
+
+
+@dataclass(frozen=True)
+class ShapeSetup:
+    """How a bundle's morphologies are measured: one definition for every shape of the project.
+
+    Attributes
+    ----------
+    band : str
+        Shape band (:func:`shape_band`).
+    index : int
+        Its position in the bundle's bands.
+    pixel_scale : float
+        arcsec per pixel.
+    model_psf_fwhm : float
+        Model PSF FWHM, pixels.
+    shape_psf_fwhm : float
+        FWHM of the round Gaussian the morphology is reconvolved with before
+        measuring, pixels: the survey's PSF FWHM in the shape band.
+    """
+
+    band: str
+    index: int
+    pixel_scale: float
+    model_psf_fwhm: float
+    shape_psf_fwhm: float
+
+    @property
+    def shape_psf_fwhm_arcsec(self) -> float:
+        """The reconvolution FWHM in arcsec (written to catalogue headers and the card)."""
+        return round(self.shape_psf_fwhm * self.pixel_scale, 6)
+
+    def measure(self, morphology: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        """``e1``, ``e2`` and ``size`` (pixels) of shape-band morphologies ``(..., y, x)``, each ``(...)``.
+
+        The one spelling of "measured as this setup says" (posterior draws, the
+        shear-bias harness's noiseless targets, the diagnostics); traceable.
+        """
+        flat = morphology.reshape((-1,) + morphology.shape[-2:])
+        s = batched_morphology_shape(flat, self.model_psf_fwhm, self.shape_psf_fwhm)
+        return {k: v.reshape(morphology.shape[:-2]) for k, v in s.items()}
+
+
+def shape_setup(bundle: PriorBundle) -> ShapeSetup:
+    """The :class:`ShapeSetup` of ``bundle`` (its survey's PSF in the shape band)."""
+    arch = bundle.card["architecture"]
+    band = shape_band(bundle.bands)
+    scale = float(arch["pixel_scale"])
+    return ShapeSetup(
+        band=band,
+        index=bundle.bands.index(band),
+        pixel_scale=scale,
+        model_psf_fwhm=float(arch["model_psf_fwhm"]) / scale,
+        shape_psf_fwhm=float(get_survey(bundle.survey).band(band).psf_fwhm) / scale,
+    )
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _measure(nets: Networks, w: dict, u: jnp.ndarray, setup: ShapeSetup):
+    """``z``, e1, e2, size (pixels) of base draws ``u`` ``(N, latent)``, N a multiple of the chunk."""
+
+    def one(ui):
+        z = nets.latent(w, ui)
+        s = setup.measure(nets.decode(w, z)[setup.index])
+        return z, s["e1"], s["e2"], s["size"]
+
+    return jax.lax.map(one, u, batch_size=_CHUNK)
+
+
+def derive_shapes(nets: Networks, u: np.ndarray, setup: ShapeSetup):
+    """Latent codes and the PSF-corrected shape of base draws ``u`` ``(..., latent)``.
+
+    Returns ``z`` ``(..., latent)`` and e1, e2, size (pixels), each ``(...)``,
+    measured as ``setup`` says (:func:`shape_setup`).
+    """
+    flat = u.reshape(-1, u.shape[-1])
+    n = flat.shape[0]
+    size = _CHUNK * int(2 ** np.ceil(np.log2(max(n, _CHUNK) / _CHUNK)))  # few distinct shapes
+    padded = np.zeros((size, flat.shape[1]), np.float32)
+    padded[:n] = flat
+    z, e1, e2, s = jax.device_get(_measure(nets, nets.weights(), jnp.asarray(padded), setup))
+    shape = u.shape[:-1]
+    return z[:n].reshape(u.shape), e1[:n].reshape(shape), e2[:n].reshape(shape), s[:n].reshape(shape)

@@ -19,6 +19,7 @@ from astropy.table import Table  # noqa: E402
 from astropy.visualization import make_lupton_rgb  # noqa: E402
 
 from bayesblend.io import atomic_path  # noqa: E402
+from bayesblend.measure import shape_band  # noqa: E402
 from bayesblend.model import pixel_variance  # noqa: E402
 from bayesblend.scene import Scene  # noqa: E402
 
@@ -166,7 +167,7 @@ def plot_blend(posterior, blend_id: int, path: str | os.PathLike, truth: Table |
     ax.set_yticks([])
     colors = plt.cm.tab10(np.arange(len(sel)) % 10)
     ax = axes[3, 1]
-    sb = "r" if "r" in bands else bands[len(bands) // 2]
+    sb = shape_band(bands)
     ib = bands.index(sb)
     tmatch = _match_truth(cat, truth)
     for i, s in enumerate(sel):

@@ -256,7 +256,7 @@ def estimate_interim_prior(bundle, latent_prior: str, n_draws: int = 16384, seed
         Prior draws (the table's precision; 16384 take about a minute on 2 CPU cores).
     seed : int
     """
-    from bayesblend.posterior import derive_shapes, shape_setup
+    from bayesblend.measure import derive_shapes, shape_setup
     from bayesblend.prior.bundle import Networks
 
     latent_prior = bundle.check_latent_prior(latent_prior)

@@ -104,7 +104,7 @@ class HarnessConfig:
 def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
     """Simulate, deblend and match one item's ten variants; arrays ``(variant, galaxy, ...)``."""
     from bayesblend.infer import deblend
-    from bayesblend.posterior import shape_setup
+    from bayesblend.measure import shape_setup
     from bayesblend.simulate.scenes import shear_twins
 
     twins = shear_twins(
@@ -190,7 +190,8 @@ def run(
     a directory made with another configuration is refused (results would mix).
     """
     from bayesblend.infer import InferenceConfig
-    from bayesblend.posterior import scene_model_settings, shape_setup
+    from bayesblend.measure import shape_setup
+    from bayesblend.posterior import scene_model_settings
     from bayesblend.prior.bundle import load_bundle
 
     out = Path(out)

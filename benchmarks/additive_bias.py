@@ -91,7 +91,7 @@ def twins(n: int, seed: int = 5, noise: bool = False, chunk: int = 16) -> None:
     """
     import bayesblend
     from bayesblend.infer import deblend
-    from bayesblend.posterior import shape_setup
+    from bayesblend.measure import shape_setup
     from bayesblend.simulate.scenes import simulate_isolated
 
     prior = bayesblend.load_prior()

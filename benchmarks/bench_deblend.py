@@ -201,7 +201,7 @@ def measured_truth(n: int) -> dict[tuple[int, int], tuple[float, float]]:
 
     The truth table's e is the profile's shear-type ellipticity; the catalogue's
     e is the adaptive-moment ellipticity of the model-frame morphology after
-    reconvolution (``posterior.shape_setup``). The two differ for a noiseless,
+    reconvolution (``measure.shape_setup``). The two differ for a noiseless,
     isolated galaxy already (bulge and disc, weighting), so coverage of the
     profile's e mixes deblending error with that definition. Measuring each
     galaxy's true model-frame morphology the same way gives the e a perfect
@@ -210,7 +210,7 @@ def measured_truth(n: int) -> dict[tuple[int, int], tuple[float, float]]:
     import jax.numpy as jnp
 
     import bayesblend
-    from bayesblend.posterior import shape_setup
+    from bayesblend.measure import shape_setup
     from bayesblend.simulate.scenes import simulate_blend
 
     path = OUT / "truth_shapes.jsonl"

@@ -12,7 +12,7 @@
    decoded): mean e2 and the slope of reconstructed on true e, by true size.
 
 2-4 are measured twice: at the model PSF (the shape definition before reconvolution) and after
-reconvolving to the survey PSF (:func:`bayesblend.posterior.shape_setup`, the current one).
+reconvolving to the survey PSF (:func:`bayesblend.measure.shape_setup`, the current one).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayesblend.posterior import ShapeSetup, derive_shapes, shape_setup
+from bayesblend.measure import ShapeSetup, derive_shapes, shape_setup
 from bayesblend.prior.bundle import Networks, load_bundle
 from bayesblend.shear_bias import _usable, load_items
 from bayesblend.simulate.scenes import simulate_isolated

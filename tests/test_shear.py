@@ -241,7 +241,7 @@ def test_shipped_bundle_carries_interim_priors(prior):
 
 
 def test_card_entries_must_match_the_shape_definition(prior):
-    from bayesblend.posterior import shape_setup
+    from bayesblend.measure import shape_setup
 
     now = shape_setup(prior).shape_psf_fwhm_arcsec
     assert now == pytest.approx(0.81)  # LSST r-band PSF
