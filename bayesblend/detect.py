@@ -41,7 +41,7 @@ from scipy import signal
 
 from bayesblend.errors import BayesblendError
 from bayesblend.scene import Scene
-from bayesblend.survey import get_survey
+from bayesblend.survey import get_survey, poisson_variance
 
 #: Default detection threshold: point-source S/N of a peak of the PSF-filtered detection image.
 THRESHOLD = 4.0
@@ -330,7 +330,7 @@ def residual_sources(
     if scene.variance is not None:
         var = np.asarray(scene.variance, np.float64)
     else:
-        var = sky[:, None, None] + np.clip(model, 0.0, None)
+        var = poisson_variance(model, sky)
     var = var + (model_error * model) ** 2
     residual = np.asarray(scene.image, np.float64) - model
     det, no_weight = _unit_noise_sum(residual, var, bad | ~(var > 0))

@@ -40,6 +40,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from bayesblend.forward import paste_stamps, render_stamps
+from bayesblend.survey import poisson_variance
 
 #: Defaults of the scene model's priors and variance, the one source of them (``prepare_blend`` and
 #: :class:`bayesblend.infer.InferenceConfig` use them too): log-flux prior sigma (natural log),
@@ -122,7 +123,7 @@ def pixel_variance(spec: SceneSpec, data: dict[str, jnp.ndarray], mean: jnp.ndar
     if spec.has_variance:
         var = data["variance"]
     else:
-        var = data["sky"][:, None, None] + jnp.clip(mean, 0.0, None)
+        var = poisson_variance(mean, data["sky"])
     if spec.model_error > 0:
         var = var + (spec.model_error * jnp.clip(data["image"], 0.0, None)) ** 2
     return jnp.where(data["valid"], var, 1.0)

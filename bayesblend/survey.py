@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import galsim
 import numpy as np
@@ -213,6 +214,32 @@ class Survey:
     def bandpass(self, band: str) -> galsim.Bandpass:
         """GalSim bandpass (AB zeropoint) used to turn SEDs into colours."""
         return _bandpass(self.name, self.band(band).name)
+
+
+#: A NumPy or a JAX array: :func:`poisson_variance` serves both.
+ArrayT = TypeVar("ArrayT")
+
+
+def poisson_variance(mean: ArrayT, sky: ArrayT) -> ArrayT:
+    """Per-pixel variance of a sky-subtracted image, electrons^2: ``sky + max(mean, 0)``.
+
+    The survey's noise model (Poisson noise of the sky and of the sources'
+    own light, in electrons over the full exposure), the one definition used
+    to simulate scenes, to train the prior, to weight the likelihood when a
+    scene has no variance plane, and to whiten residuals for detection.
+
+    Parameters
+    ----------
+    mean : numpy.ndarray or jax.Array
+        Expected sky-subtracted image ``(..., band, y, x)``, electrons.
+    sky : numpy.ndarray or jax.Array
+        Sky level per band ``(..., band)``, electrons per pixel.
+
+    Returns
+    -------
+    Array of ``mean``'s kind and shape (NumPy in, NumPy out; JAX in, JAX out).
+    """
+    return sky[..., :, None, None] + mean.clip(0.0)
 
 
 @functools.lru_cache(maxsize=256)

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bayesblend.survey import poisson_variance
+
 LOG_2PI = float(np.log(2 * np.pi))
 #: Galaxies are brightened to at least this S/N before encoding for the flow's training set.
 SNR_FOR_FLOW = 100.0
@@ -149,7 +151,7 @@ def brightened_observation(clean: np.ndarray, sky: np.ndarray, band: int, normal
     snr = np.sqrt(np.sum(ref**2 / (ref + sky_b), axis=(1, 2)))
     boost = np.maximum(1.0, SNR_FOR_FLOW / np.maximum(snr, 1e-3)).astype(clean.dtype)
     bright = clean * boost[:, None, None, None]
-    var = sky[..., :, None, None] + np.clip(bright, 0, None)
+    var = poisson_variance(bright, sky)
     return bright + np.sqrt(var) * np.asarray(normal, clean.dtype)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from bayesblend.forward import difference_kernel, fft_size, render_source
 from bayesblend.prior.bundle import PriorBundle
 from bayesblend.prior.networks import scale_input
-from bayesblend.survey import get_survey
+from bayesblend.survey import get_survey, poisson_variance
 
 
 def template_flux(template: jnp.ndarray, data: jnp.ndarray, variance: jnp.ndarray):
@@ -46,7 +46,7 @@ def _reconstruct(network, params, decoder, encoder, noisy, psf, offset, sky, mod
     kernel = difference_kernel(psf, model_psf, fft_size(noisy.shape[-1]))
     ones = jnp.ones(noisy.shape[:-2])
     template = jax.vmap(render_source)(morph, ones, offset, kernel)
-    var = sky[:, None, None] + jnp.clip(noisy, 0.0, None)
+    var = poisson_variance(noisy, sky)
     flux, flux_sigma = template_flux(template, noisy, var)
     return {
         "z_mean": mean,

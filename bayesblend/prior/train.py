@@ -40,7 +40,7 @@ from bayesblend.forward import difference_kernel, fft_size, render_source
 from bayesblend.io import atomic_path
 from bayesblend.prior.networks import Decoder, Encoder, scale_input
 from bayesblend.simulate.dataset import ShardDataset
-from bayesblend.survey import get_survey
+from bayesblend.survey import get_survey, poisson_variance
 
 
 @dataclasses.dataclass
@@ -151,7 +151,7 @@ def make_loss(enc: Encoder, dec: Decoder, model_psf: np.ndarray, sky: np.ndarray
     def loss_fn(params, batch, beta, key):
         k_noise, k_z = jax.random.split(key)
         clean = batch["clean"]
-        var_in = sky[:, None, None] + jnp.clip(clean, 0.0, None)
+        var_in = poisson_variance(clean, sky)
         noisy = clean + jnp.sqrt(var_in) * jax.random.normal(k_noise, clean.shape)
         mean, log_sigma = enc.apply(params["encoder"], scale_input(noisy, sigma))
         z = mean + jnp.exp(log_sigma) * jax.random.normal(k_z, mean.shape)
@@ -159,7 +159,7 @@ def make_loss(enc: Encoder, dec: Decoder, model_psf: np.ndarray, sky: np.ndarray
         kernel = difference_kernel(batch["psf"], model_psf, n)
         pred = render(morph, batch["flux"], batch["offset"], kernel)
         target = batch["target"]
-        var = sky[:, None, None] + jnp.clip(target, 0.0, None)
+        var = poisson_variance(target, sky)
         npix = target.shape[-3] * target.shape[-2] * target.shape[-1]
         nll = 0.5 * jnp.sum((pred - target) ** 2 / var, axis=(-3, -2, -1)) / npix
         kl = 0.5 * jnp.sum(mean**2 + jnp.exp(2 * log_sigma) - 1.0 - 2 * log_sigma, axis=-1) / npix

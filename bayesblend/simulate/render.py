@@ -36,7 +36,7 @@ from bayesblend.errors import BayesblendError
 from bayesblend.scene import Scene
 from bayesblend.simulate.population import band_fluxes, circularised_hlr
 from bayesblend.simulate.truth import blendedness, snr
-from bayesblend.survey import Survey
+from bayesblend.survey import Survey, poisson_variance
 
 #: Canvases up to this side are drawn whole for every source (exact truncation).
 FULL_CANVAS_MAX = 96
@@ -269,12 +269,12 @@ def render_scene(
             morphology[morph_rows.index(i), :, y0:y1, x0:x1] = m
 
     sky = np.array([survey.sky_counts(b) for b in bands])
-    variance = (sky[:, None, None] + np.clip(noiseless, 0.0, None)).astype(np.float32)
+    variance = poisson_variance(noiseless, sky).astype(np.float32)
     if noise_seed is None:
         image = noiseless.astype(np.float32)
     else:
         rng = np.random.default_rng(noise_seed)
-        lam = np.clip(noiseless, 0.0, None) + sky[:, None, None]
+        lam = poisson_variance(noiseless, sky)  # Poisson: mean = variance
         image = (rng.poisson(lam) - sky[:, None, None]).astype(np.float32)
     psf_images = survey.psf_images(bands, psf_size, fwhm)
     wcs = make_wcs((ny, nx), scale, sky_centre)
