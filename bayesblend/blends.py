@@ -199,7 +199,7 @@ def prepare_blend(
         warnings.warn("scene has no PSF: using the survey's default PSF per band", stacklevel=2)
         psf = survey.psf_images(bundle.bands)
     kernel = difference_kernel(psf, survey.model_psf_image(psf.shape[-1]), fft_size(bundle.stamp))
-    sky = np.array([survey.sky_counts(b) for b in bundle.bands], dtype=np.float32)
+    sky = survey.sky_level(bundle.bands).astype(np.float32)
     x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
     k = len(x)
     if k == 0:

@@ -150,9 +150,16 @@ class Survey:
         b = self.band(band)
         return float(self.mag_to_counts(b.sky_brightness, band) * self.pixel_scale**2)
 
-    def sky_level(self) -> np.ndarray:
-        """Sky level per band, electrons per pixel, shape ``(band,)``."""
-        return np.array([self.sky_counts(b) for b in self.band_names])
+    def sky_level(self, bands: Sequence[str] | None = None) -> np.ndarray:
+        """Sky level per band, electrons per pixel, shape ``(band,)``, float64.
+
+        Parameters
+        ----------
+        bands : sequence of str, optional
+            Bands in the order wanted (default: all of the survey's).
+        """
+        names = self.band_names if bands is None else self.check_bands(bands)
+        return np.array([self.sky_counts(b) for b in names])
 
     def noise_sigma(self, band: str) -> float:
         """Sky-limited noise standard deviation per pixel, electrons."""

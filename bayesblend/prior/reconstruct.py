@@ -89,7 +89,7 @@ def reconstruct(
         ``(n, band, S, S)``; ``flux``, ``flux_sigma`` ``(n, band)`` electrons.
     """
     survey = get_survey(bundle.survey)
-    sky = jnp.asarray([survey.sky_counts(b) for b in bundle.bands], dtype=jnp.float32)
+    sky = jnp.asarray(survey.sky_level(bundle.bands), dtype=jnp.float32)
     model_psf = jnp.asarray(survey.model_psf_image(psf.shape[-1]))
     n = len(noisy)
     outs: dict[str, list] = {}

@@ -259,7 +259,7 @@ def simulate_dataset(
             "survey": survey,
             "bands": bands,
             "magzero": [s.band(b).magzero for b in bands],
-            "sky": [s.sky_counts(b) for b in bands],
+            "sky": s.sky_level(bands).tolist(),
             "pixel_scale": s.pixel_scale,
             "model_psf_fwhm": s.model_psf_fwhm,
             "options": {k: v for k, v in sim_options.items()},

@@ -268,7 +268,7 @@ def render_scene(
             m /= np.maximum(m.sum(axis=(1, 2), keepdims=True), 1e-30)
             morphology[morph_rows.index(i), :, y0:y1, x0:x1] = m
 
-    sky = np.array([survey.sky_counts(b) for b in bands])
+    sky = survey.sky_level(bands)
     variance = poisson_variance(noiseless, sky).astype(np.float32)
     if noise_seed is None:
         image = noiseless.astype(np.float32)
