@@ -36,6 +36,7 @@ from bayesblend.forward import CENTROID_WINDOW, render_scene
 from bayesblend.io import atomic_path, write_table
 from bayesblend.measure import blendedness, derive_shapes, resolution, shape_setup
 from bayesblend.prior.bundle import Networks, PriorBundle
+from bayesblend.survey import flux_to_mag
 
 #: Sampled parameters and derived quantities kept per source.
 SAMPLED = ("u", "log_flux", "offset")
@@ -168,8 +169,7 @@ class Posterior:
             draws = {k: np.zeros((chains, ndraw, 0) + s, np.float32) for k, s in shapes.items()}
         draws["flux"] = np.exp(draws["log_flux"])
         mz = np.asarray(magzero, float).reshape(-1, nb)
-        with np.errstate(divide="ignore"):
-            draws["mag"] = mz - 2.5 * np.log10(draws["flux"])
+        draws["mag"] = flux_to_mag(draws["flux"], mz)
         nets = Networks(bundle, latent_prior)
         setup = shape_setup(bundle)
         scale = setup.pixel_scale

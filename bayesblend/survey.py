@@ -140,10 +140,7 @@ class Survey:
 
         Non-positive counts give NaN (no magnitude), never an exception.
         """
-        c = np.asarray(counts, dtype=np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            m = self.band(band).magzero - 2.5 * np.log10(c)
-        return np.where(c > 0, m, np.nan)
+        return flux_to_mag(counts, self.band(band).magzero)
 
     def sky_counts(self, band: str) -> float:
         """Mean sky level, electrons per pixel over the full exposure."""
@@ -221,6 +218,22 @@ class Survey:
     def bandpass(self, band: str) -> galsim.Bandpass:
         """GalSim bandpass (AB zeropoint) used to turn SEDs into colours."""
         return _bandpass(self.name, self.band(band).name)
+
+
+def flux_to_mag(flux: np.ndarray | float, magzero: np.ndarray | float) -> np.ndarray:
+    """AB magnitude ``magzero - 2.5 log10(flux)`` of fluxes in electrons; NaN where flux <= 0.
+
+    Parameters
+    ----------
+    flux : array_like
+        Electrons over the full exposure.
+    magzero : array_like
+        AB magnitude of one electron over the exposure (broadcast against ``flux``).
+    """
+    f = np.asarray(flux, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = np.asarray(magzero, dtype=np.float64) - 2.5 * np.log10(f)
+    return np.where(f > 0, m, np.nan)
 
 
 #: A NumPy or a JAX array: :func:`poisson_variance` serves both.
