@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bayesblend.simulate.truth import snr as truth_snr
 from bayesblend.survey import poisson_variance
 
 LOG_2PI = float(np.log(2 * np.pi))
@@ -147,8 +148,7 @@ def brightened_observation(clean: np.ndarray, sky: np.ndarray, band: int, normal
     """
     sky = np.asarray(sky, clean.dtype)
     sky_b = sky[..., band].reshape(-1, 1, 1)
-    ref = np.clip(clean[:, band], 0, None)
-    snr = np.sqrt(np.sum(ref**2 / (ref + sky_b), axis=(1, 2)))
+    snr = truth_snr(clean[:, band], sky_b)
     boost = np.maximum(1.0, SNR_FOR_FLOW / np.maximum(snr, 1e-3)).astype(clean.dtype)
     bright = clean * boost[:, None, None, None]
     var = poisson_variance(bright, sky)

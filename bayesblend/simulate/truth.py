@@ -7,14 +7,26 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def snr(image: np.ndarray, sky: float) -> float:
+def snr(image: np.ndarray, sky: float | np.ndarray) -> float | np.ndarray:
     """Signal-to-noise ratio of an isolated source, paper eq. 7.
 
     ``S/N = sqrt(sum_p I_p^2 / (I_p + sky))`` over the pixels of the noiseless
     image ``I`` (electrons) with the sky level ``sky`` (electrons per pixel).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(..., y, x)`` noiseless images, electrons.
+    sky : float or numpy.ndarray
+        Sky level, electrons per pixel, broadcast against ``image``.
+
+    Returns
+    -------
+    float for one image, else an array of the leading shape.
     """
     i = np.clip(np.asarray(image, dtype=np.float64), 0.0, None)
-    return float(np.sqrt(np.sum(i * i / (i + sky))))
+    s = np.sqrt(np.sum(i * i / (i + sky), axis=(-2, -1)))
+    return float(s) if s.ndim == 0 else s
 
 
 def blendedness(
