@@ -194,10 +194,7 @@ def prepare_blend(
     if not valid.any():
         raise BayesblendError("every pixel of the blend is masked")
     image = np.where(valid, image, 0.0).astype(np.float32)
-    psf = sc.psf
-    if psf is None:
-        warnings.warn("scene has no PSF: using the survey's default PSF per band", stacklevel=2)
-        psf = survey.psf_images(bundle.bands)
+    psf = sc.psf_images(bundle.survey, warn=True)
     kernel = difference_kernel(psf, survey.model_psf_image(psf.shape[-1]), fft_size(bundle.stamp))
     sky = survey.sky_level(bundle.bands).astype(np.float32)
     x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))

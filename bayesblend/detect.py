@@ -114,10 +114,7 @@ def detection_psf(scene: Scene, band_weight: np.ndarray, survey: str | None = No
 
     The scene's own PSF images when it has them, else the survey's.
     """
-    if scene.psf is not None:
-        psf = np.asarray(scene.psf, np.float64)
-    else:
-        psf = get_survey(survey or scene.survey).psf_images(scene.bands).astype(np.float64)
+    psf = np.asarray(scene.psf_images(survey), np.float64)
     k = np.tensordot(np.asarray(band_weight, float), psf, axes=1)
     return k / k.sum()
 

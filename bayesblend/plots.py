@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from astropy.table import Table  # noqa: E402
 from astropy.visualization import make_lupton_rgb  # noqa: E402
 
+from bayesblend.detect import match_sources  # noqa: E402
 from bayesblend.io import atomic_path  # noqa: E402
 from bayesblend.measure import shape_band  # noqa: E402
 from bayesblend.model import pixel_variance  # noqa: E402
@@ -223,12 +224,13 @@ def plot_blends(
 
 
 def _match_truth(cat: Table, truth: Table | None, radius: float = 2.0) -> np.ndarray | None:
-    """Index of the nearest truth source within ``radius`` pixels of each row (-1: none)."""
+    """Row of ``truth`` matched to each catalogue row within ``radius`` pixels (-1: none).
+
+    The one-to-one matching of the benchmarks (:func:`bayesblend.detect.match_sources`).
+    """
     if truth is None or len(truth) == 0:
         return None
-    d = np.hypot(
-        np.asarray(cat["x"])[:, None] - np.asarray(truth["x"])[None],
-        np.asarray(cat["y"])[:, None] - np.asarray(truth["y"])[None],
-    )
-    idx = np.argmin(d, axis=1)
-    return np.where(d[np.arange(len(cat)), idx] < radius, idx, -1)
+    hit = match_sources(truth["x"], truth["y"], cat["x"], cat["y"], radius)
+    rows = np.full(len(cat), -1)
+    rows[hit[hit >= 0]] = np.flatnonzero(hit >= 0)
+    return rows

@@ -14,6 +14,7 @@ import numpy as np
 from astropy.wcs import WCS
 
 from bayesblend.errors import BayesblendError
+from bayesblend.survey import get_survey
 
 #: A PSF image whose sum is further than this from 1 is renormalised, with a warning.
 PSF_SUM_TOLERANCE = 1e-3
@@ -114,6 +115,22 @@ class Scene:
     def shape(self) -> tuple[int, int]:
         """``(ny, nx)`` of the image."""
         return self.image.shape[1], self.image.shape[2]
+
+    def psf_images(self, survey: str | None = None, warn: bool = False) -> np.ndarray:
+        """``(band, py, px)`` PSF images: the scene's own, else the survey's default PSF per band.
+
+        Parameters
+        ----------
+        survey : str, optional
+            Survey whose default PSF stands in (default: the scene's ``survey``).
+        warn : bool
+            Warn when the default stands in (once per fit, not per use).
+        """
+        if self.psf is not None:
+            return self.psf
+        if warn:
+            warnings.warn("scene has no PSF: using the survey's default PSF per band", stacklevel=3)
+        return get_survey(survey or self.survey).psf_images(self.bands)
 
     def band_index(self, band: str) -> int:
         """Index of ``band`` in this scene (a clear error if absent)."""
