@@ -52,6 +52,8 @@ RESOLUTION_MIN = 0.3
 SCENE_HEADER = {"flux_prior": "FLUXPRIR", "model_error": "MODELERR", "centroid_window": "CENWIN"}
 
 ELLIPTICITY_CONVENTION = "shear-type g=(a-b)/(a+b); +e2 along +45 deg CCW from +x (GalSim g1,g2)"
+#: The e2 sign convention, written to every catalogue header (``E2SIGN``).
+E2SIGN = "+e2 along +45 deg counter-clockwise from +x"
 
 
 def columns(bands: Sequence[str]) -> list[tuple[str, type, u.UnitBase | None, str]]:
@@ -121,7 +123,7 @@ def header(bands: Sequence[str], meta: dict) -> dict:
     h = {
         "BANDS": ",".join(bands),
         "ELLCONV": ELLIPTICITY_CONVENTION,
-        "E2SIGN": "+e2 along +45 deg counter-clockwise from +x",
+        "E2SIGN": E2SIGN,
         "SIZEDEF": "det(Q)^(1/4) of PSF-corrected adaptive moments, arcsec",
         "MAGSYS": "AB, mag = MAGZERO - 2.5 log10(flux)",
     }

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from astropy.table import Table
 
-from bayesblend.catalog import ELLIPTICITY_CONVENTION, FLAGS, SCENE_HEADER
+from bayesblend.catalog import E2SIGN, ELLIPTICITY_CONVENTION, FLAGS, SCENE_HEADER
 from bayesblend.errors import BayesblendError
 
 #: Per-component intrinsic shape dispersion of the ensemble weights (LSST-like, = the simulator's).
@@ -222,7 +222,7 @@ def interim_from_draws(
     """
     e1 = np.asarray(e1, float).ravel()
     e2 = np.asarray(e2, float).ravel()
-    ok = np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1.0)
+    ok = valid_shapes(e1, e2)
     if ok.sum() < 100:
         raise BayesblendError(f"the interim prior needs at least 100 valid draws, got {int(ok.sum())}")
     x, y = e1[ok], e2[ok]
@@ -280,11 +280,15 @@ def usable_shapes(
     e1: np.ndarray, e2: np.ndarray, flags: np.ndarray, exclude: int = EXCLUDE_FLAGS
 ) -> np.ndarray:
     """Finite e1, e2 with ``|e| < 1`` and no flag of ``exclude`` (arrays of any one shape)."""
+    return valid_shapes(e1, e2) & ((np.asarray(flags, np.int64) & exclude) == 0)
+
+
+def valid_shapes(e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
+    """Where a shear-type ellipticity is a shape at all: finite and ``|e| < 1`` (arrays of one shape)."""
     e1 = np.asarray(e1, float)
     e2 = np.asarray(e2, float)
     with np.errstate(invalid="ignore"):
-        valid = np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1.0)
-    return valid & ((np.asarray(flags, np.int64) & exclude) == 0)
+        return np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1.0)
 
 
 def usable(catalog: Table) -> np.ndarray:
@@ -370,7 +374,7 @@ def shear_catalog(
     out.meta.update(
         {
             "ELLCONV": ELLIPTICITY_CONVENTION,
-            "E2SIGN": "+e2 along +45 deg counter-clockwise from +x",
+            "E2SIGN": E2SIGN,
             "SIGMA_E": float(sigma_e),
             "RESPSRC": source,
             "ESTIMATR": "g = sum(w e) / (R sum(w))",
@@ -540,7 +544,7 @@ def _prepare_samples(e1: np.ndarray, e2: np.ndarray, interim: InterimPrior):
         raise BayesblendError(
             f"ellipticity samples must be (source, draw) arrays of one shape, got {e1.shape}, {e2.shape}"
         )
-    valid = np.isfinite(e1) & np.isfinite(e2) & (np.hypot(e1, e2) < 1.0)
+    valid = valid_shapes(e1, e2)
     e = jnp.asarray(np.where(valid, e1, 0.0) + 1j * np.where(valid, e2, 0.0), jnp.complex64)
     return e, interim.log_prob(e), jnp.asarray(valid)
 

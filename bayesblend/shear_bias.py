@@ -39,6 +39,7 @@ from bayesblend.errors import BayesblendError
 from bayesblend.io import atomic_path
 from bayesblend.shear import (
     EXCLUDE_FLAGS,
+    G_MAX,
     InterimPrior,
     hierarchical_mode,
     jackknife,
@@ -94,8 +95,8 @@ class HarnessConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("blends", "isolated"):
             raise BayesblendError(f"shear-bias runs on 'blends' or 'isolated', not {self.kind!r}")
-        if not 0 < self.shear < 0.2:
-            raise BayesblendError(f"shear amplitude must be in (0, 0.2), got {self.shear}")
+        if not 0 < self.shear < G_MAX:
+            raise BayesblendError(f"shear amplitude must be in (0, {G_MAX:g}), got {self.shear}")
 
     def key(self) -> dict:
         return asdict(self)
