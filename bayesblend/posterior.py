@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from astropy.table import Table
+from scipy.ndimage import minimum_filter
 
 from bayesblend import catalog as cat
 from bayesblend.forward import CENTROID_WINDOW, render_scene
@@ -151,11 +152,7 @@ class Posterior:
             rows["x_det"] += list(b.x + b.origin[0])
             rows["y_det"] += list(b.y + b.origin[1])
             rows["split"] += [m["split"]] * k
-            valid = np.asarray(b.data["valid"])
-            for xs, ys in zip(b.x, b.y, strict=True):
-                xi, yi = int(round(xs)), int(round(ys))
-                box = valid[:, max(yi - 2, 0) : yi + 3, max(xi - 2, 0) : xi + 3]
-                rows["masked"].append(bool(box.size == 0 or not box.all()))
+            rows["masked"] += list(_masked_centre(np.asarray(b.data["valid"]), b.x, b.y))
             sny, snx = scenes[m["scene"]].shape
             xd, yd = b.x + b.origin[0], b.y + b.origin[1]
             e = cat.EDGE_PIXELS
@@ -476,6 +473,20 @@ class Posterior:
             images = self.source_images(i, nets)[:, self.shapes.index]
             out[np.flatnonzero(self.sources["blend_id"] == i)] = np.asarray(blendedness(jnp.asarray(images)))
         return out
+
+
+def _masked_centre(valid: np.ndarray, x: np.ndarray, y: np.ndarray, half: int = 2) -> np.ndarray:
+    """Whether any band has a masked pixel within ``half`` pixels of each position (or it is outside).
+
+    ``valid`` ``(band, y, x)`` bool; ``x``, ``y`` ``(source,)`` pixels. The
+    ``(2 half + 1)``-square minimum filter of the all-band valid map, read at
+    the rounded positions (flag ``MASKED_CENTRE``).
+    """
+    ok = minimum_filter(valid.all(axis=0), size=2 * half + 1, mode="constant", cval=True)
+    xi = np.rint(np.asarray(x, float)).astype(int)
+    yi = np.rint(np.asarray(y, float)).astype(int)
+    inside = (xi >= 0) & (yi >= 0) & (xi < ok.shape[1]) & (yi < ok.shape[0])
+    return ~inside | ~ok[np.clip(yi, 0, ok.shape[0] - 1), np.clip(xi, 0, ok.shape[1] - 1)]
 
 
 def _morphology_and_flux(

@@ -332,11 +332,12 @@ def _ensemble(e1, e2, w, blocks, responsivity=1.0):
 def _alpha(e_out: np.ndarray, e_in: np.ndarray, blocks: np.ndarray) -> tuple[float, float]:
     """Slope - 1 of ``e_out`` on ``e_in`` (least squares through the origin), jackknife error."""
 
-    def slope(sel):
-        return np.sum(e_out[sel] * e_in[sel]) / np.sum(e_in[sel] ** 2) - 1
-
-    full = slope(np.ones(len(e_in), bool))
-    reps = np.array([slope(blocks != b) for b in range(int(blocks.max()) + 1)])
+    k = int(blocks.max()) + 1
+    sxy, sxx = np.zeros(k), np.zeros(k)
+    np.add.at(sxy, blocks, e_out * e_in)  # per-block sums: each replicate leaves one block out
+    np.add.at(sxx, blocks, e_in**2)
+    full = sxy.sum() / sxx.sum() - 1
+    reps = (sxy.sum() - sxy) / (sxx.sum() - sxx) - 1
     return float(full), float(jackknife(np.asarray(full), reps))
 
 

@@ -265,3 +265,14 @@ def test_amortised_flux_prior_shares_a_bright_neighbours_light(prior):
     assert np.all(box[1:] - true[1:] > np.log(10))  # the box sum is more than 10x too bright
     assert np.all(np.abs(joint[1:] - true[1:]) < 0.5 * np.abs(box[1:] - true[1:]))
     assert abs(joint[0] - true[0]) < 0.05  # and the bright galaxy keeps its light
+
+
+def test_masked_centre_flags_a_masked_pixel_within_two_pixels_in_any_band():
+    from bayesblend.posterior import _masked_centre
+
+    valid = np.ones((3, 20, 30), bool)
+    valid[1, 10, 15] = False  # one bad pixel in one band
+    x = np.array([15.0, 17.4, 17.6, 15.0, 0.0, 29.0])
+    y = np.array([10.0, 12.0, 10.0, 13.0, 0.0, 19.0])
+    # within 2 px (after rounding) of (15, 10): the first two; 18 and 13 are 3 px away; edges are fine
+    assert list(_masked_centre(valid, x, y)) == [True, True, False, False, False, False]

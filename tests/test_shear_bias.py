@@ -46,6 +46,19 @@ def test_biases_recover_a_known_linear_response():
     assert out["c1_err"] > 0
 
 
+def test_alpha_recovers_a_known_slope_with_a_jackknife_error():
+    from bayesblend.shear_bias import _alpha
+
+    rng = np.random.default_rng(0)
+    e_in = rng.normal(0.0, 0.3, 400)
+    blocks = np.arange(400) % 20
+    a, err = _alpha(0.9 * e_in, e_in, blocks)
+    assert a == pytest.approx(-0.1, abs=1e-12) and err == pytest.approx(0.0, abs=1e-12)
+    a, err = _alpha(0.9 * e_in + rng.normal(0.0, 0.05, 400), e_in, blocks)
+    # slope error of least squares through the origin: 0.05 / sqrt(sum e_in^2) = 0.008
+    assert abs(a + 0.1) < 0.03 and 0.004 < err < 0.016
+
+
 def test_harness_end_to_end_on_isolated_galaxies(tmp_path, prior):
     cfg = HarnessConfig(kind="isolated", seed=11, method="amortised", draws=16)
     assert run(cfg, 2, tmp_path, prior, progress=False) == 2
