@@ -7,16 +7,31 @@ Entry points: :func:`load_prior` (the shipped prior bundle), the simulator in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # types only: importing the bundle layer here would slow ``import bayesblend``
+    from bayesblend.prior.bundle import PriorBundle
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "load_prior"]
 
 
-def load_prior(name_or_path: str | None = None):
+def load_prior(name_or_path: str | None = None) -> PriorBundle:
     """Load a prior bundle; with no argument, the shipped default ``models/lsst-v1``.
 
     Checksums of every weight file are verified; a missing, tampered or
     incompatible bundle raises :class:`bayesblend.errors.BundleError`.
+
+    Parameters
+    ----------
+    name_or_path : str, optional
+        A bundle name under the models directory, or a bundle directory.
+
+    Returns
+    -------
+    PriorBundle
+        The loaded networks, their parameters and the model card.
     """
     from bayesblend.prior.bundle import load_bundle
 

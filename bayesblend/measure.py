@@ -265,7 +265,9 @@ def _measure(nets: Networks, w: dict, u: jnp.ndarray, setup: ShapeSetup):
     return jax.lax.map(one, u, batch_size=_CHUNK)
 
 
-def derive_shapes(nets: Networks, u: np.ndarray, setup: ShapeSetup):
+def derive_shapes(
+    nets: Networks, u: np.ndarray, setup: ShapeSetup
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Latent codes and the PSF-corrected shape of base draws ``u`` ``(..., latent)``.
 
     Returns ``z`` ``(..., latent)`` and e1, e2, size (pixels), each ``(...)``,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -23,6 +24,12 @@ from bayesblend.io import atomic_path  # noqa: E402
 from bayesblend.measure import shape_band  # noqa: E402
 from bayesblend.model import pixel_variance  # noqa: E402
 from bayesblend.scene import Scene  # noqa: E402
+
+if TYPE_CHECKING:  # types only: the posterior layer sits above this module
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from bayesblend.posterior import Posterior
 
 
 def composite(scene: Scene, bands: Sequence[str] = ("i", "r", "g"), q: float = 8.0) -> np.ndarray:
@@ -45,21 +52,37 @@ def composite(scene: Scene, bands: Sequence[str] = ("i", "r", "g"), q: float = 8
 
 
 def draw_scene(
-    ax,
+    ax: Axes,
     scene: Scene,
     truth: Table,
     bands: Sequence[str] = ("i", "r", "g"),
     marker_size: float = 70,
     linewidth: float = 0.9,
 ) -> None:
-    """Draw the composite of ``scene`` on ``ax`` with the truth positions circled."""
+    """Draw the composite of ``scene`` on ``ax`` with the truth positions circled.
+
+    Parameters
+    ----------
+    ax : matplotlib.axes.Axes
+        Where to draw.
+    scene : Scene
+        The scene to show (:func:`composite` of ``bands``).
+    truth : astropy.table.Table
+        Sources to circle, with ``x``, ``y`` in pixels (0-based).
+    bands : sequence of str
+        Three bands, red to blue.
+    marker_size : float
+        Circle area, points^2.
+    linewidth : float
+        Circle line width, points.
+    """
     ax.imshow(composite(scene, bands), origin="lower", interpolation="nearest")
     ax.scatter(
         truth["x"], truth["y"], s=marker_size, facecolors="none", edgecolors="cyan", linewidths=linewidth
     )
 
 
-def save_figure(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` atomically (format from the suffix, PNG by default) and close it."""
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -103,7 +126,9 @@ def plot_scene_truth(
     return save_figure(fig, path)
 
 
-def plot_blend(posterior, blend_id: int, path: str | os.PathLike, truth: Table | None = None) -> Path:
+def plot_blend(
+    posterior: Posterior, blend_id: int, path: str | os.PathLike, truth: Table | None = None
+) -> Path:
     """The deblending figure of one blend.
 
     Rows 1-3, one column per band: the data, the model at the point estimate
@@ -207,7 +232,7 @@ def plot_blend(posterior, blend_id: int, path: str | os.PathLike, truth: Table |
 
 
 def plot_blends(
-    posterior, directory: str | os.PathLike, truths: Sequence[Table | None] | None = None
+    posterior: Posterior, directory: str | os.PathLike, truths: Sequence[Table | None] | None = None
 ) -> Path:
     """Write :func:`plot_blend` for every blend as ``directory/blend_NNNN.png``.
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +40,17 @@ from bayesblend.measure import blendedness, derive_shapes, resolution, shape_set
 from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.survey import flux_to_mag
 
+if TYPE_CHECKING:  # bayesblend.infer imports this module: types only, no import at run time
+    import arviz
+
+    from bayesblend.infer import InferenceConfig
+
 #: Sampled parameters and derived quantities kept per source.
 SAMPLED = ("u", "log_flux", "offset")
 DERIVED = ("z", "flux", "mag", "x", "y", "e1", "e2", "size")
 
 
-def scene_model_settings(config) -> dict:
+def scene_model_settings(config: InferenceConfig) -> dict:
     """The scene-model settings that change fitted shapes, beside :class:`ShapeSetup`.
 
     ``flux_prior`` and ``model_error`` of an :class:`~bayesblend.infer.InferenceConfig`
@@ -52,6 +58,17 @@ def scene_model_settings(config) -> dict:
     pixels). A shear responsivity measured under one set of them does not hold
     under another; they go to catalogue headers (:data:`bayesblend.catalog.SCENE_HEADER`),
     shear-bias run configurations and the card's responsivity entries.
+
+    Parameters
+    ----------
+    config : InferenceConfig
+        The inference settings of the fit.
+
+    Returns
+    -------
+    dict
+        ``{"flux_prior": str, "model_error": float, "centroid_window": float}``
+        (the window in pixels).
     """
     return {
         "flux_prior": str(config.flux_prior),
@@ -97,7 +114,7 @@ class Posterior:
         method: str,
         seed: int,
         latent_prior: str,
-        config,
+        config: InferenceConfig,
         bundle: PriorBundle,
         scenes: Sequence,
         draws: dict[str, np.ndarray],
@@ -128,8 +145,48 @@ class Posterior:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_fits(cls, bundle, latent_prior, method, seed, config, scenes, blends, members, results):
-        """Assemble the per-blend results of :func:`bayesblend.infer.fit_blends`."""
+    def from_fits(
+        cls,
+        bundle: PriorBundle,
+        latent_prior: str,
+        method: str,
+        seed: int,
+        config: InferenceConfig,
+        scenes: Sequence,
+        blends: Sequence,
+        members: Sequence[dict],
+        results: Sequence[dict],
+    ) -> Posterior:
+        """Assemble the per-blend results of :func:`bayesblend.infer.fit_blends`.
+
+        Parameters
+        ----------
+        bundle : PriorBundle
+            The prior the blends were fitted with.
+        latent_prior : str
+            ``"flow"`` or ``"normal"``.
+        method : str
+            Inference method (``"amortised"``, ``"map"``, ``"svi"`` or ``"nuts"``).
+        seed : int
+            Seed of the fit.
+        config : InferenceConfig
+            Settings of the fit.
+        scenes : sequence of Scene
+            The deblended scenes.
+        blends : sequence of PreparedBlend
+            The fitted blends, in the order of ``results``.
+        members : sequence of dict
+            Per blend, ``{"scene": scene index, "split": bool}``.
+        results : sequence of dict
+            Per blend, the result of :func:`~bayesblend.infer.fit_blends`
+            (``draws``, ``point``, traces and, for NUTS, ``stats``).
+
+        Returns
+        -------
+        Posterior
+            Draws per real source (positions in scene pixels, fluxes in
+            electrons, sizes in arcsec).
+        """
         nb = len(bundle.bands)
         chains = config.num_chains if method == "nuts" else 1
         ndraw = config.num_draws
@@ -252,7 +309,7 @@ class Posterior:
         return out
 
     # ------------------------------------------------------------------ ArviZ
-    def to_inference_data(self, observed: bool = True):
+    def to_inference_data(self, observed: bool = True) -> arviz.InferenceData:
         """The draws as ``arviz.InferenceData``.
 
         Groups: ``posterior`` (dims ``chain, draw, source`` and ``band``,

@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,9 @@ from astropy.table import Table
 
 from bayesblend.catalog import E2SIGN, ELLIPTICITY_CONVENTION, FLAGS, SCENE_HEADER
 from bayesblend.errors import BayesblendError
+
+if TYPE_CHECKING:  # the bundle layer is imported where it is used: types only here
+    from bayesblend.prior.bundle import PriorBundle
 
 #: Per-component intrinsic shape dispersion of the ensemble weights (LSST-like, = the simulator's).
 SIGMA_E = 0.26
@@ -173,6 +177,13 @@ class InterimPrior:
         return jax.scipy.ndimage.map_coordinates(table, [i, j], order=1, mode="nearest")
 
     def to_dict(self) -> dict:
+        """The table as plain JSON types (rounded), for the model card.
+
+        Returns
+        -------
+        dict
+            Every field by name; ``nodes`` and ``log_density`` as nested lists.
+        """
         return {
             "nodes": [round(float(x), 6) for x in self.nodes],
             "log_density": [[round(float(x), 4) for x in row] for row in self.log_density],
@@ -188,6 +199,17 @@ class InterimPrior:
 
     @classmethod
     def from_dict(cls, d: dict) -> InterimPrior:
+        """The interim prior :meth:`to_dict` wrote (missing optional fields take their defaults).
+
+        Parameters
+        ----------
+        d : dict
+            A card entry with at least ``nodes``, ``log_density``, ``latent_prior`` and ``n_draws``.
+
+        Returns
+        -------
+        InterimPrior
+        """
         return cls(
             nodes=np.asarray(d["nodes"], float),
             log_density=np.asarray(d["log_density"], float),
@@ -245,7 +267,9 @@ def interim_from_draws(
     )
 
 
-def estimate_interim_prior(bundle, latent_prior: str, n_draws: int = 16384, seed: int = 0) -> InterimPrior:
+def estimate_interim_prior(
+    bundle: PriorBundle, latent_prior: str, n_draws: int = 16384, seed: int = 0
+) -> InterimPrior:
     """Push the latent prior through the decoder and the moments: ``pi(e)`` of ``bundle``.
 
     Parameters
@@ -255,6 +279,11 @@ def estimate_interim_prior(bundle, latent_prior: str, n_draws: int = 16384, seed
     n_draws : int
         Prior draws (the table's precision; 16384 take about a minute on 2 CPU cores).
     seed : int
+
+    Returns
+    -------
+    InterimPrior
+        The tabulated ``pi(e)`` of shapes measured as the posterior's are.
     """
     from bayesblend.measure import derive_shapes, shape_setup
     from bayesblend.prior.bundle import Networks
@@ -529,8 +558,30 @@ def hierarchical_log_likelihood(
     return jnp.sum(per_source)
 
 
-def importance_ess(params, e, log_interim, valid) -> jnp.ndarray:
-    """Effective sample size of each source's importance weights at ``params``."""
+def importance_ess(
+    params: jnp.ndarray | np.ndarray | Sequence[float],
+    e: jnp.ndarray,
+    log_interim: jnp.ndarray,
+    valid: jnp.ndarray,
+) -> jnp.ndarray:
+    """Effective sample size of each source's importance weights at ``params``.
+
+    Parameters
+    ----------
+    params : array ``(3,)``
+        ``(g1, g2, s)``: reduced shear and intrinsic shape dispersion.
+    e : array ``(source, draw)``
+        Complex shear-type ellipticities of the posterior draws.
+    log_interim : array ``(source, draw)``
+        ``log pi(e)`` of the draws under the interim prior.
+    valid : bool array ``(source, draw)``
+        Real draws with a valid shape.
+
+    Returns
+    -------
+    jax.Array
+        ``(source,)`` ``(sum w)^2 / sum w^2``, in draws.
+    """
     _, logw = _log_like_terms(jnp.asarray(params), e, log_interim, valid)
     w = jnp.exp(logw - jnp.max(logw, axis=1, keepdims=True))
     w = jnp.where(valid, w, 0.0)

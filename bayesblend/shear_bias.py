@@ -29,6 +29,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +50,9 @@ from bayesblend.shear import (
     weighted_mean_replicates,
 )
 from bayesblend.simulate.scenes import SHEAR_DESIGN
+
+if TYPE_CHECKING:  # the bundle layer is imported where it is used: types only here
+    from bayesblend.prior.bundle import PriorBundle
 
 N_VARIANTS = 2 * len(SHEAR_DESIGN)  # (not rotated, rotated) x shears, the order of shear_twins
 ESTIMATORS = ("truth", "noiseless", "ensemble", "ensemble_targets", "hierarchical")
@@ -99,11 +103,29 @@ class HarnessConfig:
             raise BayesblendError(f"shear amplitude must be in (0, {G_MAX:g}), got {self.shear}")
 
     def key(self) -> dict:
+        """Every field by name: the part of a run's ``config.json`` this configuration sets."""
         return asdict(self)
 
 
-def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
-    """Simulate, deblend and match one item's ten variants; arrays ``(variant, galaxy, ...)``."""
+def run_item(item: int, cfg: HarnessConfig, bundle: PriorBundle) -> dict[str, np.ndarray]:
+    """Simulate, deblend and match one item's ten variants; arrays ``(variant, galaxy, ...)``.
+
+    Parameters
+    ----------
+    item : int
+        Item index (the simulation's ``index`` and the inference seed).
+    cfg : HarnessConfig
+    bundle : PriorBundle
+        The prior to deblend with.
+
+    Returns
+    -------
+    dict of numpy.ndarray
+        Per variant and true galaxy: the matched source's catalogue values
+        (``e1``, ``e2``, their errors, ``flux_r`` in electrons, ``x``, ``y`` in
+        pixels, ``size`` in arcsec...), its ellipticity draws, the truth
+        (``true_*``) and the noiseless target's shape (``target_*``).
+    """
     from bayesblend.infer import deblend
     from bayesblend.measure import shape_setup
     from bayesblend.simulate.scenes import shear_twins
@@ -171,7 +193,8 @@ def run_item(item: int, cfg: HarnessConfig, bundle) -> dict[str, np.ndarray]:
     return out
 
 
-def item_path(out: Path, item: int) -> Path:
+def item_path(out: str | Path, item: int) -> Path:
+    """The file of item ``item`` in the run directory ``out``: ``out/items/item_NNNNN.npz``."""
     return Path(out) / "items" / f"item_{item:05d}.npz"
 
 
@@ -179,7 +202,7 @@ def run(
     cfg: HarnessConfig,
     n_items: int,
     out: str | Path,
-    bundle=None,
+    bundle: PriorBundle | None = None,
     progress: bool = True,
     time_limit: float | None = None,
 ) -> int:

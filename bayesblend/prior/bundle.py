@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,9 @@ from safetensors.numpy import load_file, save_file
 from bayesblend.errors import BundleError
 from bayesblend.io import atomic_path
 from bayesblend.prior.networks import Decoder, Encoder, scale_input
+
+if TYPE_CHECKING:  # the flow module is imported where it is used: types only here
+    from bayesblend.prior.flow import RealNVP
 
 BUNDLE_FORMAT = 1
 DEFAULT_MODEL = "lsst-v1"
@@ -121,7 +125,7 @@ class PriorBundle:
         return self.decoder.apply(self.params["decoder"], z)
 
     @property
-    def flow(self):
+    def flow(self) -> RealNVP | None:
         """The latent flow module (None when the bundle has no flow)."""
         spec = self.card["architecture"].get("flow")
         if not spec or "flow" not in self.params:
@@ -152,8 +156,25 @@ class PriorBundle:
 
         return log_prob(self.flow, self.params["flow"], z)
 
-    def encode(self, image: jnp.ndarray, noise_sigma: jnp.ndarray, network: str = "encoder"):
-        """``(mean, log_sigma)`` of q(z | image) from the VAE encoder or the ``deblender``."""
+    def encode(
+        self, image: jnp.ndarray, noise_sigma: jnp.ndarray, network: str = "encoder"
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """``(mean, log_sigma)`` of q(z | image) from the VAE encoder or the ``deblender``.
+
+        Parameters
+        ----------
+        image : array ``(..., band, S, S)``
+            Observed stamps, electrons.
+        noise_sigma : array ``(..., band)``
+            Sky noise per band, electrons per pixel (sets the input scaling).
+        network : {"encoder", "deblender"}
+            Which encoder's weights to use.
+
+        Returns
+        -------
+        mean, log_sigma : jax.Array
+            ``(..., latent)`` each.
+        """
         if network not in self.params:
             raise BundleError(f"{self.path}: bundle has no {network!r} network")
         return self.encoder.apply(self.params[network], scale_input(image, noise_sigma))
@@ -209,7 +230,7 @@ class Networks:
         dec = self.bundle.decoder.clone(loop_friendly=False) if forward_mode else self.bundle.decoder
         return dec.apply(w["decoder"], z)
 
-    def to_latent(self, w: dict):
+    def to_latent(self, w: dict) -> Callable[[jnp.ndarray], jnp.ndarray] | None:
         """The map from base draws ``u`` to latent codes, or None for the identity."""
         if self.latent_prior == "normal":
             return None
@@ -231,8 +252,25 @@ class Networks:
 
         return self.bundle.flow.apply(w["flow"], z, method=RealNVP.to_base)
 
-    def encode(self, w: dict, stamps: jnp.ndarray, noise_sigma: jnp.ndarray):
-        """``(mean, log_sigma)`` of q(z | stamps) from the amortised encoder."""
+    def encode(
+        self, w: dict, stamps: jnp.ndarray, noise_sigma: jnp.ndarray
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """``(mean, log_sigma)`` of q(z | stamps) from the amortised encoder.
+
+        Parameters
+        ----------
+        w : dict
+            The weights (:meth:`weights`).
+        stamps : array ``(..., band, S, S)``
+            Observed stamps, electrons.
+        noise_sigma : array ``(..., band)``
+            Sky noise per band, electrons per pixel.
+
+        Returns
+        -------
+        mean, log_sigma : jax.Array
+            ``(..., latent)`` each.
+        """
         return self.bundle.encoder.apply(w[self.encoder_name], scale_input(stamps, noise_sigma))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -28,6 +29,9 @@ import optax
 
 from bayesblend.simulate.truth import snr as truth_snr
 from bayesblend.survey import poisson_variance
+
+if TYPE_CHECKING:  # bayesblend.prior.train is imported where it is used: types only here
+    from bayesblend.prior.train import TrainConfig
 
 LOG_2PI = float(np.log(2 * np.pi))
 #: Galaxies are brightened to at least this S/N before encoding for the flow's training set.
@@ -42,6 +46,7 @@ class Coupling(nn.Module):
     hidden: int = 64
 
     def setup(self) -> None:
+        """Build the conditioner MLP: masked input -> ``(log_s, t)``, ``2 * dim`` outputs."""
         self.net = nn.Sequential(
             [nn.Dense(self.hidden), nn.gelu, nn.Dense(self.hidden), nn.gelu, nn.Dense(2 * self.dim)]
         )
@@ -73,6 +78,7 @@ class RealNVP(nn.Module):
     hidden: int = 64
 
     def setup(self) -> None:
+        """Build the couplings: two alternating masks, then fixed random half-masks (seed 0)."""
         rng = np.random.default_rng(0)
         masks = []
         for k in range(self.layers):
@@ -111,13 +117,43 @@ class RealNVP(nn.Module):
         return z
 
 
-def log_prob(flow: RealNVP, params, z: jnp.ndarray) -> jnp.ndarray:
-    """Flow log density of latent codes ``(..., latent)``, nats."""
+def log_prob(flow: RealNVP, params: dict, z: jnp.ndarray) -> jnp.ndarray:
+    """Flow log density of latent codes ``(..., latent)``, nats.
+
+    Parameters
+    ----------
+    flow : RealNVP
+    params : dict
+        The flow's Flax parameters.
+    z : array ``(..., latent)``
+        Latent codes.
+
+    Returns
+    -------
+    jax.Array
+        ``log p(z)``, shape ``z.shape[:-1]``.
+    """
     return flow.apply(params, z, method=RealNVP.log_prob)
 
 
-def sample(flow: RealNVP, params, key: jax.Array, n: int) -> jnp.ndarray:
-    """``n`` latent codes drawn from the flow, ``(n, latent)``."""
+def sample(flow: RealNVP, params: dict, key: jax.Array, n: int) -> jnp.ndarray:
+    """``n`` latent codes drawn from the flow, ``(n, latent)``.
+
+    Parameters
+    ----------
+    flow : RealNVP
+    params : dict
+        The flow's Flax parameters.
+    key : jax.Array
+        PRNG key of the base draws.
+    n : int
+        Number of codes.
+
+    Returns
+    -------
+    jax.Array
+        ``(n, latent)`` latent codes.
+    """
     u = jax.random.normal(key, (n, flow.dim))
     return flow.apply(params, u, method=RealNVP.sample_from_base)
 
@@ -204,10 +240,24 @@ def fit_flow(
     return flow, params, metrics
 
 
-def train_flow_from_run(cfg, progress: bool = True, n_galaxies: int = 50000) -> Path:
+def train_flow_from_run(cfg: TrainConfig, progress: bool = True, n_galaxies: int = 50000) -> Path:
     """Fit the flow to q(z | x) draws of training galaxies (brightened to S/N >= 100) from a VAE run.
 
     Writes ``<run>/flow.msgpack`` and ``<run>/flow_metrics.json``; returns the flow file.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The VAE run's configuration (its ``out`` holds ``checkpoint.msgpack``).
+    progress : bool
+        Show a progress bar on stderr.
+    n_galaxies : int
+        Training galaxies encoded (one q(z | x) draw each).
+
+    Returns
+    -------
+    pathlib.Path
+        ``<run>/flow.msgpack``.
     """
     import json
 

@@ -18,7 +18,7 @@ Layers are NHWC inside (Flax convention); public inputs and outputs are
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -111,7 +111,8 @@ class _Conv3x3(nn.Module):
     loop_friendly: bool = True
 
     @staticmethod
-    def op(loop_friendly: bool):
+    def op(loop_friendly: bool) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
+        """The NHWC operation ``(x, kernel) -> y`` of the layer (each subclass names its own)."""
         raise NotImplementedError
 
     @nn.compact
@@ -125,7 +126,8 @@ class Conv(_Conv3x3):
     """3x3 stride-1 'SAME' convolution (:func:`conv_same`); parameters as ``flax.linen.Conv``."""
 
     @staticmethod
-    def op(loop_friendly: bool):
+    def op(loop_friendly: bool) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
+        """:func:`conv_same` if ``loop_friendly`` (fast in loops, no forward mode), else the plain one."""
         return conv_same if loop_friendly else _conv_same
 
 
@@ -133,7 +135,8 @@ class ConvTranspose(_Conv3x3):
     """3x3 stride-2 'SAME' transposed convolution (:func:`conv_up2`); parameters as Flax's."""
 
     @staticmethod
-    def op(loop_friendly: bool):
+    def op(loop_friendly: bool) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
+        """:func:`conv_up2` if ``loop_friendly`` (fast in loops, no forward mode), else the plain one."""
         return conv_up2 if loop_friendly else _conv_up2
 
 

@@ -29,8 +29,25 @@ from bayesblend.prior.networks import scale_input
 from bayesblend.survey import get_survey, poisson_variance
 
 
-def template_flux(template: jnp.ndarray, data: jnp.ndarray, variance: jnp.ndarray):
-    """Least-squares flux of unit-flux templates ``(..., band, y, x)`` against data; returns (flux, sigma)."""
+def template_flux(
+    template: jnp.ndarray, data: jnp.ndarray, variance: jnp.ndarray
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Least-squares flux of unit-flux templates ``(..., band, y, x)`` against data; returns (flux, sigma).
+
+    Parameters
+    ----------
+    template : array ``(..., band, y, x)``
+        Unit-flux templates.
+    data : array like ``template``
+        Observed stamps, electrons.
+    variance : array like ``template``
+        Per-pixel variance, electrons^2.
+
+    Returns
+    -------
+    flux, sigma : jax.Array
+        ``(..., band)`` inverse-variance weighted flux and its Gaussian error, electrons.
+    """
     w = 1.0 / variance
     tt = jnp.sum(w * template**2, axis=(-2, -1))
     flux = jnp.sum(w * template * data, axis=(-2, -1)) / tt

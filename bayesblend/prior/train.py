@@ -26,6 +26,7 @@ import json
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,7 @@ class TrainingData:
     galaxy alone. The last ``validation_items`` items are held out.
     """
 
-    def __init__(self, path: str | Path, kind: str, validation_items: int):
+    def __init__(self, path: str | Path, kind: str, validation_items: int) -> None:
         self.ds = ShardDataset(path)
         m = self.ds.manifest
         if kind == "deblender" and m["kind"] != "blends":
@@ -141,8 +142,30 @@ class TrainingData:
         }
 
 
-def make_loss(enc: Encoder, dec: Decoder, model_psf: np.ndarray, sky: np.ndarray, stamp: int):
-    """The per-pixel negative ELBO of a batch, and its parts."""
+def make_loss(
+    enc: Encoder, dec: Decoder, model_psf: np.ndarray, sky: np.ndarray, stamp: int
+) -> Callable[[dict, dict, float, jax.Array], tuple[jnp.ndarray, dict[str, jnp.ndarray]]]:
+    """The per-pixel negative ELBO of a batch, and its parts.
+
+    Parameters
+    ----------
+    enc, dec : Encoder, Decoder
+        The networks.
+    model_psf : array ``(P, P)``
+        The decoder's model PSF image (unit sum).
+    sky : array ``(band,)``
+        Sky level per pixel, electrons.
+    stamp : int
+        Stamp side, pixels.
+
+    Returns
+    -------
+    callable
+        ``loss_fn(params, batch, beta, key) -> (loss, {"nll": ..., "kl": ...})``:
+        ``params`` holds ``encoder`` and ``decoder``, ``batch`` the arrays of
+        :meth:`TrainingData.batch`, ``beta`` the KL weight and ``key`` a PRNG
+        key for the input noise and the latent draw.
+    """
     n = fft_size(stamp)
     sky = jnp.asarray(sky)
     sigma = jnp.sqrt(sky)

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from astropy.table import Table
@@ -162,7 +163,7 @@ def simulate_dataset(
     shear: float = 0.02,
     of: str = "blends",
     progress: bool = True,
-    **sim_options,
+    **sim_options: Any,
 ) -> Path:
     """Simulate ``n`` items of ``kind`` into ``out``.
 
@@ -295,7 +296,7 @@ class ShardDataset:
         The contents of ``dataset.json``.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         mf = self.path / "dataset.json"
         if not mf.exists():

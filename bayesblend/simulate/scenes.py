@@ -9,6 +9,7 @@ processes never change the data, and shear twins share galaxies and noise.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from astropy.table import Table, vstack
@@ -45,8 +46,26 @@ def check_stamp(survey: Survey, stamp_size: int, max_shift: float = 0.0) -> None
         raise BayesblendError(f"max_shift must be in [0, stamp_size/4), got {max_shift} pixels")
 
 
-def psf_fwhm_draw(survey: Survey, bands: Sequence[str], jitter: float, rng: np.random.Generator):
-    """PSF FWHM per band: the median, times ``exp(jitter * N(0, 1))`` when ``jitter > 0``."""
+def psf_fwhm_draw(
+    survey: Survey, bands: Sequence[str], jitter: float, rng: np.random.Generator
+) -> np.ndarray:
+    """PSF FWHM per band: the median, times ``exp(jitter * N(0, 1))`` when ``jitter > 0``.
+
+    Parameters
+    ----------
+    survey : Survey
+    bands : sequence of str
+        Bands, in the order of the result.
+    jitter : float
+        Log-normal scatter of the FWHM (>= 0; 0 gives the survey's medians).
+    rng : numpy.random.Generator
+        The item's PSF stream.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(band,)`` FWHM, arcsec.
+    """
     base = np.array([survey.band(b).psf_fwhm for b in bands])
     if jitter < 0:
         raise BayesblendError(f"psf_jitter must be >= 0, got {jitter}")
@@ -254,7 +273,7 @@ def shear_twins(
     seed: int,
     index: int = 0,
     shear: float = 0.02,
-    **options,
+    **options: Any,
 ) -> list[RenderedScene]:
     """The same galaxies and noise under g = (0,0), (+-g, 0), (0, +-g), each also rotated by 90 degrees.
 
