@@ -278,7 +278,9 @@ def _shear_bias(args: argparse.Namespace) -> int:
     shape_psf = float(made.get("shape_psf_fwhm", 0.0))
     R = 1.0
     if args.calibrated:
-        R = responsivity_from_card(bundle.card, method, shape_psf, made.get("scene_model", {}))[0]
+        R = responsivity_from_card(bundle.card, method, shape_psf, made.get("scene_model", {}), binned=True)[
+            0
+        ]
     try:
         interim = interim_prior_from_card(bundle.card, latent_prior, shape_psf)
     except BayesblendError as exc:
@@ -307,6 +309,20 @@ def _shear_bias(args: argparse.Namespace) -> int:
             f"stored R = {entry['R']:.4f} ± {entry['R_err']:.4f} for method {method} "
             f"in {bundle.path / 'card.json'}"
         )
+        if "R_table" in entry:
+            t = entry["R_table"]
+            bins = ", ".join(
+                f"{lo}-{hi}: {r:.3f} ± {e:.3f} ({n})"
+                for lo, hi, r, e, n in zip(
+                    ["0", *(f"{x:.3f}" for x in t["edges"])],
+                    [*(f"{x:.3f}" for x in t["edges"]), "inf"],
+                    t["R"],
+                    t["R_err"],
+                    t["n"],
+                    strict=True,
+                )
+            )
+            print(f"  and R by posterior e dispersion: {bins}")
     return 0
 
 
@@ -318,6 +334,7 @@ def _shear(args: argparse.Namespace) -> int:
     from bayesblend.shear import (
         IS_ESS_MIN,
         SIGMA_E,
+        ResponsivityTable,
         ensemble_shear,
         hierarchical_shear,
         interim_prior_from_card,
@@ -338,13 +355,20 @@ def _shear(args: argparse.Namespace) -> int:
     method = str(catalog.meta.get("METHOD", "map")).lower()
     shape_psf = float(catalog.meta.get("SHAPEPSF", 0.0))  # 0: made before shapes were reconvolved
     # a catalogue made before these settings were recorded has none: no stored R applies to it
-    R, source = responsivity_from_card(bundle.card, method, shape_psf, scene_model_from_header(catalog.meta))
+    R, source = responsivity_from_card(
+        bundle.card, method, shape_psf, scene_model_from_header(catalog.meta), binned=True
+    )
     sigma_e = SIGMA_E if args.sigma_e is None else args.sigma_e
     shear_cat = shear_catalog(catalog, R, sigma_e, source)
     est = ensemble_shear(
-        shear_cat["e1"], shear_cat["e2"], shear_cat["weight"], R, groups=np.asarray(catalog["blend_id"])
+        shear_cat["e1"],
+        shear_cat["e2"],
+        shear_cat["weight"],
+        np.asarray(shear_cat["responsivity"]),
+        groups=np.asarray(catalog["blend_id"]),
     )
-    print(f"{args.catalog}: {est}  [R = {R:.4f}, jackknife over blends]")
+    how = "weighted mean of per-source R" if isinstance(R, ResponsivityTable) else "R"
+    print(f"{args.catalog}: {est}  [{how} = {est.details['responsivity']:.4f}, jackknife over blends]")
     if args.posterior:
         e1, e2, attrs = posterior_ellipticities(args.posterior)
         if e1.shape[0] != len(catalog):

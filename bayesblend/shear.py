@@ -33,6 +33,7 @@ networks except through :class:`InterimPrior`.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -305,6 +306,110 @@ def shape_weight(e1_std: np.ndarray, e2_std: np.ndarray, sigma_e: float = SIGMA_
     return 1.0 / (sigma_e**2 + np.where(np.isfinite(var), var, np.inf))
 
 
+def posterior_e_sigma(e1_std: np.ndarray, e2_std: np.ndarray) -> np.ndarray:
+    """Per-component posterior ellipticity dispersion ``sqrt((std_e1^2 + std_e2^2) / 2)``.
+
+    The variable the responsivity is tabulated in (:class:`ResponsivityTable`):
+    how far the data, rather than the prior, set a galaxy's shape.
+    """
+    return np.sqrt(0.5 * (np.asarray(e1_std, float) ** 2 + np.asarray(e2_std, float) ** 2))
+
+
+@dataclass(frozen=True)
+class ResponsivityTable:
+    """Shear responsivity as a step function of the posterior ellipticity dispersion.
+
+    A galaxy whose shape the data pin down responds to shear almost fully; one
+    whose posterior sits on the prior hardly responds. A single R measured on
+    simulations holds only for a population with the simulations' mix of the
+    two; tabulated in an observable (:func:`posterior_e_sigma`), it follows a
+    population of another depth or size mix (the binned calibration of the
+    KiDS and DES shear catalogues, here in one variable).
+
+    Attributes
+    ----------
+    edges : tuple of float
+        Inner bin edges in posterior e dispersion (``n_bins - 1``, increasing).
+    R, R_err : tuple of float
+        Weighted mean response and its jackknife error per bin (``n_bins``).
+    n : tuple of int
+        Calibration galaxies per bin.
+    """
+
+    edges: tuple[float, ...]
+    R: tuple[float, ...]
+    R_err: tuple[float, ...]
+    n: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.R) != len(self.edges) + 1 or not np.all(np.diff(self.edges) > 0):
+            raise BayesblendError("a responsivity table needs increasing edges and one R per bin")
+        if not all(np.isfinite(r) and r > 0 for r in self.R):
+            raise BayesblendError(f"responsivities must be positive numbers, got {self.R}")
+
+    def __call__(self, e1_std: np.ndarray, e2_std: np.ndarray) -> np.ndarray:
+        """Each galaxy's R from its posterior e1/e2 standard deviations (non-finite: the last bin)."""
+        s = posterior_e_sigma(e1_std, e2_std)
+        s = np.where(np.isfinite(s), s, np.inf)
+        return np.asarray(self.R)[np.searchsorted(np.asarray(self.edges), s, side="right")]
+
+    @property
+    def mean(self) -> float:
+        """The calibration set's overall R (bins weighted by their galaxies)."""
+        return float(np.average(self.R, weights=self.n))
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (the model card's ``R_table``)."""
+        return {
+            "variable": "posterior_e_sigma",
+            **{k: list(getattr(self, k)) for k in ("edges", "R", "R_err", "n")},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ResponsivityTable:
+        """Inverse of :meth:`to_dict`."""
+        return cls(tuple(d["edges"]), tuple(d["R"]), tuple(d["R_err"]), tuple(int(v) for v in d["n"]))
+
+
+def responsivity_table(
+    response: np.ndarray, e_sigma: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_bins: int = 3
+) -> ResponsivityTable:
+    """Tabulate per-galaxy shear responses in quantile bins of the posterior e dispersion.
+
+    Parameters
+    ----------
+    response : array ``(galaxy,)``
+        Each calibration galaxy's response ``d<e>/dg`` (dimensionless), e.g. from
+        the shear-bias harness's paired ``+g``/``-g`` variants.
+    e_sigma : array ``(galaxy,)``
+        Its posterior e dispersion (:func:`posterior_e_sigma`).
+    weight : array ``(galaxy,)``
+        Its ensemble weight (:func:`shape_weight`): R per bin is the weighted mean,
+        as the ensemble estimator averages.
+    groups : array ``(galaxy,)``
+        Jackknife groups (e.g. simulation items).
+    n_bins : int
+        Bins, with equal numbers of galaxies.
+    """
+    response, e_sigma, weight = (np.asarray(a, float) for a in (response, e_sigma, weight))
+    ok = np.isfinite(response) & np.isfinite(e_sigma) & (weight > 0)
+    if ok.sum() < 5 * n_bins:
+        raise BayesblendError(
+            f"a {n_bins}-bin responsivity table needs at least {5 * n_bins} galaxies, got {int(ok.sum())}"
+        )
+    edges = np.quantile(e_sigma[ok], np.arange(1, n_bins) / n_bins)
+    which = np.searchsorted(edges, e_sigma[ok], side="right")
+    blocks = jackknife_blocks(np.asarray(groups)[ok], 50)
+    R, R_err, n = [], [], []
+    for b in range(n_bins):  # a few bins
+        sel = which == b
+        full, reps = weighted_mean_replicates(response[ok][sel], weight[ok][sel], blocks[sel])
+        R.append(float(full))
+        R_err.append(float(jackknife(full, reps[np.unique(blocks[sel])])))
+        n.append(int(sel.sum()))
+    return ResponsivityTable(tuple(float(e) for e in edges), tuple(R), tuple(R_err), tuple(n))
+
+
 def usable_shapes(
     e1: np.ndarray, e2: np.ndarray, flags: np.ndarray, exclude: int = EXCLUDE_FLAGS
 ) -> np.ndarray:
@@ -326,9 +431,16 @@ def usable(catalog: Table) -> np.ndarray:
 
 
 def responsivity_from_card(
-    card: dict, method: str, shape_psf_fwhm: float | None = None, scene_model: dict | None = None
-) -> tuple[float, str]:
+    card: dict,
+    method: str,
+    shape_psf_fwhm: float | None = None,
+    scene_model: dict | None = None,
+    binned: bool = False,
+) -> tuple[float | ResponsivityTable, str]:
     """The shear responsivity of ``method`` stored in a model card, and where it came from.
+
+    With ``binned``, the entry's :class:`ResponsivityTable` (``R_table``) when it
+    has one, else its single R.
 
     Returns ``(1.0, "none")`` with a warning when the card holds none for that
     method, or none that applies: when ``shape_psf_fwhm`` (arcsec) is given, it
@@ -359,7 +471,10 @@ def responsivity_from_card(
                 f"the card's responsivity for {method!r} was measured with {then}; "
                 f"these shapes were made with {these}"
             )
-    return float(entry["R"]), str(entry.get("command", "model card"))
+    source = str(entry.get("command", "model card"))
+    if binned and "R_table" in entry:
+        return ResponsivityTable.from_dict(entry["R_table"]), source
+    return float(entry["R"]), source
 
 
 def _uncalibrated(reason: str) -> tuple[float, str]:
@@ -378,14 +493,19 @@ def scene_model_from_header(meta: dict) -> dict:
 
 
 def shear_catalog(
-    catalog: Table, responsivity: float = 1.0, sigma_e: float = SIGMA_E, source: str = "none"
+    catalog: Table,
+    responsivity: float | ResponsivityTable = 1.0,
+    sigma_e: float = SIGMA_E,
+    source: str = "none",
 ) -> Table:
     """The weak-lensing catalogue of a posterior catalogue.
 
     Columns ``id, blend_id, ra, dec, x, y, e1, e2, e1_std, e2_std, weight,
     responsivity, flags``; unusable sources (:func:`usable`) get weight 0.
-    The header carries the ellipticity convention, the sign of e2 and where
-    the responsivity came from.
+    ``responsivity`` is one R for every source or a :class:`ResponsivityTable`
+    giving each its own from its posterior e dispersion. The header carries
+    the ellipticity convention, the sign of e2 and where the responsivity came
+    from; the field's shear is ``sum(w e) / sum(w R)``.
     """
     ok = usable(catalog)
     out = Table()
@@ -394,8 +514,14 @@ def shear_catalog(
     w = np.where(ok, shape_weight(catalog["e1_std"], catalog["e2_std"], sigma_e), 0.0)
     out["weight"] = w
     out["weight"].description = f"1/(sigma_e^2 + posterior e variance), sigma_e = {sigma_e}; 0 if unusable"
-    out["responsivity"] = np.full(len(catalog), float(responsivity))
-    out["responsivity"].description = "shear responsivity R: <e> = R g (measured on simulations)"
+    if isinstance(responsivity, ResponsivityTable):
+        out["responsivity"] = responsivity(catalog["e1_std"], catalog["e2_std"])
+        how = "per source, from its posterior e dispersion (RESPBINS)"
+        out.meta["RESPBINS"] = json.dumps(responsivity.to_dict())
+    else:
+        out["responsivity"] = np.full(len(catalog), float(responsivity))
+        how = "one for all sources"
+    out["responsivity"].description = f"shear responsivity R: <e> = R g (measured on simulations; {how})"
     out["flags"] = catalog["flags"]
     if "resolution" in catalog.colnames:
         out["resolution"] = catalog["resolution"]
@@ -406,7 +532,7 @@ def shear_catalog(
             "E2SIGN": E2SIGN,
             "SIGMA_E": float(sigma_e),
             "RESPSRC": source,
-            "ESTIMATR": "g = sum(w e) / (R sum(w))",
+            "ESTIMATR": "g = sum(w e) / sum(w R)",
         }
     )
     return out
@@ -485,11 +611,11 @@ def ensemble_shear(
     e1: np.ndarray,
     e2: np.ndarray,
     weight: np.ndarray | None = None,
-    responsivity: float = 1.0,
+    responsivity: float | np.ndarray = 1.0,
     groups: np.ndarray | None = None,
     n_blocks: int = 100,
 ) -> ShearEstimate:
-    """``g = sum(w e) / (R sum(w))`` with delete-one-block jackknife errors.
+    """``g = sum(w e) / sum(w R)`` with delete-one-block jackknife errors.
 
     Parameters
     ----------
@@ -497,8 +623,9 @@ def ensemble_shear(
         Shear-type ellipticities (dimensionless); non-finite rows are skipped.
     weight : array, optional
         Per-source weights (default 1); rows of weight 0 are skipped.
-    responsivity : float
-        ``R`` of ``<e> = R g``.
+    responsivity : float or array
+        ``R`` of ``<e> = R g``: one for all sources, or one per source (a
+        :class:`ResponsivityTable`'s); the jackknife replicates the ratio.
     groups : array, optional
         Group label per source (e.g. blend id); a group is never split across
         jackknife blocks. Default: each source its own group.
@@ -507,17 +634,18 @@ def ensemble_shear(
     """
     e = np.stack([np.asarray(e1, float), np.asarray(e2, float)], axis=1)
     w = np.ones(len(e)) if weight is None else np.asarray(weight, float)
-    if not np.isfinite(responsivity) or responsivity <= 0:
-        raise BayesblendError(f"responsivity must be a positive number, got {responsivity}")
+    R = np.broadcast_to(np.asarray(responsivity, float), (len(e),))
     ok = np.all(np.isfinite(e), axis=1) & np.isfinite(w) & (w > 0)
+    if not np.all(np.isfinite(R[ok]) & (R[ok] > 0)):
+        raise BayesblendError(f"responsivity must be positive numbers, got {np.unique(R[ok])[:5]}")
     if ok.sum() < 2:
         raise BayesblendError(f"a shear estimate needs at least 2 usable sources, got {int(ok.sum())}")
     groups = np.arange(len(e)) if groups is None else np.asarray(groups)
     blocks = jackknife_blocks(groups[ok], n_blocks)
-    full, reps = weighted_mean_replicates(e[ok], w[ok], blocks)
-    err = jackknife(full, reps)
-    g = full / responsivity
-    err = err / responsivity
+    full, reps = weighted_mean_replicates(np.c_[e[ok], R[ok]], w[ok], blocks)
+    g = full[:2] / full[2]
+    err = jackknife(g, reps[:, :2] / reps[:, 2:])
+    mean_R = float(full[2])
     return ShearEstimate(
         g1=float(g[0]),
         g2=float(g[1]),
@@ -525,7 +653,7 @@ def ensemble_shear(
         g2_err=float(err[1]),
         n=int(ok.sum()),
         estimator="ensemble",
-        details={"responsivity": float(responsivity), "n_blocks": int(blocks.max()) + 1},
+        details={"responsivity": mean_R, "n_blocks": int(blocks.max()) + 1},
     )
 
 
@@ -808,7 +936,9 @@ def store_responsivity(
     """Store ``R = 1 + m`` of the ensemble estimator for ``method`` in a bundle's card; returns the entry.
 
     ``ensemble`` is the harness's uncalibrated ensemble result (m1, m2 and
-    errors), ``summary`` the whole harness summary (its configuration and N).
+    errors), ``summary`` the whole harness summary (its configuration and N,
+    and its :class:`ResponsivityTable` as ``responsivity_table`` when it has one:
+    stored as ``R_table``).
     """
     from bayesblend.prior.bundle import update_card
 
@@ -829,5 +959,7 @@ def store_responsivity(
         "scene_model": summary["config"].get("scene_model", {}),
         "command": command,
     }
+    if summary.get("responsivity_table") is not None:
+        entry["R_table"] = summary["responsivity_table"]
     update_card(bundle_path, f"shear_responsivity.{method}", entry)
     return entry

@@ -42,9 +42,12 @@ from bayesblend.shear import (
     EXCLUDE_FLAGS,
     G_MAX,
     InterimPrior,
+    ResponsivityTable,
     hierarchical_mode,
     jackknife,
     jackknife_blocks,
+    posterior_e_sigma,
+    responsivity_table,
     shape_weight,
     usable_shapes,
     weighted_mean_replicates,
@@ -343,13 +346,39 @@ def _biases(g_full: np.ndarray, g_reps: np.ndarray, shear: float) -> dict:
 
 
 def _ensemble(e1, e2, w, blocks, responsivity=1.0):
-    """Per-shear weighted mean ellipticity and its leave-one-block-out replicates."""
+    """Per-shear ``sum(w e) / sum(w R)`` and its leave-one-block-out replicates.
+
+    Arrays ``(shear, galaxy)``; ``responsivity`` a number or such an array.
+    """
+    R = np.broadcast_to(np.asarray(responsivity, float), e1.shape)
     full, reps = [], []
-    for k in range(e1.shape[0]):
-        f, r = weighted_mean_replicates(np.stack([e1[k], e2[k]], axis=1), w[k], blocks)
-        full.append(f)
-        reps.append(r)
-    return np.stack(full) / responsivity, np.stack(reps, axis=1) / responsivity
+    for k in range(e1.shape[0]):  # the five shears of the design
+        f, r = weighted_mean_replicates(np.stack([e1[k], e2[k], R[k]], axis=1), w[k], blocks)
+        full.append(f[:2] / f[2])
+        reps.append(r[:, :2] / r[:, 2:])
+    return np.stack(full), np.stack(reps, axis=1)
+
+
+def galaxy_responses(r: dict, shear: float) -> dict[str, np.ndarray]:
+    """Each galaxy's shear response and the observables it is tabulated in, ``(galaxy,)`` each.
+
+    ``response``: ``(d e1/d g1 + d e2/d g2) / 2`` from the paired ``+g``/``-g``
+    variants, averaged over the two rotations; ``e_sigma`` and ``weight``: its
+    posterior e dispersion and ensemble weight, averaged over the two unsheared
+    variants (the observables a survey catalogue has).
+    """
+    n = len(SHEAR_DESIGN)
+    e1, e2 = _pooled(r["e1"]), _pooled(r["e2"])  # (shear, 2 galaxy): both rotations side by side
+    r1 = (e1[1] - e1[2]) / (2 * shear)
+    r2 = (e2[3] - e2[4]) / (2 * shear)
+    half = r1.size // 2
+    response = 0.25 * (r1[:half] + r1[half:] + r2[:half] + r2[half:])
+    z = [0, n]
+    return {
+        "response": response,
+        "e_sigma": posterior_e_sigma(r["e1_std"][z], r["e2_std"][z]).mean(axis=0),
+        "weight": shape_weight(r["e1_std"][z], r["e2_std"][z]).mean(axis=0),
+    }
 
 
 def _alpha(e_out: np.ndarray, e_in: np.ndarray, blocks: np.ndarray) -> tuple[float, float]:
@@ -366,7 +395,7 @@ def _alpha(e_out: np.ndarray, e_in: np.ndarray, blocks: np.ndarray) -> tuple[flo
 
 def summarise(
     out: str | Path,
-    responsivity: float = 1.0,
+    responsivity: float | ResponsivityTable = 1.0,
     interim: InterimPrior | None = None,
     n_blocks: int = 50,
     estimators: tuple[str, ...] = ESTIMATORS,
@@ -379,8 +408,11 @@ def summarise(
     ----------
     out : path
         The run directory.
-    responsivity : float
-        ``R`` dividing the ensemble estimates (1: uncalibrated).
+    responsivity : float or ResponsivityTable
+        ``R`` dividing the ensemble estimates (1: uncalibrated), or a table
+        giving each galaxy in each variant its own from its posterior e
+        dispersion. The summary also holds the run's own table
+        (``responsivity_table``, from :func:`galaxy_responses`; None below 15 galaxies).
     interim : InterimPrior, optional
         Needed for the ``hierarchical`` estimator (skipped without it).
     n_blocks : int
@@ -407,12 +439,19 @@ def summarise(
         )
     items = r["item"][0]
     blocks_all = jackknife_blocks(items, n_blocks)
+    table = isinstance(responsivity, ResponsivityTable)
+
+    def calibration(d: dict) -> float | np.ndarray:
+        """The responsivity of each pooled (shear, galaxy) entry of selection ``d``."""
+        return _pooled(responsivity(d["e1_std"], d["e2_std"])) if table else responsivity
+
     res: dict = {
         "config": cfg,
         "n_items": int(len(np.unique(items))),
         "n_galaxies": int(use.size),
         "n_used": int(use.sum()),
-        "responsivity": float(responsivity),
+        "responsivity": responsivity.mean if table else float(responsivity),
+        "responsivity_binned": responsivity.to_dict() if table else None,
         "min_snr": float(min_snr),
         "min_resolution": min_resolution,
     }
@@ -426,7 +465,7 @@ def summarise(
     if "ensemble" in estimators:
         w = _pooled(shape_weight(sel["e1_std"], sel["e2_std"]))
         est["ensemble"] = _biases(
-            *_ensemble(_pooled(sel["e1"]), _pooled(sel["e2"]), w, pblocks, responsivity), g
+            *_ensemble(_pooled(sel["e1"]), _pooled(sel["e2"]), w, pblocks, calibration(sel)), g
         )
         est["ensemble"]["n"] = int(use.sum())
     tgt = use & r["is_target"][0] & np.isfinite(r["target_e1"]).all(0) & np.isfinite(r["target_e2"]).all(0)
@@ -443,7 +482,7 @@ def summarise(
         if "ensemble_targets" in estimators:
             w = _pooled(shape_weight(ts["e1_std"], ts["e2_std"]))
             est["ensemble_targets"] = _biases(
-                *_ensemble(_pooled(ts["e1"]), _pooled(ts["e2"]), w, tb, responsivity), g
+                *_ensemble(_pooled(ts["e1"]), _pooled(ts["e2"]), w, tb, calibration(ts)), g
             )
             est["ensemble_targets"]["n"] = int(tgt.sum())
         # eq. 8's alpha: deblended vs noiseless target at zero shear, both rotations
@@ -470,6 +509,13 @@ def summarise(
         est["hierarchical"]["sigma_e_scale"] = float(np.mean(fits[0, :, 2]))
         est["hierarchical"]["n"] = int(use.sum())
     res["estimators"] = est
+    gr = galaxy_responses(sel, g)
+    try:
+        res["responsivity_table"] = responsivity_table(
+            gr["response"], gr["e_sigma"], gr["weight"], items[use]
+        ).to_dict()
+    except BayesblendError:  # too few galaxies to tabulate
+        res["responsivity_table"] = None
     return res
 
 
@@ -482,7 +528,7 @@ def format_summary(res: dict) -> str:
         f"g = {c['shear']}, seed {c['seed']}, {res['n_items']} items, {res['n_used']}/{res['n_galaxies']} "
         f"galaxies usable in all 10 variants (true S/N >= {res.get('min_snr', 0.0):g}, resolution "
         f"{'flag' if cut is None else f'>= {cut:g}'}), "
-        f"R = {res['responsivity']:.4f}",
+        f"R = {res['responsivity']:.4f}{' (per galaxy, binned)' if res.get('responsivity_binned') else ''}",
         f"{'estimator':<18}{'n':>6}{'m1':>20}{'m2':>20}{'c1':>20}{'c2':>20}",
     ]
     for name, e in res["estimators"].items():

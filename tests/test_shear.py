@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from bayesblend.errors import BayesblendError
 from bayesblend.shear import (
     EXCLUDE_FLAGS,
     InterimPrior,
+    ResponsivityTable,
     component_sigma,
     ensemble_shear,
     hierarchical_mode,
@@ -21,6 +24,7 @@ from bayesblend.shear import (
     intrinsic_log_density,
     lens,
     responsivity_from_card,
+    responsivity_table,
     shear_catalog,
     sheared_log_density,
     unlens,
@@ -105,6 +109,43 @@ def test_responsivity_undoes_a_shrunk_response():
     assert raw.g1 == pytest.approx(0.5 * cal.g1)
     assert abs(raw.g1 - g.real) > 5 * raw.g1_err  # uncalibrated: biased
     assert abs(cal.g1 - g.real) < 4 * cal.g1_err
+
+
+def _two_kinds(n_sharp, n_broad, g, seed):
+    """Rotated-twin galaxies whose shapes respond fully (posterior e std 0.03) or at 0.3 (std 0.15)."""
+    es = jnp.asarray(_intrinsic(n_sharp + n_broad, seed), jnp.complex64)
+    resp = np.r_[np.ones(n_sharp), np.full(n_broad, 0.3)]
+    std = np.r_[np.full(n_sharp, 0.03), np.full(n_broad, 0.15)]
+    e = np.concatenate([resp * np.asarray(lens(es, g)), resp * np.asarray(lens(-es, g))])
+    return e, np.r_[std, std], np.r_[resp, resp]
+
+
+def test_responsivity_table_follows_a_population_the_single_r_does_not():
+    from bayesblend.shear import shape_weight
+
+    # calibrate on half sharp, half broad shapes: the responses are known per galaxy
+    _, std, resp = _two_kinds(300, 300, 0.02, 5)
+    w = shape_weight(std, std)
+    table = responsivity_table(resp, std, w, np.arange(resp.size) % 30, n_bins=2)
+    assert table.R == pytest.approx((1.0, 0.3)) and table.n == (600, 600)
+    assert table.edges[0] == pytest.approx(0.09)  # between the two dispersions
+    single = float(np.sum(w * resp) / np.sum(w))  # what one R calibrated on this mix is
+    # apply both to a field of mostly sharp shapes (a brighter population)
+    g = 0.03 - 0.01j
+    e, std, _ = _two_kinds(900, 100, g, 6)
+    w = shape_weight(std, std)
+    R_gal = table(std, std)
+    np.testing.assert_allclose(np.unique(R_gal), [0.3, 1.0])
+    binned = ensemble_shear(e.real, e.imag, w, R_gal)
+    one = ensemble_shear(e.real, e.imag, w, single)
+    assert abs(binned.g1 - g.real) < 1e-3 and abs(binned.g2 - g.imag) < 1e-3  # twins: no shape noise
+    assert one.g1 / g.real - 1 > 0.2  # one R measured on a fainter mix over-corrects a brighter field
+    # the table round-trips through the card's dict and refuses nonsense
+    assert ResponsivityTable.from_dict(table.to_dict()) == table
+    with pytest.raises(BayesblendError, match="positive"):
+        ResponsivityTable((0.1,), (1.0, 0.0), (0.0, 0.0), (1, 1))
+    with pytest.raises(BayesblendError, match="at least 15 galaxies"):
+        responsivity_table(resp[:10], std[:10], w[:10], np.arange(10))
 
 
 def test_rotated_twins_cancel_the_intrinsic_term():
@@ -228,6 +269,12 @@ def test_shear_catalog_columns_weights_and_header():
     assert "45" in sc.meta["E2SIGN"] and sc.meta["RESPSRC"] == "test" and sc.meta["SHAPEPSF"] == 0.81
     assert "resolution" in sc.colnames
     assert np.all(sc["responsivity"] == 0.8)
+    table = ResponsivityTable((0.12,), (0.9, 0.2), (0.05, 0.05), (10, 10))
+    vals["e1_std"] = np.array([0.05, 0.05, 0.05, 0.2, 0.2, 0.2, np.nan])
+    sc = shear_catalog(make_table(vals, ["r"], {}), responsivity=table)
+    np.testing.assert_allclose(sc["responsivity"], [0.9, 0.9, 0.9, 0.2, 0.2, 0.2, 0.2])
+    assert "per source" in sc["responsivity"].description and "R_table" not in sc.meta
+    assert ResponsivityTable.from_dict(json.loads(sc.meta["RESPBINS"])) == table
 
 
 def test_shipped_bundle_carries_interim_priors(prior):
@@ -255,6 +302,12 @@ def test_card_entries_must_match_the_shape_definition(prior):
         assert responsivity_from_card(card, "map", 0.0) == (1.0, "none")
     with pytest.warns(UserWarning, match="no shear responsivity"):
         assert responsivity_from_card(card, "svi", now) == (1.0, "none")
+    # binned: the entry's table when it has one, its single R when not
+    assert responsivity_from_card(card, "map", now, binned=True) == (0.5, "c")
+    table = ResponsivityTable((0.1,), (0.8, 0.3), (0.1, 0.1), (5, 5))
+    card["shear_responsivity"]["map"]["R_table"] = table.to_dict()
+    assert responsivity_from_card(card, "map", now, binned=True) == (table, "c")
+    assert responsivity_from_card(card, "map", now) == (0.5, "c")
 
 
 def test_card_responsivity_must_match_the_scene_model():

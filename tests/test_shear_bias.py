@@ -59,6 +59,25 @@ def test_alpha_recovers_a_known_slope_with_a_jackknife_error():
     assert abs(a + 0.1) < 0.03 and 0.004 < err < 0.016
 
 
+def test_galaxy_responses_recover_known_per_galaxy_responses():
+    from bayesblend.shear_bias import galaxy_responses
+    from bayesblend.simulate.scenes import SHEAR_DESIGN
+
+    g, resp = 0.02, np.array([1.0, 0.5, 0.2, 0.8])
+    rng = np.random.default_rng(1)
+    e_int = rng.normal(0, 0.2, (2, 4))
+    design = np.array(SHEAR_DESIGN, float) * g  # (shear, 2) in units of g
+    e = np.concatenate(
+        [resp * (e_int[:, None] + design.T[:, :, None]), resp * (-e_int[:, None] + design.T[:, :, None])],
+        axis=1,
+    )
+    std = np.tile(np.array([0.02, 0.05, 0.1, 0.2]), (10, 1))
+    r = {"e1": e[0], "e2": e[1], "e1_std": std, "e2_std": std}
+    out = galaxy_responses(r, g)
+    np.testing.assert_allclose(out["response"], resp, atol=1e-12)
+    np.testing.assert_allclose(out["e_sigma"], std[0])
+
+
 def test_harness_end_to_end_on_isolated_galaxies(tmp_path, prior):
     cfg = HarnessConfig(kind="isolated", seed=11, method="amortised", draws=16)
     assert run(cfg, 2, tmp_path, prior, progress=False) == 2
