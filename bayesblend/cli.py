@@ -242,7 +242,7 @@ def _shear_bias(args: argparse.Namespace) -> int:
     import json
 
     from bayesblend.prior.bundle import load_bundle
-    from bayesblend.shear import interim_prior_from_card, responsivity_from_card
+    from bayesblend.shear import ResponsivityTable, interim_prior_from_card, responsivity_from_card
     from bayesblend.shear_bias import HarnessConfig, format_summary, run, run_config, summarise
 
     if args.calibrate and args.calibrated:
@@ -278,9 +278,9 @@ def _shear_bias(args: argparse.Namespace) -> int:
     shape_psf = float(made.get("shape_psf_fwhm", 0.0))
     R = 1.0
     if args.calibrated:
-        R = responsivity_from_card(bundle.card, method, shape_psf, made.get("scene_model", {}), binned=True)[
-            0
-        ]
+        R, _ = responsivity_from_card(
+            bundle.card, method, shape_psf, made.get("scene_model", {}), binned=True
+        )
     try:
         interim = interim_prior_from_card(bundle.card, latent_prior, shape_psf)
     except BayesblendError as exc:
@@ -310,19 +310,7 @@ def _shear_bias(args: argparse.Namespace) -> int:
             f"in {bundle.path / 'card.json'}"
         )
         if "R_table" in entry:
-            t = entry["R_table"]
-            bins = ", ".join(
-                f"{lo}-{hi}: {r:.3f} ± {e:.3f} ({n})"
-                for lo, hi, r, e, n in zip(
-                    ["0", *(f"{x:.3f}" for x in t["edges"])],
-                    [*(f"{x:.3f}" for x in t["edges"]), "inf"],
-                    t["R"],
-                    t["R_err"],
-                    t["n"],
-                    strict=True,
-                )
-            )
-            print(f"  and R by posterior e dispersion: {bins}")
+            print(f"  and R by posterior e dispersion: {ResponsivityTable.from_dict(entry['R_table'])}")
     return 0
 
 

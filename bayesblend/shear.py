@@ -353,6 +353,15 @@ class ResponsivityTable:
         s = np.where(np.isfinite(s), s, np.inf)
         return np.asarray(self.R)[np.searchsorted(np.asarray(self.edges), s, side="right")]
 
+    def __str__(self) -> str:
+        """The bins as ``lo-hi: R ± err (n)``, comma-separated (dispersion edges to 3 decimals)."""
+        lo = ["0", *(f"{x:.3f}" for x in self.edges)]
+        hi = [*(f"{x:.3f}" for x in self.edges), "inf"]
+        return ", ".join(
+            f"{a}-{b}: {r:.3f} ± {e:.3f} ({n})"
+            for a, b, r, e, n in zip(lo, hi, self.R, self.R_err, self.n, strict=True)
+        )
+
     @property
     def mean(self) -> float:
         """The calibration set's overall R (bins weighted by their galaxies)."""
@@ -607,6 +616,19 @@ def weighted_mean_replicates(
     return full, reps
 
 
+def weighted_ratio_replicates(
+    e: np.ndarray, responsivity: np.ndarray, w: np.ndarray, blocks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """``sum(w e) / sum(w R)`` over rows, its leave-one-block-out replicates, and ``sum(w R) / sum(w)``.
+
+    ``e`` ``(n, 2)``, ``responsivity`` and ``w`` ``(n,)``: numerator and
+    denominator are replicated together, so the jackknife carries the
+    galaxy-to-galaxy spread of R as well as of e.
+    """
+    full, reps = weighted_mean_replicates(np.c_[e, responsivity], w, blocks)
+    return full[:2] / full[2], reps[:, :2] / reps[:, 2:], float(full[2])
+
+
 def ensemble_shear(
     e1: np.ndarray,
     e2: np.ndarray,
@@ -642,10 +664,8 @@ def ensemble_shear(
         raise BayesblendError(f"a shear estimate needs at least 2 usable sources, got {int(ok.sum())}")
     groups = np.arange(len(e)) if groups is None else np.asarray(groups)
     blocks = jackknife_blocks(groups[ok], n_blocks)
-    full, reps = weighted_mean_replicates(np.c_[e[ok], R[ok]], w[ok], blocks)
-    g = full[:2] / full[2]
-    err = jackknife(g, reps[:, :2] / reps[:, 2:])
-    mean_R = float(full[2])
+    g, reps, mean_R = weighted_ratio_replicates(e[ok], R[ok], w[ok], blocks)
+    err = jackknife(g, reps)
     return ShearEstimate(
         g1=float(g[0]),
         g2=float(g[1]),

@@ -50,7 +50,7 @@ from bayesblend.shear import (
     responsivity_table,
     shape_weight,
     usable_shapes,
-    weighted_mean_replicates,
+    weighted_ratio_replicates,
 )
 from bayesblend.simulate.scenes import SHEAR_DESIGN
 
@@ -353,9 +353,9 @@ def _ensemble(e1, e2, w, blocks, responsivity=1.0):
     R = np.broadcast_to(np.asarray(responsivity, float), e1.shape)
     full, reps = [], []
     for k in range(e1.shape[0]):  # the five shears of the design
-        f, r = weighted_mean_replicates(np.stack([e1[k], e2[k], R[k]], axis=1), w[k], blocks)
-        full.append(f[:2] / f[2])
-        reps.append(r[:, :2] / r[:, 2:])
+        f, r, _ = weighted_ratio_replicates(np.stack([e1[k], e2[k]], axis=1), R[k], w[k], blocks)
+        full.append(f)
+        reps.append(r)
     return np.stack(full), np.stack(reps, axis=1)
 
 
@@ -367,12 +367,11 @@ def galaxy_responses(r: dict, shear: float) -> dict[str, np.ndarray]:
     posterior e dispersion and ensemble weight, averaged over the two unsheared
     variants (the observables a survey catalogue has).
     """
-    n = len(SHEAR_DESIGN)
-    e1, e2 = _pooled(r["e1"]), _pooled(r["e2"])  # (shear, 2 galaxy): both rotations side by side
-    r1 = (e1[1] - e1[2]) / (2 * shear)
-    r2 = (e2[3] - e2[4]) / (2 * shear)
-    half = r1.size // 2
-    response = 0.25 * (r1[:half] + r1[half:] + r2[:half] + r2[half:])
+    n = len(SHEAR_DESIGN)  # SHEAR_DESIGN: (0,0), (+,0), (-,0), (0,+), (0,-); then the same rotated
+    e1, e2 = r["e1"], r["e2"]
+    r1 = (e1[1] - e1[2] + e1[n + 1] - e1[n + 2]) / (4 * shear)
+    r2 = (e2[3] - e2[4] + e2[n + 3] - e2[n + 4]) / (4 * shear)
+    response = 0.5 * (r1 + r2)
     z = [0, n]
     return {
         "response": response,
