@@ -97,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--report", action="store_true", help="only summarise the items already run")
     sb.add_argument("--calibrate", action="store_true", help="store R = 1 + m (ensemble) in the model card")
     sb.add_argument("--calibrated", action="store_true", help="divide by the model card's R")
+    sb.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="with --report: pool this run's items with --out's (same configuration, other seed); repeatable",
+    )
+    sb.add_argument(
+        "--bins", type=int, default=3, help="bins of the responsivity table (--calibrate stores it)"
+    )
     sb.add_argument("--json", default=None, help="write the summary as JSON here")
     sb.add_argument("--min-snr", type=float, default=0.0, help="summarise galaxies of true S/N >= this")
     sb.add_argument(
@@ -243,7 +253,7 @@ def _shear_bias(args: argparse.Namespace) -> int:
 
     from bayesblend.prior.bundle import load_bundle
     from bayesblend.shear import ResponsivityTable, interim_prior_from_card, responsivity_from_card
-    from bayesblend.shear_bias import HarnessConfig, format_summary, run, run_config, summarise
+    from bayesblend.shear_bias import HarnessConfig, format_summary, pooled_config, run, summarise
 
     if args.calibrate and args.calibrated:
         raise BayesblendError("--calibrate measures R; it cannot also divide by it (--calibrated)")
@@ -251,6 +261,10 @@ def _shear_bias(args: argparse.Namespace) -> int:
         raise BayesblendError(
             "--calibrate measures R on the shear catalogue's own selection: drop --min-snr/--min-resolution"
         )
+    if args.pool and not args.report:
+        raise BayesblendError("--pool summarises runs already made: add --report")
+    if args.bins < 1:
+        raise BayesblendError(f"--bins must be at least 1, got {args.bins}")
     bundle = load_bundle(args.prior)
     latent_prior = bundle.check_latent_prior(args.latent_prior)
     cfg = HarnessConfig(
@@ -265,7 +279,8 @@ def _shear_bias(args: argparse.Namespace) -> int:
     if not args.report:
         limit = None if args.max_minutes is None else 60.0 * args.max_minutes
         run(cfg, args.n, args.out, bundle, progress=not args.quiet, time_limit=limit)
-    made = run_config(args.out)
+    runs = [args.out, *args.pool]
+    made = pooled_config(runs)
     # R and the interim prior belong to the run's own method, latent prior and bundle, which
     # config.json records; with --report the command line's --method/--latent-prior may say otherwise.
     name = str(bundle.card.get("name", bundle.path))
@@ -287,9 +302,16 @@ def _shear_bias(args: argparse.Namespace) -> int:
         print(f"bayesblend: warning: {exc}; hierarchical estimator skipped", file=sys.stderr)
         interim = None
     res = summarise(
-        args.out, responsivity=R, interim=interim, min_snr=args.min_snr, min_resolution=args.min_resolution
+        runs,
+        responsivity=R,
+        interim=interim,
+        min_snr=args.min_snr,
+        min_resolution=args.min_resolution,
+        n_bins=args.bins,
     )
     print(format_summary(res))
+    if args.calibrate and res["responsivity_table_problem"]:  # nothing stored rather than R without its table
+        raise BayesblendError(f"nothing stored: no responsivity table ({res['responsivity_table_problem']})")
     if args.json:
         from bayesblend.io import atomic_path
 
@@ -299,10 +321,12 @@ def _shear_bias(args: argparse.Namespace) -> int:
         from bayesblend.shear import store_responsivity
 
         e = res["estimators"]["ensemble"]
+        seed = made["seed"][0] if args.pool else made["seed"]
+        pool = "".join(f" --pool {d}" for d in args.pool)
         command = (
-            f"bayesblend shear-bias --kind {made['kind']} --method {method} --seed {made['seed']} "
+            f"bayesblend shear-bias --kind {made['kind']} --method {method} --seed {seed} "
             f"--shear {made['shear']} --draws {made['draws']} --latent-prior {latent_prior} --n {args.n} "
-            f"--out {args.out}{' --detect' if made['detect'] else ''} --calibrate"
+            f"--out {args.out}{pool}{' --detect' if made['detect'] else ''} --bins {args.bins} --calibrate"
         )
         entry = store_responsivity(bundle.path, method, e, res, command)
         print(

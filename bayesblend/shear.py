@@ -380,6 +380,14 @@ class ResponsivityTable:
         return cls(tuple(d["edges"]), tuple(d["R"]), tuple(d["R_err"]), tuple(int(v) for v in d["n"]))
 
 
+#: The fewest calibration galaxies per bin of a :class:`ResponsivityTable`.
+GALAXIES_PER_BIN = 5
+
+
+class TooFewGalaxies(BayesblendError):
+    """Too few calibration galaxies to tabulate the responsivity in the bins asked for."""
+
+
 def responsivity_table(
     response: np.ndarray, e_sigma: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_bins: int = 3
 ) -> ResponsivityTable:
@@ -399,12 +407,22 @@ def responsivity_table(
         Jackknife groups (e.g. simulation items).
     n_bins : int
         Bins, with equal numbers of galaxies.
+
+    Raises
+    ------
+    TooFewGalaxies
+        Fewer than ``GALAXIES_PER_BIN`` usable galaxies per bin.
+    BayesblendError
+        A bin's mean response is not positive (no table can divide by it).
     """
     response, e_sigma, weight = (np.asarray(a, float) for a in (response, e_sigma, weight))
+    if n_bins < 1:
+        raise BayesblendError(f"a responsivity table needs at least one bin, got {n_bins}")
     ok = np.isfinite(response) & np.isfinite(e_sigma) & (weight > 0)
-    if ok.sum() < 5 * n_bins:
-        raise BayesblendError(
-            f"a {n_bins}-bin responsivity table needs at least {5 * n_bins} galaxies, got {int(ok.sum())}"
+    if ok.sum() < GALAXIES_PER_BIN * n_bins:
+        raise TooFewGalaxies(
+            f"a {n_bins}-bin responsivity table needs at least {GALAXIES_PER_BIN * n_bins} galaxies, "
+            f"got {int(ok.sum())}"
         )
     edges = np.quantile(e_sigma[ok], np.arange(1, n_bins) / n_bins)
     which = np.searchsorted(edges, e_sigma[ok], side="right")

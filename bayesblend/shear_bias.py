@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ from bayesblend.shear import (
     G_MAX,
     InterimPrior,
     ResponsivityTable,
+    TooFewGalaxies,
     hierarchical_mode,
     jackknife,
     jackknife_blocks,
@@ -277,26 +279,64 @@ def run_config(out: str | Path) -> dict:
         raise BayesblendError(f"{cfg_file}: not a readable run configuration ({exc})") from None
 
 
-def load_items(out: str | Path) -> dict[str, np.ndarray]:
-    """All items of a run, concatenated along the galaxy axis, with ``item`` per galaxy."""
-    files = sorted((Path(out) / "items").glob("item_*.npz"))
-    if not files:
-        raise BayesblendError(f"{out}: no shear-bias items (run `bayesblend shear-bias` first)")
+def load_items(out: str | Path | Sequence[str | Path]) -> dict[str, np.ndarray]:
+    """All items of a run (or of several, pooled), concatenated along the galaxy axis.
+
+    Adds ``item`` (the item number) and ``run`` (the index of its run in
+    ``out``) per galaxy; the pair identifies an item.
+    """
     parts: dict[str, list] = {}
-    for f in files:
-        with np.load(f) as d:
-            n = d["e1"].shape[1]
-            item = int(f.stem.split("_")[1])
-            for k in d.files:
-                a = d[k]
-                if k.startswith("target_"):  # one per variant: broadcast to the galaxies
-                    a = np.repeat(a[:, None], n, axis=1)
-                parts.setdefault(k, []).append(a)
-            parts.setdefault("item", []).append(np.full((N_VARIANTS, n), item))
+    for k_run, one in enumerate(_run_dirs(out)):
+        files = sorted((Path(one) / "items").glob("item_*.npz"))
+        if not files:
+            raise BayesblendError(f"{one}: no shear-bias items (run `bayesblend shear-bias` first)")
+        for f in files:
+            with np.load(f) as d:
+                n = d["e1"].shape[1]
+                item = int(f.stem.split("_")[1])
+                for k in d.files:
+                    a = d[k]
+                    if k.startswith("target_"):  # one per variant: broadcast to the galaxies
+                        a = np.repeat(a[:, None], n, axis=1)
+                    parts.setdefault(k, []).append(a)
+                parts.setdefault("item", []).append(np.full((N_VARIANTS, n), item))
+                parts.setdefault("run", []).append(np.full((N_VARIANTS, n), k_run))
     n_draw = min(p.shape[2] for p in parts["e1_draws"])
     for k in ("e1_draws", "e2_draws"):
         parts[k] = [p[:, :, :n_draw] for p in parts[k]]
     return {k: np.concatenate(v, axis=1) for k, v in parts.items()}
+
+
+def _run_dirs(out: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One run directory or several, as a list."""
+    return [Path(out)] if isinstance(out, str | Path) else [Path(o) for o in out]
+
+
+def pooled_config(out: str | Path | Sequence[str | Path]) -> dict:
+    """The configuration of one run, or of several runs pooled into one summary.
+
+    Runs pool only when they differ in nothing but the simulation seed, and no
+    seed comes twice (the same seed is the same galaxies and noise): then the
+    pooled configuration is the first's, with ``seed`` the list of seeds.
+    """
+    dirs = _run_dirs(out)
+    if not dirs:
+        raise BayesblendError("no shear-bias run given")
+    cfgs = [run_config(d) for d in dirs]
+    if len(cfgs) == 1:
+        return cfgs[0]
+    first = {k: v for k, v in cfgs[0].items() if k != "seed"}
+    for d, c in zip(dirs[1:], cfgs[1:], strict=True):
+        other = {k: v for k, v in c.items() if k != "seed"}
+        if other != first:
+            differ = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+            raise BayesblendError(
+                f"{d} cannot be pooled with {dirs[0]}: its configuration differs in {', '.join(differ)}"
+            )
+    seeds = [c["seed"] for c in cfgs]
+    if len(set(seeds)) < len(seeds):
+        raise BayesblendError(f"runs to pool need different seeds (one seed is one set of galaxies): {seeds}")
+    return cfgs[0] | {"seed": seeds}
 
 
 def _usable(r: dict, min_resolution: float | None = None) -> np.ndarray:
@@ -393,25 +433,31 @@ def _alpha(e_out: np.ndarray, e_in: np.ndarray, blocks: np.ndarray) -> tuple[flo
 
 
 def summarise(
-    out: str | Path,
+    out: str | Path | Sequence[str | Path],
     responsivity: float | ResponsivityTable = 1.0,
     interim: InterimPrior | None = None,
     n_blocks: int = 50,
     estimators: tuple[str, ...] = ESTIMATORS,
     min_snr: float = 0.0,
     min_resolution: float | None = None,
+    n_bins: int = 3,
 ) -> dict:
     """Shear biases of every estimator from a run's items (see the module docstring).
 
     Parameters
     ----------
-    out : path
-        The run directory.
+    out : path or sequence of paths
+        The run directory, or several runs to pool (:func:`pooled_config`:
+        the same configuration with other seeds; jackknife blocks are whole
+        items of any of them).
     responsivity : float or ResponsivityTable
         ``R`` dividing the ensemble estimates (1: uncalibrated), or a table
         giving each galaxy in each variant its own from its posterior e
         dispersion. The summary also holds the run's own table
-        (``responsivity_table``, from :func:`galaxy_responses`; None below 15 galaxies).
+        (``responsivity_table``, from :func:`galaxy_responses`, in ``n_bins``
+        bins): None when there are too few galaxies for it, and None with the
+        reason in ``responsivity_table_problem`` when it cannot be built for
+        another reason (a bin whose mean response is not positive).
     interim : InterimPrior, optional
         Needed for the ``hierarchical`` estimator (skipped without it).
     n_blocks : int
@@ -426,8 +472,10 @@ def summarise(
         resolution cut). Like the flag, a cut on measured quantities applied
         to all ten variants alike: galaxies that cross it between variants
         are dropped, so the selection bias of the cut is not measured.
+    n_bins : int
+        Bins of the run's own responsivity table.
     """
-    cfg = run_config(out)
+    cfg = pooled_config(out)
     g = float(cfg["shear"])
     r = load_items(out)
     use = _usable(r, min_resolution) & (r["true_snr"][0] >= min_snr)
@@ -436,7 +484,9 @@ def summarise(
             f"{out}: none of its {use.size} galaxies is usable in all 10 variants: run more items or "
             "relax the selection (--min-snr, --min-resolution)"
         )
-    items = r["item"][0]
+    # an item is (run, item number): pooled runs share item numbers, not galaxies
+    _, items = np.unique(np.stack([r["run"][0], r["item"][0]]), axis=1, return_inverse=True)
+    items = items.ravel()
     blocks_all = jackknife_blocks(items, n_blocks)
     table = isinstance(responsivity, ResponsivityTable)
 
@@ -509,13 +559,22 @@ def summarise(
         est["hierarchical"]["n"] = int(use.sum())
     res["estimators"] = est
     gr = galaxy_responses(sel, g)
+    res["responsivity_table"] = None
+    res["responsivity_table_problem"] = None
     try:
         res["responsivity_table"] = responsivity_table(
-            gr["response"], gr["e_sigma"], gr["weight"], items[use]
+            gr["response"], gr["e_sigma"], gr["weight"], items[use], n_bins=n_bins
         ).to_dict()
-    except BayesblendError:  # too few galaxies to tabulate
-        res["responsivity_table"] = None
+    except TooFewGalaxies:  # a small run: no table, and nothing wrong
+        pass
+    except BayesblendError as exc:  # the run's responses cannot be tabulated: say why
+        res["responsivity_table_problem"] = str(exc)
     return res
+
+
+def _seeds(seed: int | list[int]) -> str:
+    """``seed 5``, or ``seeds 5, 6`` for pooled runs."""
+    return f"seeds {', '.join(map(str, seed))}" if isinstance(seed, list) else f"seed {seed}"
 
 
 def format_summary(res: dict) -> str:
@@ -524,7 +583,7 @@ def format_summary(res: dict) -> str:
     cut = res.get("min_resolution")
     lines = [
         f"shear bias: {c['kind']}, method {c['method']}, detection {'on' if c['detect'] else 'off'}, "
-        f"g = {c['shear']}, seed {c['seed']}, {res['n_items']} items, {res['n_used']}/{res['n_galaxies']} "
+        f"g = {c['shear']}, {_seeds(c['seed'])}, {res['n_items']} items, {res['n_used']}/{res['n_galaxies']} "
         f"galaxies usable in all 10 variants (true S/N >= {res.get('min_snr', 0.0):g}, resolution "
         f"{'flag' if cut is None else f'>= {cut:g}'}), "
         f"R = {res['responsivity']:.4f}{' (per galaxy, binned)' if res.get('responsivity_binned') else ''}",
@@ -535,6 +594,8 @@ def format_summary(res: dict) -> str:
         for k in ("m1", "m2", "c1", "c2"):
             row += f"{e[k]:>+11.4f} ± {e[k + '_err']:.4f}"
         lines.append(row)
+    if res.get("responsivity_table_problem"):
+        lines.append(f"no responsivity table: {res['responsivity_table_problem']}")
     if "alpha" in res:
         a = res["alpha"]
         lines.append(

@@ -222,3 +222,93 @@ def test_harness_item_with_nothing_detected(prior, monkeypatch):
     r = run_item(0, HarnessConfig(kind="blends", seed=5, detect=True, method="amortised", draws=8), prior)
     assert r["e1"].shape == (10, 3) and not r["matched"].any()
     assert np.isnan(r["e1"]).all() and r["e1_draws"].shape[:2] == (10, 3)
+
+
+def _fake_run(out, seed, n_items, response, e_std, shear=0.02):
+    """A run directory of harness items whose galaxies respond to shear by ``response`` (per galaxy).
+
+    Each item holds ``len(response)`` galaxies with intrinsic shapes from ``seed``;
+    ``e = response * (e_int + g)`` in every variant, the twins' ``e_int`` rotated.
+    """
+    from bayesblend.simulate.scenes import SHEAR_DESIGN
+
+    rng = np.random.default_rng(seed)
+    (out / "items").mkdir(parents=True)
+    cfg = {"kind": "blends", "seed": seed, "shear": shear, "method": "map", "detect": False}
+    (out / "config.json").write_text(
+        json.dumps(cfg | {"draws": 4, "latent_prior": "flow", "bundle": "lsst-v1"})
+    )
+    n = len(response)
+    design = np.array(SHEAR_DESIGN, float).T[:, :, None] * shear  # (2, shear, 1)
+    for item in range(n_items):
+        e_int = rng.normal(0.0, 0.2, (2, 1, n))
+        true = np.concatenate([e_int + design, -e_int + design], axis=1)  # (2, variant, galaxy)
+        e = response * true
+        std = np.broadcast_to(e_std, (10, n))
+        full = lambda a: np.broadcast_to(a, (10, n)).copy()  # noqa: E731
+        np.savez(
+            out / "items" / f"item_{item:05d}.npz",
+            e1=e[0],
+            e2=e[1],
+            e1_std=std,
+            e2_std=std,
+            matched=full(True),
+            flags=full(0),
+            true_e1=true[0],
+            true_e2=true[1],
+            true_snr=full(50.0),
+            is_target=full(False),
+            target_e1=np.full(10, np.nan),
+            target_e2=np.full(10, np.nan),
+            e1_draws=np.repeat(e[0][..., None], 4, axis=-1),
+            e2_draws=np.repeat(e[1][..., None], 4, axis=-1),
+        )
+
+
+def test_runs_of_other_seeds_pool_into_one_summary(tmp_path):
+    from bayesblend.shear import shape_weight
+    from bayesblend.shear_bias import pooled_config
+
+    resp, std = np.array([1.0, 0.8, 0.3, 0.2]), np.array([0.02, 0.04, 0.12, 0.2])
+    _fake_run(tmp_path / "a", 5, 12, resp, std)
+    _fake_run(tmp_path / "b", 6, 8, resp, std)
+    one = summarise(tmp_path / "a", estimators=("ensemble",), n_bins=2)
+    both = summarise([tmp_path / "a", tmp_path / "b"], estimators=("ensemble",), n_bins=2)
+    assert both["config"]["seed"] == [5, 6] and "seeds 5, 6" in format_summary(both)
+    # item numbers repeat between the runs, their galaxies do not: 20 items, 80 galaxies
+    assert (one["n_items"], one["n_used"]) == (12, 48) and (both["n_items"], both["n_used"]) == (20, 80)
+    # twins cancel the intrinsic shapes: m is the weighted mean response, in one run or both
+    w = shape_weight(std, std)
+    assert both["estimators"]["ensemble"]["m"] == pytest.approx(np.sum(w * resp) / np.sum(w) - 1, abs=1e-9)
+    table = both["responsivity_table"]
+    assert table["n"] == [40, 40] and table["R"][0] > table["R"][1]
+    assert both["responsivity_table_problem"] is None
+    _fake_run(tmp_path / "c", 5, 2, resp, std)
+    with pytest.raises(BayesblendError, match="different seeds"):
+        pooled_config([tmp_path / "a", tmp_path / "c"])
+    _fake_run(tmp_path / "d", 7, 2, resp, std, shear=0.01)
+    with pytest.raises(BayesblendError, match="differs in shear"):
+        pooled_config([tmp_path / "a", tmp_path / "d"])
+
+
+def test_a_table_that_cannot_be_built_is_said_and_not_stored(tmp_path, monkeypatch, capsys):
+    import bayesblend.shear as shear
+
+    std = np.array([0.02, 0.04, 0.12, 0.2])
+    _fake_run(tmp_path / "few", 5, 2, np.array([1.0, 0.8, 0.3, 0.2]), std)  # 8 galaxies: too few
+    small = summarise(tmp_path / "few", estimators=("ensemble",))
+    assert small["responsivity_table"] is None and small["responsivity_table_problem"] is None
+    _fake_run(tmp_path / "bad", 5, 10, np.array([1.0, 0.8, -0.3, -0.2]), std)  # the faint half anti-responds
+    res = summarise(tmp_path / "bad", estimators=("ensemble",), n_bins=2)
+    assert res["responsivity_table"] is None and "positive" in res["responsivity_table_problem"]
+    assert "no responsivity table" in format_summary(res)
+    stored = []
+    monkeypatch.setattr(shear, "store_responsivity", lambda *a: stored.append(a) or {"R": 1.0, "R_err": 0.0})
+    argv = ["shear-bias", "--report", "--n", "10", "--out", str(tmp_path / "bad"), "--bins", "2", "--quiet"]
+    assert main(argv + ["--calibrate"]) == 2 and stored == []
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the interim prior's warning
+    assert err.startswith("bayesblend: error: nothing stored: no responsivity table (responsivities must be")
+    pool = ["--pool", str(tmp_path / "few")]
+    assert main(argv + pool) == 2 and "need different seeds" in capsys.readouterr().err  # both are seed 5
+    assert main([a for a in argv if a != "--report"] + pool) == 2
+    assert "--pool summarises runs already made" in capsys.readouterr().err
