@@ -7,10 +7,15 @@ galaxies and for brighter and fainter selections on the true S/N (populations
 unlike the calibration mix). Then the same for other runs (independent seeds),
 calibrated on the whole calibration run. Summaries only: nothing is refitted.
 
+With ``--card``, the first run is not split: every run given is divided by
+the R and the table stored in the shipped model card (``shear_responsivity.map``),
+i.e. a validation of the stored calibration on runs it was not measured on.
+
 Run::
 
     .venv/bin/python benchmarks/responsivity_check.py benchmarks/shear/blends-map-sm2-s5 \
         benchmarks/shear/blends-map-sm2-s6
+    .venv/bin/python benchmarks/responsivity_check.py --card benchmarks/shear/blends-map-sm2-s7
 """
 
 from __future__ import annotations
@@ -62,9 +67,21 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("calibration", type=Path)
     p.add_argument("others", type=Path, nargs="*")
+    p.add_argument("--card", action="store_true", help="divide every run by the card's stored R and table")
     args = p.parse_args()
     print("| applied to | selection | galaxies | m, one R | m, R per galaxy (table) |")
     print("|---|---|---|---|---|")
+    if args.card:
+        from bayesblend.prior.bundle import load_bundle
+        from bayesblend.shear import responsivity_from_card
+
+        card = load_bundle().card
+        R, _ = responsivity_from_card(card, "map")
+        table, _ = responsivity_from_card(card, "map", binned=True)
+        print(f"<!-- card: R = {R:.3f}; table {table} -->")
+        for run in (args.calibration, *args.others):
+            row(f"{run.name} (the card's calibration)", run, R, table)
+        return
     even, odd = (
         _subset(args.calibration, lambda i: i % 2 == 0),
         _subset(args.calibration, lambda i: i % 2 == 1),
