@@ -310,13 +310,17 @@ def _shear_bias(args: argparse.Namespace) -> int:
         n_bins=args.bins,
     )
     print(format_summary(res))
-    if args.calibrate and res["responsivity_table_problem"]:  # nothing stored rather than R without its table
-        raise BayesblendError(f"nothing stored: no responsivity table ({res['responsivity_table_problem']})")
     if args.json:
         from bayesblend.io import atomic_path
 
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(res, indent=1))
+    if args.calibrate and res["responsivity_table"] is None:
+        # storing R alone would replace the card's entry and drop the table it holds
+        raise BayesblendError(
+            f"nothing stored: no responsivity table ({res['responsivity_table_problem']}); "
+            "run more items or pass fewer --bins"
+        )
     if args.calibrate:
         from bayesblend.shear import store_responsivity
 
@@ -327,6 +331,7 @@ def _shear_bias(args: argparse.Namespace) -> int:
             f"bayesblend shear-bias --kind {made['kind']} --method {method} --seed {seed} "
             f"--shear {made['shear']} --draws {made['draws']} --latent-prior {latent_prior} --n {args.n} "
             f"--out {args.out}{pool}{' --detect' if made['detect'] else ''} --bins {args.bins} --calibrate"
+            f"{' --report' if args.report else ''}"
         )
         entry = store_responsivity(bundle.path, method, e, res, command)
         print(

@@ -384,10 +384,6 @@ class ResponsivityTable:
 GALAXIES_PER_BIN = 5
 
 
-class TooFewGalaxies(BayesblendError):
-    """Too few calibration galaxies to tabulate the responsivity in the bins asked for."""
-
-
 def responsivity_table(
     response: np.ndarray, e_sigma: np.ndarray, weight: np.ndarray, groups: np.ndarray, n_bins: int = 3
 ) -> ResponsivityTable:
@@ -410,17 +406,18 @@ def responsivity_table(
 
     Raises
     ------
-    TooFewGalaxies
-        Fewer than ``GALAXIES_PER_BIN`` usable galaxies per bin.
     BayesblendError
-        A bin's mean response is not positive (no table can divide by it).
+        With the reason in one line: fewer than one bin, fewer than
+        ``GALAXIES_PER_BIN`` usable galaxies per bin, bins that cannot be told
+        apart (tied dispersion quantiles) or a bin whose mean response is not
+        positive (no table can divide by it).
     """
     response, e_sigma, weight = (np.asarray(a, float) for a in (response, e_sigma, weight))
     if n_bins < 1:
         raise BayesblendError(f"a responsivity table needs at least one bin, got {n_bins}")
     ok = np.isfinite(response) & np.isfinite(e_sigma) & (weight > 0)
     if ok.sum() < GALAXIES_PER_BIN * n_bins:
-        raise TooFewGalaxies(
+        raise BayesblendError(
             f"a {n_bins}-bin responsivity table needs at least {GALAXIES_PER_BIN * n_bins} galaxies, "
             f"got {int(ok.sum())}"
         )

@@ -44,7 +44,6 @@ from bayesblend.shear import (
     G_MAX,
     InterimPrior,
     ResponsivityTable,
-    TooFewGalaxies,
     hierarchical_mode,
     jackknife,
     jackknife_blocks,
@@ -455,9 +454,9 @@ def summarise(
         giving each galaxy in each variant its own from its posterior e
         dispersion. The summary also holds the run's own table
         (``responsivity_table``, from :func:`galaxy_responses`, in ``n_bins``
-        bins): None when there are too few galaxies for it, and None with the
-        reason in ``responsivity_table_problem`` when it cannot be built for
-        another reason (a bin whose mean response is not positive).
+        bins), or None with the reason in ``responsivity_table_problem`` when
+        it cannot be built (too few galaxies for the bins, or e.g. a bin whose
+        mean response is not positive).
     interim : InterimPrior, optional
         Needed for the ``hierarchical`` estimator (skipped without it).
     n_blocks : int
@@ -481,12 +480,12 @@ def summarise(
     use = _usable(r, min_resolution) & (r["true_snr"][0] >= min_snr)
     if not use.any():
         raise BayesblendError(
-            f"{out}: none of its {use.size} galaxies is usable in all 10 variants: run more items or "
-            "relax the selection (--min-snr, --min-resolution)"
+            f"{', '.join(map(str, _run_dirs(out)))}: none of its {use.size} galaxies is usable in all 10 "
+            "variants: run more items or relax the selection (--min-snr, --min-resolution)"
         )
     # an item is (run, item number): pooled runs share item numbers, not galaxies
     _, items = np.unique(np.stack([r["run"][0], r["item"][0]]), axis=1, return_inverse=True)
-    items = items.ravel()
+    items = items.ravel()  # numpy 2.0.0 returned the inverse as (1, n) here
     blocks_all = jackknife_blocks(items, n_blocks)
     table = isinstance(responsivity, ResponsivityTable)
 
@@ -565,9 +564,7 @@ def summarise(
         res["responsivity_table"] = responsivity_table(
             gr["response"], gr["e_sigma"], gr["weight"], items[use], n_bins=n_bins
         ).to_dict()
-    except TooFewGalaxies:  # a small run: no table, and nothing wrong
-        pass
-    except BayesblendError as exc:  # the run's responses cannot be tabulated: say why
+    except BayesblendError as exc:  # the summary stands without it; say why it has none
         res["responsivity_table_problem"] = str(exc)
     return res
 

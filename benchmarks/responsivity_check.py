@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bayesblend.shear import ResponsivityTable
-from bayesblend.shear_bias import summarise
+from bayesblend.shear_bias import run_config, summarise
 
 SELECTIONS = {"all": 0.0, "true S/N >= 10": 10.0, "true S/N >= 20": 20.0}
 
@@ -76,10 +76,15 @@ def main() -> None:
         from bayesblend.shear import responsivity_from_card
 
         card = load_bundle().card
-        R, _ = responsivity_from_card(card, "map")
-        table, _ = responsivity_from_card(card, "map", binned=True)
-        print(f"<!-- card: R = {R:.3f}; table {table} -->")
         for run in (args.calibration, *args.others):
+            # the entry for the run's own method, and only if it was measured as the run was made
+            made = run_config(run)
+            applies = (made["method"], float(made.get("shape_psf_fwhm", 0.0)), made.get("scene_model", {}))
+            R, _ = responsivity_from_card(card, *applies)
+            table, _ = responsivity_from_card(card, *applies, binned=True)
+            if not isinstance(table, ResponsivityTable):
+                raise SystemExit(f"{run}: the card has no responsivity table that applies to this run")
+            print(f"<!-- card: R = {R:.3f}; table {table} -->")
             row(f"{run.name} (the card's calibration)", run, R, table)
         return
     even, odd = (

@@ -15,7 +15,6 @@ from bayesblend.shear import (
     EXCLUDE_FLAGS,
     InterimPrior,
     ResponsivityTable,
-    TooFewGalaxies,
     component_sigma,
     ensemble_shear,
     hierarchical_mode,
@@ -145,14 +144,13 @@ def test_responsivity_table_follows_a_population_the_single_r_does_not():
     assert ResponsivityTable.from_dict(table.to_dict()) == table
     with pytest.raises(BayesblendError, match="positive"):
         ResponsivityTable((0.1,), (1.0, 0.0), (0.0, 0.0), (1, 1))
-    with pytest.raises(TooFewGalaxies, match="at least 15 galaxies"):
+    with pytest.raises(BayesblendError, match="at least 15 galaxies"):
         responsivity_table(resp[:10], std[:10], w[:10], np.arange(10))
-    # a bin whose galaxies do not respond on average is another error than too few galaxies
+    # a bin whose galaxies do not respond on average cannot divide anything
     _, std, resp = _two_kinds(300, 300, 0.02, 5)
     w = shape_weight(std, std)
-    with pytest.raises(BayesblendError, match=r"positive numbers, got \(1\.0, -0\.(2|19)") as exc:
+    with pytest.raises(BayesblendError, match=r"positive numbers, got \(1\.0, -0\.(2|19)"):
         responsivity_table(np.where(resp < 1, -0.2, 1.0), std, w, np.arange(std.size) % 30, n_bins=2)
-    assert not isinstance(exc.value, TooFewGalaxies)
 
 
 def test_rotated_twins_cancel_the_intrinsic_term():

@@ -114,32 +114,46 @@ def test_harness_end_to_end_on_isolated_galaxies(tmp_path, prior):
         run(replace(cfg, settings={"model_error": 0.0}), 1, tmp_path, prior, progress=False)
 
 
-def test_cli_report_takes_method_and_bundle_from_the_run(tmp_path, prior, monkeypatch, capsys):
-    import bayesblend.shear as shear
-
+def test_cli_report_refuses_a_run_with_no_usable_galaxy_or_of_another_bundle(tmp_path, prior, capsys):
     cfg = HarnessConfig(kind="isolated", seed=11, method="amortised", draws=16)
     run(cfg, 1, tmp_path, prior, progress=False)  # item 0: its galaxy is unresolved
     argv = ["shear-bias", "--report", "--n", "1", "--out", str(tmp_path), "--quiet"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "none of its 1 galaxies is usable" in err and "\n" not in err
-    run(cfg, 3, tmp_path, prior, progress=False)
+    assert (
+        err.startswith(f"bayesblend: error: {tmp_path}: none of its 1 galaxies is usable") and "\n" not in err
+    )
+    made = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(made | {"bundle": "another-model"}))
+    assert main(argv[:-1] + ["--calibrate", "--quiet"]) == 2
+    assert "made with bundle 'another-model'" in capsys.readouterr().err
+
+
+def test_cli_calibrate_stores_the_runs_own_method_and_a_command_that_reruns(tmp_path, monkeypatch, capsys):
+    import bayesblend.shear as shear
+
+    resp, std = np.array([1.0, 0.8, 0.3, 0.2]), np.array([0.02, 0.04, 0.12, 0.2])
+    _fake_run(tmp_path / "a", 5, 10, resp, std)  # made with MAP
+    _fake_run(tmp_path / "b", 6, 10, resp, std)
     stored = []
     monkeypatch.setattr(
         shear,
         "store_responsivity",
-        lambda path, method, *a: stored.append(method) or {"R": 1.0, "R_err": 0.0},
+        lambda path, method, e, res, command: (
+            stored.append((method, command, res)) or {"R": 1.0, "R_err": 0.0}
+        ),
     )
-    # --method says nuts, but the run is amortised: R is stored for the run's own method
-    argv = ["shear-bias", "--report", "--n", "3", "--out", str(tmp_path), "--method", "nuts", "--quiet"]
-    assert main(argv + ["--calibrate"]) == 0
-    assert stored == ["amortised"]
-    assert "for method amortised" in capsys.readouterr().out
-    made = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(made | {"bundle": "another-model"}))
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "another-model" in err and "\n" not in err
+    # --method says nuts, but the runs are MAP: R is stored for the runs' own method
+    argv = ["shear-bias", "--report", "--n", "10", "--out", str(tmp_path / "a"), "--method", "nuts"]
+    argv += ["--pool", str(tmp_path / "b"), "--bins", "2", "--quiet", "--calibrate"]
+    assert main(argv) == 0
+    ((method, command, res),) = stored
+    assert method == "map" and "for method map" in capsys.readouterr().out
+    assert res["n_items"] == 20 and res["responsivity_table"]["n"] == [40, 40]
+    # the stored command is one the CLI accepts and that makes the same table
+    words = command.split()[1:]
+    assert words[words.index("--seed") + 1] == "5" and {"--report", "--pool", "--calibrate"} <= set(words)
+    assert main(words) == 0 and stored[1][2]["responsivity_table"] == res["responsivity_table"]
 
 
 def test_harness_config_errors():
@@ -297,7 +311,10 @@ def test_a_table_that_cannot_be_built_is_said_and_not_stored(tmp_path, monkeypat
     std = np.array([0.02, 0.04, 0.12, 0.2])
     _fake_run(tmp_path / "few", 5, 2, np.array([1.0, 0.8, 0.3, 0.2]), std)  # 8 galaxies: too few
     small = summarise(tmp_path / "few", estimators=("ensemble",))
-    assert small["responsivity_table"] is None and small["responsivity_table_problem"] is None
+    assert (
+        small["responsivity_table"] is None
+        and "needs at least 15 galaxies" in small["responsivity_table_problem"]
+    )
     _fake_run(tmp_path / "bad", 5, 10, np.array([1.0, 0.8, -0.3, -0.2]), std)  # the faint half anti-responds
     res = summarise(tmp_path / "bad", estimators=("ensemble",), n_bins=2)
     assert res["responsivity_table"] is None and "positive" in res["responsivity_table_problem"]
@@ -308,6 +325,10 @@ def test_a_table_that_cannot_be_built_is_said_and_not_stored(tmp_path, monkeypat
     assert main(argv + ["--calibrate"]) == 2 and stored == []
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the interim prior's warning
     assert err.startswith("bayesblend: error: nothing stored: no responsivity table (responsivities must be")
+    # too few galaxies: storing R alone would drop the card's table, so nothing is stored either
+    few = ["shear-bias", "--report", "--n", "2", "--out", str(tmp_path / "few"), "--quiet", "--calibrate"]
+    assert main(few) == 2 and stored == []
+    assert capsys.readouterr().err.strip().endswith("run more items or pass fewer --bins")
     pool = ["--pool", str(tmp_path / "few")]
     assert main(argv + pool) == 2 and "need different seeds" in capsys.readouterr().err  # both are seed 5
     assert main([a for a in argv if a != "--report"] + pool) == 2
