@@ -9,7 +9,11 @@ detected instead, and the rows are the true galaxies matched to a fitted
 source within ``MATCH_RADIUS`` pixels; the unmatched are detection's loss,
 measured by ``detection_check.py``. Per method, every source's posterior summary and truth are
 appended to ``benchmarks/deblend/<method>.jsonl`` after each chunk of blends,
-so an interrupted run resumes where it stopped. ``--report`` prints the
+so an interrupted run resumes where it stopped (each chunk rewrites the file
+atomically, and each row names the commit that made it). The settings of a run
+(inference configuration, detection, seeds) are recorded beside its rows in
+``<method>.settings.json`` when it starts, and a resume under other settings is
+refused: the rows of one file are one experiment. ``--report`` prints the
 Markdown tables of RESULTS.md from those files, with the sep baseline
 (FLUX_AUTO-style Kron photometry in r on the same scenes, matched to truth
 within 2 pixels) measured in the same run.
@@ -29,16 +33,21 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from bayesblend.catalog import ESS_MIN, R_HAT_MAX
+from bayesblend.io import atomic_path
 
 OUT = Path(__file__).parent / "deblend"  # --out changes it
 SIM = dict(max_shift=0.5, psf_jitter=0.05)
 SEED = 4
+#: The inference seed of every fit.
+FIT_SEED = 11
 SNR_CUTS = (0, 10, 30)
 #: With ``--detect``, fitted sources are matched to true galaxies within this many pixels.
 MATCH_RADIUS = 2.0
@@ -69,6 +78,55 @@ def coverage(quantiles: np.ndarray, truth: np.ndarray) -> str:
     return f"{100 * c68:.0f} / {100 * c95:.0f}"
 
 
+def commit() -> str:
+    """The short git commit of this checkout ("unknown" outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def check_settings(method: str, settings: dict, detect: bool, redetect: bool) -> None:
+    """Record a run's settings in ``<method>.settings.json``, or refuse to resume under others."""
+    from bayesblend.infer import InferenceConfig
+
+    want = {
+        "inference": asdict(InferenceConfig().replace(**settings)),
+        "detect": detect,
+        "redetect": redetect,
+        "fit_seed": FIT_SEED,
+        "simulation": {"seed": SEED, **SIM},
+    }
+    want = json.loads(json.dumps(want))
+    path = OUT / f"{method}.settings.json"
+    if path.exists():
+        have = json.loads(path.read_text())
+        differ = sorted(k for k in want if have.get(k) != want[k])
+        if "inference" in differ:
+            old, new = have.get("inference", {}), want["inference"]
+            differ += sorted(f"inference.{k}" for k in new if old.get(k) != new[k])
+        if differ:
+            raise SystemExit(
+                f"{path}: this run was made with other settings ({', '.join(differ)}); "
+                "finish it with those, or use another --out"
+            )
+        return
+    if (OUT / f"{method}.jsonl").exists():
+        raise SystemExit(
+            f"{OUT / method}.jsonl holds rows but no {path.name} says how they were made: "
+            "write it (the settings they were made with) or use another --out"
+        )
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(want | {"started_on": commit()}, indent=1))
+
+
 def done(method: str) -> set[int]:
     return {r["blend"] for r in read_rows(OUT / f"{method}.jsonl")}
 
@@ -83,8 +141,12 @@ def run(
     prior = bayesblend.load_prior()
     have = done(method)
     todo = [i for i in range(n) if i not in have]
-    compiled: set[int] = set()
+    if not todo:
+        return
     OUT.mkdir(parents=True, exist_ok=True)
+    check_settings(method, settings, detect, redetect)
+    made_by = commit()
+    compiled: set[int] = set()
     for start in range(0, len(todo), chunk):
         idx = todo[start : start + chunk]
         sims = scenes(idx)
@@ -94,7 +156,7 @@ def run(
             sources=None if detect else [np.c_[s.truth["x"], s.truth["y"]] for s in sims],
             method=method,
             prior=prior,
-            seed=11,
+            seed=FIT_SEED,
             redetect=redetect,
             **settings,
         )
@@ -144,11 +206,13 @@ def run(
                     "includes_compile": bool(first),
                     "n_found": int(np.sum(scene_of == si)),
                     "detected": detect,
+                    "commit": made_by,
                 }
             )
-        with open(OUT / f"{method}.jsonl", "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        path = OUT / f"{method}.jsonl"
+        old = path.read_text() if path.exists() else ""
+        with atomic_path(path) as tmp:  # never a half-written row, whenever the run is stopped
+            tmp.write_text(old + "".join(json.dumps(r) + "\n" for r in rows))
         print(f"{method}: blends {idx[0]}-{idx[-1]} ({len(cat)} sources) in {wall:.1f} s", flush=True)
 
 
@@ -193,8 +257,8 @@ def sep_baseline(n: int) -> list[dict]:
                     "n_detected": len(det),
                 }
             )
-    OUT.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
