@@ -1,6 +1,7 @@
 """bayesblend: Bayesian deblending of galaxy survey images with a learned VAE prior.
 
-Entry points: :func:`load_prior` (the shipped prior bundle), the simulator in
+Entry points: :func:`load_prior` (the shipped prior bundle), :func:`deblend`
+(:func:`bayesblend.infer.deblend`, imported on first use), the simulator in
 :mod:`bayesblend.simulate`, scene files in :mod:`bayesblend.io`, and the
 ``bayesblend`` command (:mod:`bayesblend.cli`).
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # types only: importing the bundle layer here would slow ``import bayesblend``
+    from bayesblend.infer import deblend
     from bayesblend.prior.bundle import PriorBundle
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_prior"]
+__all__ = ["__version__", "deblend", "load_prior"]
 
 
 def load_prior(name_or_path: str | None = None) -> PriorBundle:
@@ -36,3 +38,12 @@ def load_prior(name_or_path: str | None = None) -> PriorBundle:
     from bayesblend.prior.bundle import load_bundle
 
     return load_bundle(name_or_path)
+
+
+def __getattr__(name: str):
+    """``bayesblend.deblend`` is :func:`bayesblend.infer.deblend`, imported (with JAX) on first use."""
+    if name == "deblend":
+        from bayesblend.infer import deblend
+
+        return deblend
+    raise AttributeError(f"module 'bayesblend' has no attribute {name!r}")

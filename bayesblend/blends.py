@@ -24,7 +24,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from bayesblend.errors import BayesblendError
+from bayesblend.errors import BayesblendError, MaskedBlendError
 from bayesblend.forward import anchor_and_offset, difference_kernel, fft_size
 from bayesblend.model import LOG_FLUX_SIGMA, MODEL_ERROR, POSITION_SIGMA, SceneSpec
 from bayesblend.prior.bundle import PriorBundle
@@ -177,22 +177,27 @@ def prepare_blend(
 ) -> PreparedBlend:
     """Arrays of the scene model for sources at ``(x, y)`` in ``scene`` (bands in the bundle's order).
 
-    Bad pixels (non-finite values) are masked with a warning; a missing PSF is
+    Bad pixels (a non-finite value, or a non-finite or non-positive variance)
+    are masked with a warning; a missing PSF is
     replaced by the survey's default PSF with a warning; missing bands are an error.
     """
     check_scene(scene, bundle)
     sc = scene.select_bands(bundle.bands)
     survey = get_survey(bundle.survey)
     image = np.asarray(sc.image, dtype=np.float32)
-    valid = np.isfinite(image)
+    masked = np.zeros(image.shape, bool) if sc.mask is None else np.asarray(sc.mask, bool)
+    bad = ~np.isfinite(image)
+    if bad.any():
+        warnings.warn(f"{int(bad.sum())} non-finite pixels masked", stacklevel=2)
     if sc.variance is not None:
-        valid &= np.isfinite(sc.variance) & (sc.variance > 0)
-    if sc.mask is not None:
-        valid &= ~sc.mask
-    if not np.isfinite(image).all():
-        warnings.warn(f"{np.sum(~np.isfinite(image))} non-finite pixels masked", stacklevel=2)
+        bad_variance = ~(np.isfinite(sc.variance) & (sc.variance > 0))
+        n_new = int(np.sum(bad_variance & ~bad & ~masked))  # not already masked for another reason
+        if n_new:
+            warnings.warn(f"{n_new} pixels with a non-finite or non-positive variance masked", stacklevel=2)
+        bad |= bad_variance
+    valid = ~bad & ~masked
     if not valid.any():
-        raise BayesblendError("every pixel of the blend is masked")
+        raise MaskedBlendError("every pixel of the blend is masked")
     image = np.where(valid, image, 0.0).astype(np.float32)
     psf = sc.psf_images(bundle.survey, warn=True)
     kernel = difference_kernel(psf, survey.model_psf_image(psf.shape[-1]), fft_size(bundle.stamp))

@@ -192,6 +192,48 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def truth_per_scene(truth, scene_paths: Sequence[str], label: str) -> list:
+    """Split a truth table (``--truth``) into one table per scene, checked before any fitting.
+
+    Rows go to a scene by the ``file`` column (the scene's file name, as
+    ``bayesblend simulate`` writes it) or else by a ``scene`` column (the
+    scene's index on the command line); a table with neither serves a single
+    scene only.
+
+    Parameters
+    ----------
+    truth : astropy.table.Table
+        Needs columns ``x`` and ``y`` (pixels).
+    scene_paths : sequence of str
+        The scene files, in command-line order.
+    label : str
+        The table's name for error messages.
+
+    Returns
+    -------
+    list of astropy.table.Table
+        One table per scene (possibly empty).
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    if not {"x", "y"} <= set(truth.colnames):
+        raise BayesblendError(f"{label}: a truth table needs columns x and y (pixels)")
+    if "file" in truth.colnames:
+        names = np.char.strip(np.asarray(truth["file"]).astype(str))
+        return [truth[names == Path(p).name] for p in scene_paths]
+    if "scene" in truth.colnames:
+        index = np.asarray(truth["scene"])
+        return [truth[index == i] for i in range(len(scene_paths))]
+    if len(scene_paths) == 1:
+        return [truth]
+    raise BayesblendError(
+        f"{label}: a truth table for several scenes needs a 'file' column (the scene's file name) "
+        "or a 'scene' column (its index on the command line)"
+    )
+
+
 def _deblend(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -209,9 +251,7 @@ def _deblend(args: argparse.Namespace) -> int:
         for k, v in (("num_chains", args.chains), ("num_draws", args.draws), ("num_warmup", args.warmup))
         if v is not None
     }
-    truth = read_table(args.truth) if args.truth else None
-    if truth is not None and not {"x", "y"} <= set(truth.colnames):
-        raise BayesblendError(f"{args.truth}: a truth table needs columns x and y (pixels)")
+    truths = truth_per_scene(read_table(args.truth), args.scenes, args.truth) if args.truth else None
     post = deblend(
         scenes if len(scenes) > 1 else scenes[0],
         sources=sources,
@@ -233,10 +273,6 @@ def _deblend(args: argparse.Namespace) -> int:
     if not args.no_figures and post.n_blends:
         from bayesblend.plots import plot_blends
 
-        truths = None
-        if truth is not None:
-            by_scene = "scene" in truth.colnames
-            truths = [truth[truth["scene"] == i] if by_scene else truth for i in range(len(scenes))]
         plot_blends(post, out / "figures", truths)
         written.append(f"{out / 'figures'}/ ({post.n_blends} figures)")
     print(

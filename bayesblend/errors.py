@@ -17,3 +17,7 @@ class SceneFormatError(BayesblendError):
 
 class BundleError(BayesblendError):
     """A model bundle is missing, tampered with or incompatible."""
+
+
+class MaskedBlendError(BayesblendError):
+    """Every pixel of a blend's cutout is masked: there is nothing to fit."""

@@ -48,7 +48,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from bayesblend.blends import PreparedBlend, blend_region, check_scene, group_sources, prepare_blend
-from bayesblend.errors import BayesblendError
+from bayesblend.errors import BayesblendError, MaskedBlendError
 from bayesblend.forward import paste_stamps, render_scene
 from bayesblend.model import (
     LOG_FLUX_SIGMA,
@@ -633,14 +633,20 @@ def _as_positions(sources, scene: Scene) -> tuple[np.ndarray, np.ndarray] | None
 def prepare_scene(
     scene: Scene, x: np.ndarray, y: np.ndarray, bundle: PriorBundle, config: InferenceConfig
 ) -> tuple[list[PreparedBlend], list[np.ndarray], list[bool]]:
-    """Group a scene's sources into blends and prepare each cutout; also the groups and split flags."""
+    """Group a scene's sources into blends and prepare each cutout; also the groups and split flags.
+
+    A blend whose every pixel is masked is left out with a warning naming its
+    sources, so that one masked blend does not stop the rest of a field (or of
+    the other scenes); :func:`deblend` raises :class:`MaskedBlendError` when no
+    blend of any scene is left.
+    """
     groups, split = group_sources(x, y, config.linking_length)
-    preps = []
-    for g in groups:
+    preps, kept_groups, kept_split, masked = [], [], [], []
+    for g, s in zip(groups, split, strict=True):
         x0, y0, h, w = blend_region(x[g], y[g], scene.shape, config.region_margin + bundle.stamp // 2)
         cut = scene.cutout(x0, y0, h, w)
-        preps.append(
-            prepare_blend(
+        try:
+            prep = prepare_blend(
                 cut,
                 x[g] - x0,
                 y[g] - y0,
@@ -650,8 +656,21 @@ def prepare_scene(
                 config.model_error,
                 origin=(x0, y0),
             )
+        except MaskedBlendError:
+            masked.append(g)
+            continue
+        preps.append(prep)
+        kept_groups.append(g)
+        kept_split.append(s)
+    if masked:
+        left_out = np.concatenate(masked)
+        where = ", ".join(f"({x[i]:.1f}, {y[i]:.1f})" for i in left_out[:5])
+        more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
+        warnings.warn(
+            f"{len(left_out)} source(s) in fully masked blends left out, at x, y = {where}{more}",
+            stacklevel=3,
         )
-    return preps, groups, split
+    return preps, kept_groups, kept_split
 
 
 def deblend(
@@ -758,6 +777,8 @@ def deblend(
         p, _, split = prepare_scene(sc, x, y, bundle, cfg)
         members += [{"scene": si, "split": s} for s in split]
         preps.extend(p)
+    if not preps and any(len(x) for x, _ in positions):
+        raise MaskedBlendError("every pixel of the blend is masked")
     results = fit_blends(bundle, preps, method, latent_prior, seed, cfg, progress)
     # the blends as fitted: the flux prior's centre is the one the fit used (amortised by default)
     for i, r in enumerate(results):

@@ -5,7 +5,8 @@ import pytest
 from astropy.table import Table
 
 from bayesblend import catalog as cat
-from bayesblend.cli import main
+from bayesblend import infer
+from bayesblend.cli import main, truth_per_scene
 from bayesblend.errors import BayesblendError
 from bayesblend.infer import deblend
 from bayesblend.io import write_scene
@@ -56,10 +57,19 @@ def test_nan_pixels_are_masked_with_a_warning_and_edge_sources_are_flagged(prior
     assert not np.isnan(post.to_inference_data().observed_data["image"].values).all()
 
 
-def test_sources_outside_the_scene_are_dropped_with_a_warning(prior, galaxy):
+def test_sources_outside_the_scene_are_dropped_with_a_warning(prior, galaxy, tmp_path):
     with pytest.warns(UserWarning, match="outside the scene dropped"):
         post = deblend(galaxy.scene, sources=np.array([[23.5, 23.5], [90.0, 4.0]]), prior=prior, **QUICK)
     assert post.n_sources == 1
+    # the user's own source list as a FITS table (any case of x, y), by path
+    Table({"X": [23.2], "Y": [23.9]}).write(tmp_path / "mine.fits")
+    compiled = len(infer._COMPILED)
+    post = deblend(galaxy.scene, sources=tmp_path / "mine.fits", prior=prior, **QUICK)
+    assert post.n_sources == 1
+    assert len(infer._COMPILED) == compiled  # same padded source count and settings: not compiled again
+    assert post.catalog()["x_det"][0] == pytest.approx(23.2) and post.catalog()["y_det"][0] == pytest.approx(
+        23.9
+    )
     with pytest.raises(BayesblendError, match="columns x and y"):
         deblend(galaxy.scene, sources=Table({"ra": [1.0]}), prior=prior, **QUICK)
     with pytest.raises(BayesblendError, match="finite"):
@@ -79,7 +89,29 @@ def test_fully_masked_blend_and_bad_method(prior, galaxy):
     sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
     sc.mask = np.ones(sc.image.shape, bool)
     with pytest.raises(BayesblendError, match="every pixel of the blend is masked"):
-        deblend(sc, sources=np.array([[23.5, 23.5]]), prior=prior, **QUICK)
+        with pytest.warns(UserWarning, match="fully masked"):
+            deblend(sc, sources=np.array([[23.5, 23.5]]), prior=prior, **QUICK)
+    # a field of two blends, one of them entirely masked: the other is still deblended
+    sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
+    noise = np.random.default_rng(1).normal(0.0, 1.0, sc.image.shape) * np.sqrt(sc.variance)
+    w = sc.image.shape[-1]
+    field = Scene(
+        image=np.concatenate([sc.image, noise, sc.image], axis=-1),
+        bands=sc.bands,
+        magzero=sc.magzero,
+        psf=sc.psf,
+        variance=np.concatenate([sc.variance] * 3, axis=-1),
+        mask=np.zeros((len(sc.bands), sc.image.shape[1], 3 * w), bool),
+    )
+    field.mask[..., : 2 * w] = True  # the first galaxy's whole cutout (cutouts are rounded up in size)
+    with pytest.warns(
+        UserWarning, match=r"1 source\(s\) in fully masked blends left out, at x, y = \(23.5, 23.5\)"
+    ):
+        post = deblend(field, sources=np.array([[23.5, 23.5], [2 * w + 23.5, 23.5]]), prior=prior, **QUICK)
+    c = post.catalog()
+    assert len(c) == 1 and abs(c["x"][0] - (2 * w + 23.5)) < 1.0
+    t = galaxy.truth
+    assert abs(c["flux_r"][0] / (t["flux_r"][0] * t["frac_in_image_r"][0]) - 1) < 0.15
     with pytest.raises(BayesblendError, match="unknown method"):
         deblend(galaxy.scene, method="hmc", prior=prior)
 
@@ -192,3 +224,16 @@ def test_cli_unusable_paths_are_one_line_exit_2(tmp_path, capsys, galaxy):
     assert main(["shear-bias", "--report", "--n", "1", "--out", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a readable run configuration" in err and len(err.splitlines()) == 1
+
+
+def test_truth_rows_go_to_their_own_scene(tmp_path):
+    files = ["blends_000000.fits", "blends_000001.fits", "blends_000001.fits"]
+    Table({"x": [1.0, 2.0, 3.0], "y": [0.0, 0.0, 0.0], "file": files}).write(tmp_path / "truth.fits")
+    truth = Table.read(tmp_path / "truth.fits")  # FITS strings, as `bayesblend simulate` writes them
+    a, b = truth_per_scene(truth, ["sims/blends_000001.fits", "blends_000000.fits"], "truth.fits")
+    assert list(a["x"]) == [2.0, 3.0] and list(b["x"]) == [1.0]
+    by_index = truth_per_scene(Table({"x": [1.0, 2.0], "y": [0.0, 0.0], "scene": [1, 0]}), ["a", "b"], "t")
+    assert [list(t["x"]) for t in by_index] == [[2.0], [1.0]]
+    assert len(truth_per_scene(Table({"x": [1.0], "y": [1.0]}), ["a.fits"], "t")[0]) == 1
+    with pytest.raises(BayesblendError, match="several scenes needs a 'file' column"):
+        truth_per_scene(Table({"x": [1.0], "y": [1.0]}), ["a.fits", "b.fits"], "t")

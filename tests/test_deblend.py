@@ -61,7 +61,11 @@ def test_catalogue_schema_units_and_header(map_post, tmp_path):
     assert c.meta["METHOD"] == "map" and c.meta["BUNDLE"] == "lsst-v1" and "e2" in c.meta["E2SIGN"]
     assert np.all(c["flux_r_p16"] < c["flux_r"]) and np.all(c["flux_r"] < c["flux_r_p84"])
     assert np.isfinite(c["mag_r"]).all() and np.all(c["mag_r_std"] > 0)
-    from astropy.table import Table
+    # sky positions are the scene WCS's at the fitted pixel positions
+    sky = map_post.scenes[0].wcs.pixel_to_world(np.asarray(c["x"]), np.asarray(c["y"]))
+    np.testing.assert_allclose(c["ra"], sky.ra.deg, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(c["dec"], sky.dec.deg, rtol=0, atol=1e-9)
+    assert np.ptp(np.asarray(c["ra"])) > 0  # the two sources are at different places
 
     map_post.write_catalog(tmp_path / "c.fits")
     map_post.write_catalog(tmp_path / "c.parquet")
@@ -182,7 +186,10 @@ def test_nuts_posterior_inference_data_and_diagnostics(prior, tmp_path):
     summ = az.summary(idata, var_names=["flux"], kind="diagnostics")
     assert len(summ) == 6 and np.isfinite(summ["r_hat"]).all()
     c = post.catalog()
-    assert np.isfinite(c["r_hat_max"][0]) and c["ess_bulk_min"][0] > 0 and c["n_divergent"][0] >= 0
+    assert np.isfinite(c["r_hat_max"][0]) and c["ess_bulk_min"][0] > 0
+    assert c["n_divergent"][0] == int(idata.sample_stats["diverging"].values.sum())
+    depth = idata.sample_stats["tree_depth"]
+    assert depth.dims == ("chain", "draw", "blend") and 1 <= int(depth.min()) <= int(depth.max()) <= 4
     true_r = t["flux_r"][0] * t["frac_in_image_r"][0]
     assert abs(c["flux_r"][0] / true_r - 1) < 5 * c["flux_r_std"][0] / c["flux_r"][0] + 0.02
     post.to_netcdf(tmp_path / "p.nc")
@@ -276,3 +283,36 @@ def test_masked_centre_flags_a_masked_pixel_within_two_pixels_in_any_band():
     y = np.array([10.0, 12.0, 10.0, 13.0, 0.0, 19.0])
     # within 2 px (after rounding) of (15, 10): the first two; 18 and 13 are 3 px away; edges are fine
     assert list(_masked_centre(valid, x, y)) == [True, True, False, False, False, False]
+
+
+def test_demo_writes_every_output_and_says_where(tmp_path, capsys):
+    from bayesblend.demo import main as demo
+
+    assert demo(["--out", str(tmp_path), "--n", "1", "--method", "map", "--draws", "20"]) == 0
+    for name in (
+        "blend_0.fits",
+        "truth.fits",
+        "blends.png",
+        "deblended/catalog.fits",
+        "deblended/posterior.nc",
+    ):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert len(list((tmp_path / "deblended" / "figures").glob("blend_*.png"))) >= 1
+    c = Table.read(tmp_path / "deblended" / "catalog.fits")
+    assert len(c) >= 1 and c.meta["METHOD"] == "map"
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "deblended" / "catalog.fits") in printed and "per-blend figures" in printed
+
+
+def test_the_normal_latent_prior_option_deblends(prior):
+    r = simulate_isolated(8, 0, mag_range=(21.0, 22.0))
+    t = r.truth
+    src = np.c_[t["x"], t["y"]]
+    post = deblend(
+        r.scene, sources=src, method="map", prior=prior, latent_prior="normal", map_steps=60, num_draws=20
+    )
+    c = post.catalog()
+    assert c.meta["LATPRIOR"] == "normal" and post.to_inference_data().attrs["latent_prior"] == "normal"
+    assert abs(c["flux_r"][0] / (t["flux_r"][0] * t["frac_in_image_r"][0]) - 1) < 0.15
+    with pytest.raises(BayesblendError, match="latent prior must be 'flow' or 'normal'"):
+        deblend(r.scene, sources=src, method="map", prior=prior, latent_prior="gaussian")

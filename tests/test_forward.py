@@ -18,7 +18,7 @@ def test_forward_model_matches_galsim_with_a_shift(lsst):
     truth = observed.noiseless
     peak = truth.max(axis=(1, 2))
     assert np.all(np.abs(pred - truth).max(axis=(1, 2)) < 3e-3 * peak)
-    # flux and centroid
+    # the kernel and the shift conserve flux; the centroid lands on the shifted position
     np.testing.assert_allclose(pred.sum(axis=(1, 2)), flux, rtol=3e-3)
     yy, xx = np.mgrid[:48, :48]
     for b in range(6):

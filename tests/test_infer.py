@@ -41,6 +41,12 @@ def test_missing_band_nan_pixels_missing_psf_and_fully_masked(prior, blend):
         prep = prepare_blend(scene, t["x"], t["y"], prior)
     assert not bool(prep.data["valid"][2, 10, 10]) and np.isfinite(np.asarray(prep.data["image"])).all()
     scene.image[2, 10, 10] = 0.0
+    scene.variance = scene.variance.copy()
+    scene.variance[1, 5, 7] = 0.0
+    with pytest.warns(UserWarning, match="1 pixels with a non-finite or non-positive variance masked"):
+        prep = prepare_blend(scene, t["x"], t["y"], prior)
+    assert not bool(prep.data["valid"][1, 5, 7]) and int((~np.asarray(prep.data["valid"])).sum()) == 1
+    scene.variance[1, 5, 7] = 1.0
     scene.psf = None
     with pytest.warns(UserWarning, match="default PSF"):
         prepare_blend(scene, t["x"], t["y"], prior)
