@@ -214,6 +214,7 @@ def truth_per_scene(truth, scene_paths: Sequence[str], label: str) -> list:
     list of astropy.table.Table
         One table per scene (possibly empty).
     """
+    import warnings
     from pathlib import Path
 
     import numpy as np
@@ -222,7 +223,13 @@ def truth_per_scene(truth, scene_paths: Sequence[str], label: str) -> list:
         raise BayesblendError(f"{label}: a truth table needs columns x and y (pixels)")
     if "file" in truth.colnames:
         names = np.char.strip(np.asarray(truth["file"]).astype(str))
-        return [truth[names == Path(p).name] for p in scene_paths]
+        per_scene = [truth[names == Path(p).name] for p in scene_paths]
+        unmatched = [Path(p).name for p, t in zip(scene_paths, per_scene, strict=True) if len(t) == 0]
+        if unmatched and len(truth):
+            warnings.warn(
+                f"{label}: no truth rows for {', '.join(unmatched)} (by its 'file' column)", stacklevel=2
+            )
+        return per_scene
     if "scene" in truth.colnames:
         index = np.asarray(truth["scene"])
         return [truth[index == i] for i in range(len(scene_paths))]
@@ -251,7 +258,9 @@ def _deblend(args: argparse.Namespace) -> int:
         for k, v in (("num_chains", args.chains), ("num_draws", args.draws), ("num_warmup", args.warmup))
         if v is not None
     }
-    truths = truth_per_scene(read_table(args.truth), args.scenes, args.truth) if args.truth else None
+    truths = None
+    if args.truth and not args.no_figures:  # the truth is only drawn in the figures
+        truths = truth_per_scene(read_table(args.truth), args.scenes, args.truth)
     post = deblend(
         scenes if len(scenes) > 1 else scenes[0],
         sources=sources,

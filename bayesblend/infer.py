@@ -631,7 +631,12 @@ def _as_positions(sources, scene: Scene) -> tuple[np.ndarray, np.ndarray] | None
 
 
 def prepare_scene(
-    scene: Scene, x: np.ndarray, y: np.ndarray, bundle: PriorBundle, config: InferenceConfig
+    scene: Scene,
+    x: np.ndarray,
+    y: np.ndarray,
+    bundle: PriorBundle,
+    config: InferenceConfig,
+    name: str = "the scene",
 ) -> tuple[list[PreparedBlend], list[np.ndarray], list[bool]]:
     """Group a scene's sources into blends and prepare each cutout; also the groups and split flags.
 
@@ -667,7 +672,7 @@ def prepare_scene(
         where = ", ".join(f"({x[i]:.1f}, {y[i]:.1f})" for i in left_out[:5])
         more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
         warnings.warn(
-            f"{len(left_out)} source(s) in fully masked blends left out, at x, y = {where}{more}",
+            f"{len(left_out)} source(s) of {name} in fully masked blends left out, at x, y = {where}{more}",
             stacklevel=3,
         )
     return preps, kept_groups, kept_split
@@ -755,9 +760,17 @@ def deblend(
         # only its point estimates are read, unless it is returned as the result below: then it
         # needs the method's draws; else one draw spares decoding and measuring the rest
         pilot_cfg = cfg if pilot_method == method else cfg.replace(num_draws=1)
-        pilot = deblend(
-            scenes, [np.c_[x, y] for x, y in positions], pilot_method, bundle, seed, latent_prior, pilot_cfg
-        )
+        with warnings.catch_warnings():  # the run below says it again
+            warnings.filterwarnings("ignore", message=".*in fully masked blends left out")
+            pilot = deblend(
+                scenes,
+                [np.c_[x, y] for x, y in positions],
+                pilot_method,
+                bundle,
+                seed,
+                latent_prior,
+                pilot_cfg,
+            )
         added = 0
         for si in detected:
             x, y = positions[si]
@@ -774,11 +787,14 @@ def deblend(
     for si, (sc, (x, y)) in enumerate(zip(scenes, positions, strict=True)):
         if len(x) == 0:
             continue
-        p, _, split = prepare_scene(sc, x, y, bundle, cfg)
+        p, _, split = prepare_scene(sc, x, y, bundle, cfg, name=f"scene {si}")
         members += [{"scene": si, "split": s} for s in split]
         preps.extend(p)
-    if not preps and any(len(x) for x, _ in positions):
-        raise MaskedBlendError("every pixel of the blend is masked")
+    n_given = sum(len(x) for x, _ in positions)
+    if not preps and n_given:
+        raise MaskedBlendError(
+            f"every pixel of every blend is masked ({n_given} source(s)): nothing to deblend"
+        )
     results = fit_blends(bundle, preps, method, latent_prior, seed, cfg, progress)
     # the blends as fitted: the flux prior's centre is the one the fit used (amortised by default)
     for i, r in enumerate(results):

@@ -88,8 +88,8 @@ def test_missing_psf_uses_the_survey_psf_with_a_warning(prior, galaxy):
 def test_fully_masked_blend_and_bad_method(prior, galaxy):
     sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
     sc.mask = np.ones(sc.image.shape, bool)
-    with pytest.raises(BayesblendError, match="every pixel of the blend is masked"):
-        with pytest.warns(UserWarning, match="fully masked"):
+    with pytest.raises(BayesblendError, match=r"every pixel of every blend is masked \(1 source\(s\)\)"):
+        with pytest.warns(UserWarning, match="of scene 0 in fully masked blends left out"):
             deblend(sc, sources=np.array([[23.5, 23.5]]), prior=prior, **QUICK)
     # a field of two blends, one of them entirely masked: the other is still deblended
     sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
@@ -105,7 +105,8 @@ def test_fully_masked_blend_and_bad_method(prior, galaxy):
     )
     field.mask[..., : 2 * w] = True  # the first galaxy's whole cutout (cutouts are rounded up in size)
     with pytest.warns(
-        UserWarning, match=r"1 source\(s\) in fully masked blends left out, at x, y = \(23.5, 23.5\)"
+        UserWarning,
+        match=r"1 source\(s\) of scene 0 in fully masked blends left out, at x, y = \(23.5, 23.5\)",
     ):
         post = deblend(field, sources=np.array([[23.5, 23.5], [2 * w + 23.5, 23.5]]), prior=prior, **QUICK)
     c = post.catalog()
@@ -237,3 +238,14 @@ def test_truth_rows_go_to_their_own_scene(tmp_path):
     assert len(truth_per_scene(Table({"x": [1.0], "y": [1.0]}), ["a.fits"], "t")[0]) == 1
     with pytest.raises(BayesblendError, match="several scenes needs a 'file' column"):
         truth_per_scene(Table({"x": [1.0], "y": [1.0]}), ["a.fits", "b.fits"], "t")
+    with pytest.warns(UserWarning, match="no truth rows for renamed.fits"):
+        a, b = truth_per_scene(truth, ["renamed.fits", "blends_000000.fits"], "truth.fits")
+    assert len(a) == 0 and len(b) == 1
+
+
+def test_bayesblend_deblend_is_the_inference_entry_point():
+    import bayesblend
+
+    assert bayesblend.deblend is deblend and "deblend" in bayesblend.__all__
+    with pytest.raises(AttributeError, match="no attribute 'deblender'"):
+        bayesblend.deblender  # noqa: B018
