@@ -67,9 +67,8 @@ def test_sources_outside_the_scene_are_dropped_with_a_warning(prior, galaxy, tmp
     post = deblend(galaxy.scene, sources=tmp_path / "mine.fits", prior=prior, **QUICK)
     assert post.n_sources == 1
     assert len(infer._COMPILED) == compiled  # same padded source count and settings: not compiled again
-    assert post.catalog()["x_det"][0] == pytest.approx(23.2) and post.catalog()["y_det"][0] == pytest.approx(
-        23.9
-    )
+    c = post.catalog()
+    assert c["x_det"][0] == pytest.approx(23.2) and c["y_det"][0] == pytest.approx(23.9)
     with pytest.raises(BayesblendError, match="columns x and y"):
         deblend(galaxy.scene, sources=Table({"ra": [1.0]}), prior=prior, **QUICK)
     with pytest.raises(BayesblendError, match="finite"):
