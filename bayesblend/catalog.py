@@ -1,6 +1,6 @@
 """The posterior catalogue: its columns, units, flags and header.
 
-One row per source (DESIGN.md "Files"). Central values are posterior medians,
+One row per source (README "File formats"). Central values are posterior medians,
 ``_std`` columns posterior standard deviations and ``_p16``/``_p84`` the
 central 68 % interval. Ellipticities are shear-type, ``g = (a - b)/(a + b)``,
 with +e2 along +45 degrees counter-clockwise from +x (GalSim's ``g1, g2``);
@@ -42,7 +42,7 @@ SNR_MIN = 5.0
 MOVED_PIXELS = 2.0
 EDGE_PIXELS = 3.0
 #: Above it a source's fitted flux is often a neighbour's residual: on 200 held-out blends (MAP,
-#: benchmarks/RESULTS.md) 18 of the 27 galaxies with true blendedness > 0.9 were off by more than 100 %.
+#: benchmarks/RESULTS.md) 17 of the 27 galaxies with true blendedness > 0.9 were off by more than 100 %.
 BLENDEDNESS_MAX = 0.9
 #: The HSC first-year shear catalogue's cut (Mandelbaum et al. 2018, PASJ 70, S25).
 RESOLUTION_MIN = 0.3
@@ -69,7 +69,7 @@ def columns(bands: Sequence[str]) -> list[tuple[str, type, u.UnitBase | None, st
         ("ra", np.float64, u.deg, "right ascension (NaN without a WCS)"),
         ("dec", np.float64, u.deg, "declination (NaN without a WCS)"),
     ]
-    # Fluxes are electrons over the full exposure (DESIGN.md "counts"); the FITS standard has no
+    # Fluxes are electrons over the full exposure (README "File formats"); the FITS standard has no
     # "electron" unit for table columns, so they carry its "ct" (counts).
     for b in bands:
         cols += [

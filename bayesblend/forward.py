@@ -1,6 +1,6 @@
 """Pure-JAX forward model: model-frame morphology -> observed PSF -> sub-pixel shift -> flux.
 
-The decoder contract (DESIGN.md): a source's observed image in band b is
+The decoder contract: a source's observed image in band b is
 ``flux_b * (morphology_b conv K_b)`` shifted by its sub-pixel offset, where
 ``K_b`` is the difference kernel from the narrow model PSF to band b's PSF.
 Both PSFs are images drawn the same way (pixel-convolved, unit sum), so in
@@ -13,7 +13,7 @@ In a scene (:func:`render_scene`) the offset places the morphology's light
 centroid, not its stamp centre: the decoder's softmax output can put light
 anywhere in the stamp, and a joint fit used that freedom to let faint
 neighbours of a bright galaxy put their light on its core and absorb its
-residuals (a refinement of DESIGN.md's "shifted by its sub-pixel offset").
+residuals (a refinement of shifting the stamp by the sub-pixel offset alone).
 :func:`render_source` is the stamp-level operation and shifts the stamp as
 given (training uses it with centred targets).
 

@@ -1,6 +1,6 @@
 """Files: scene FITS and tables, written atomically.
 
-Scene FITS (DESIGN.md "Files"): primary header ``SURVEY``, ``BANDS``
+Scene FITS (README "File formats"): primary header ``SURVEY``, ``BANDS``
 (comma-separated, in order), ``PIXSCALE``; per band ``b`` the extensions
 ``IMAGE_b`` (WCS, ``MAGZERO``, ``FILTER = b``), optional ``VARIANCE_b``,
 ``MASK_b`` (non-zero = bad) and ``PSF_b``. Extension names are matched

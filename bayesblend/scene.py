@@ -1,6 +1,6 @@
 """The multi-band scene: the in-memory form of a scene-FITS file.
 
-Arrays follow DESIGN.md: ``(band, y, x)``, float32, sky-subtracted, electrons
+Arrays (README "File formats"): ``(band, y, x)``, float32, sky-subtracted, electrons
 over the full exposure, bands in the survey's order.
 """
 

@@ -6,7 +6,7 @@ Euclid NISP (``YE``, ``JE``, ``HE``). VIS and NISP have different pixel scales,
 so they are two surveys here (``euclid_vis`` and ``euclid_nisp``): a
 :class:`Survey` is one pixel grid.
 
-Conventions (DESIGN.md): images are in electrons over the full exposure, and
+Conventions (README "File formats"): images are in electrons over the full exposure, and
 magnitudes are AB, ``m = magzero - 2.5 log10(counts)`` where ``magzero`` is the
 magnitude that gives one electron over the full exposure. ``surveycodex``
 zeropoints are per second, so ``magzero = zeropoint + 2.5 log10(exposure_time)``.

@@ -124,8 +124,8 @@ def main() -> None:
     deb_hist = json.loads((deb / "history.json").read_text()) if (deb / "history.json").exists() else None
     manifest = json.loads(Path(cfg.data, "dataset.json").read_text())
     card = {
-        "description": "LSST ugrizy galaxy prior: denoising beta-VAE (decoder contract of DESIGN.md), "
-        "RealNVP latent flow, amortised deblender encoder.",
+        "description": "LSST ugrizy galaxy prior: denoising beta-VAE (model-frame decoder; "
+        'README "The prior"), RealNVP latent flow, amortised deblender encoder.',
         "training_data": {
             "vae": f"bayesblend simulate isolated --n {manifest['n']} --shards --seed {manifest['seed']} "
             "--max-shift 0.5 --psf-jitter 0.05",
@@ -151,7 +151,7 @@ def main() -> None:
         "latent_prior_note": "The flow is fitted to q(z|x) draws of training galaxies brightened to "
         "S/N >= 100 (informative codes for every galaxy); its decoded draws match the held-out "
         "population's size and are as round as the decoder's own reconstructions of bright galaxies. "
-        "N(0, I) draws decode to galaxies about 6 times too large (see flow_vs_population).",
+        "N(0, I) draws decode to galaxies about 4 times too large (see flow_vs_population).",
     }
     bundle_from_runs(args.out, run, deb if (deb / "checkpoint.msgpack").exists() else None, card)
     bundle = load_bundle(args.out)
