@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     for index in range(args.n):  # blends of 2-3 galaxies, target brighter than r = 24
         r = simulate_blend(args.seed, index, n_range=(2, 3), mag_range=(19.0, 24.5))
         blends.append(r)
-        # the scene's file name, as `bayesblend simulate` writes it: `deblend --truth` reads it
-        r.truth["file"] = f"blend_{index}.fits"
+        name = f"blend_{index}.fits"
+        r.truth["file"] = name  # as `bayesblend simulate` writes it: `deblend --truth` reads it
         tables.append(r.truth)
-        write_scene(out / f"blend_{index}.fits", r.scene)
+        write_scene(out / name, r.scene)
     truth = stack_truth(tables)
     write_table(out / "truth.fits", truth)
     cols = min(3, len(blends))

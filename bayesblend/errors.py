@@ -21,3 +21,7 @@ class BundleError(BayesblendError):
 
 class MaskedBlendError(BayesblendError):
     """Every pixel of a blend's cutout is masked: there is nothing to fit."""
+
+
+class MaskedBlendWarning(UserWarning):
+    """A fully masked blend of a scene was left out; the scene's other blends are fitted."""

@@ -48,7 +48,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from bayesblend.blends import PreparedBlend, blend_region, check_scene, group_sources, prepare_blend
-from bayesblend.errors import BayesblendError, MaskedBlendError
+from bayesblend.errors import BayesblendError, MaskedBlendError, MaskedBlendWarning
 from bayesblend.forward import paste_stamps, render_scene
 from bayesblend.model import (
     LOG_FLUX_SIGMA,
@@ -673,6 +673,7 @@ def prepare_scene(
         more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
         warnings.warn(
             f"{len(left_out)} source(s) of {name} in fully masked blends left out, at x, y = {where}{more}",
+            MaskedBlendWarning,
             stacklevel=3,
         )
     return preps, kept_groups, kept_split
@@ -761,7 +762,7 @@ def deblend(
         # needs the method's draws; else one draw spares decoding and measuring the rest
         pilot_cfg = cfg if pilot_method == method else cfg.replace(num_draws=1)
         with warnings.catch_warnings():  # the run below says it again
-            warnings.filterwarnings("ignore", message=".*in fully masked blends left out")
+            warnings.simplefilter("ignore", MaskedBlendWarning)
             pilot = deblend(
                 scenes,
                 [np.c_[x, y] for x, y in positions],

@@ -7,7 +7,7 @@ from astropy.table import Table
 from bayesblend import catalog as cat
 from bayesblend import infer
 from bayesblend.cli import main, truth_per_scene
-from bayesblend.errors import BayesblendError
+from bayesblend.errors import BayesblendError, MaskedBlendWarning
 from bayesblend.infer import deblend
 from bayesblend.io import write_scene
 from bayesblend.scene import Scene
@@ -88,7 +88,7 @@ def test_fully_masked_blend_and_bad_method(prior, galaxy):
     sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
     sc.mask = np.ones(sc.image.shape, bool)
     with pytest.raises(BayesblendError, match=r"every pixel of every blend is masked \(1 source\(s\)\)"):
-        with pytest.warns(UserWarning, match="of scene 0 in fully masked blends left out"):
+        with pytest.warns(MaskedBlendWarning, match="of scene 0 in fully masked blends left out"):
             deblend(sc, sources=np.array([[23.5, 23.5]]), prior=prior, **QUICK)
     # a field of two blends, one of them entirely masked: the other is still deblended
     sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
@@ -104,7 +104,7 @@ def test_fully_masked_blend_and_bad_method(prior, galaxy):
     )
     field.mask[..., : 2 * w] = True  # the first galaxy's whole cutout (cutouts are rounded up in size)
     with pytest.warns(
-        UserWarning,
+        MaskedBlendWarning,
         match=r"1 source\(s\) of scene 0 in fully masked blends left out, at x, y = \(23.5, 23.5\)",
     ):
         post = deblend(field, sources=np.array([[23.5, 23.5], [2 * w + 23.5, 23.5]]), prior=prior, **QUICK)
