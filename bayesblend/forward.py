@@ -286,15 +286,15 @@ def anchor_and_offset(x: np.ndarray, y: np.ndarray, stamp: int) -> tuple[np.ndar
 # the k-grid, so one code path serves LSST (0.2"), Euclid VIS (0.1") and NISP
 # (0.3") alike.
 #
-# Why not jax-galsim: it implements the same algorithm as GalSim (quintic
-# k-interpolation of a padded FFT, x-interpolant transform, FFT drawing), and
-# its InterpolatedImage/Transform/Convolve match GalSim; but each draw rebuilds
-# its objects at trace time, sizes its FFTs from the profile unless the FFT size
-# is pinned through GSParams, carries float64 bookkeeping, and is not written for
-# vmap over sources and bands with a precomputed canonical spectrum. The
-# comparison (benchmarks/bench_renderer.py, recorded in RESULTS) measured this
-# module against GalSim and against jax-galsim on the same stamps: equal
-# accuracy, and the cost per gradient recorded there.
+# Why not jax-galsim (evaluated, 2026-12-05, jax-galsim 2026.7.0): it implements
+# GalSim's algorithm (the same quintic k-interpolation of a padded FFT), and drawn
+# with its FFT size pinned it matches GalSim to 4e-5 of the peak, with correct
+# gradients with respect to a shear (checked against finite differences). But a
+# six-band LSST stamp costs 175 ms and 770 MFLOP per gradient with respect to the
+# pose and the canonical image on this CPU, against 7 ms and 125 MFLOP here
+# (benchmarks/bench_renderer.py, RESULTS "Renderer"): it rebuilds its objects
+# band by band at trace time, cannot share one k-interpolation between bands, and
+# would add three dependencies (jax-galsim, equinox, quadax) to the hot path.
 # ---------------------------------------------------------------------------
 
 
@@ -337,7 +337,7 @@ def quintic_ft(u: jnp.ndarray) -> jnp.ndarray:
 
 
 #: Zero-padding factor of the canonical image before its FFT (k-space sampling density).
-CANONICAL_PAD_FACTOR = 4
+CANONICAL_PAD_FACTOR = 2
 
 
 def canonical_spectrum(canonical: jnp.ndarray, pad_factor: int = CANONICAL_PAD_FACTOR) -> jnp.ndarray:
@@ -349,8 +349,9 @@ def canonical_spectrum(canonical: jnp.ndarray, pad_factor: int = CANONICAL_PAD_F
         ``(..., band, N, N)`` canonical morphology (N even), centred at
         ``((N-1)/2, (N-1)/2)``.
     pad_factor : int
-        The padded grid has side ``pad_factor * N`` (static); 4 as GalSim's
-        default keeps the quintic k-interpolation at the 1e-4 level.
+        The padded grid has side ``pad_factor * N`` (static). GalSim's default
+        is 4; 2 stays within 2.1e-4 of the peak of it on LSST stamps
+        (``benchmarks/bench_renderer.py``) at a quarter of the FFT cost.
 
     Returns
     -------
@@ -389,18 +390,28 @@ def psf_spectrum(psf: np.ndarray | jnp.ndarray, n: int) -> jnp.ndarray:
 
 
 def _interpolate_spectrum(spectrum: jnp.ndarray, qy: jnp.ndarray, qx: jnp.ndarray) -> jnp.ndarray:
-    """Quintic interpolation of a periodic ``(..., band, P, P)`` spectrum at ``(qy, qx)`` (bins)."""
+    """Interpolate a periodic ``(..., band, P, P)`` spectrum at ``(qy, qx)`` (bins), ``(..., band, K)``.
+
+    Quintic weights, 6 x 6 taps per point. The gather runs on a
+    ``(P * P, 2 band)`` real layout, so that each tap fetches one contiguous
+    row of every band's real and imaginary parts (1.4x faster on the CPU, with
+    its transpose the scatter-add of the gradient, than gathering complex
+    values band by band).
+    """
     p = spectrum.shape[-1]
+    lead = spectrum.shape[:-2]
+    flat = spectrum.reshape((-1, p * p))
+    table = jnp.concatenate([flat.real, flat.imag]).T  # (P*P, 2 B)
     taps = jnp.arange(-2, 4)
     fy, fx = jnp.floor(qy), jnp.floor(qx)
-    wy = quintic(qy[..., None] - (fy[..., None] + taps))  # (K, 6)
-    wx = quintic(qx[..., None] - (fx[..., None] + taps))
-    iy = (fy.astype(jnp.int32)[..., None] + taps) % p
-    ix = (fx.astype(jnp.int32)[..., None] + taps) % p
-    flat = spectrum.reshape(spectrum.shape[:-2] + (p * p,))
-    index = iy[..., :, None] * p + ix[..., None, :]  # (K, 6, 6)
-    values = jnp.take(flat, index, axis=-1)  # (..., band, K, 6, 6)
-    return jnp.einsum("...kij,ki,kj->...k", values, wy, wx)
+    wy = quintic(qy[:, None] - (fy[:, None] + taps))  # (K, 6)
+    wx = quintic(qx[:, None] - (fx[:, None] + taps))
+    iy = (fy.astype(jnp.int32)[:, None] + taps) % p
+    ix = (fx.astype(jnp.int32)[:, None] + taps) % p
+    values = table[iy[:, :, None] * p + ix[:, None, :]]  # (K, 6, 6, 2 B)
+    out = jnp.einsum("kijc,ki,kj->ck", values, wy, wx)
+    nb = flat.shape[0]
+    return jax.lax.complex(out[:nb], out[nb:]).reshape(lead + (-1,))
 
 
 @functools.cache
