@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 
 from bayesblend.errors import BayesblendError
+from bayesblend.simulate.galaxy import circularised_hlr
 from bayesblend.simulate.population import (
     COUNTS_SLOPE,
     band_fluxes,
-    circularised_hlr,
     draw_catalog,
     number_density,
 )

@@ -15,11 +15,14 @@ scene's shear centre with GalSim's (area-preserving) shear matrix, the same
 transform GalSim applies to the profiles. A 90-degree rotation maps
 ``e -> -e`` and ``(dx, dy) -> (-dy, dx)``.
 
-Each source is drawn with GalSim (bulge and disk separately, because their
-fractions change with band) in every band convolved with that band's PSF and the
-pixel. On request the *model-frame morphology* of the decoder contract is drawn
-too: the same profile convolved with the survey's narrow Gaussian model PSF,
-normalised to unit sum per band.
+Each source is drawn with GalSim (bulge, disk and knots separately, because
+their fractions change with band; :mod:`bayesblend.simulate.galaxy`) in every
+band convolved with that band's PSF and the pixel. On request the *model-frame
+morphology* of the v1 decoder contract is drawn too (the same profile
+convolved with the survey's narrow Gaussian model PSF, normalised to unit sum
+per band), and the *canonical morphology* of the v2 galaxy model: the galaxy
+round, PSF-free, dilated to the canonical half-light radius
+(:mod:`bayesblend.canonical`), with its true pose in the truth table.
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
 
+from bayesblend.canonical import DEFAULT_FRAME, CanonicalFrame
 from bayesblend.errors import BayesblendError
 from bayesblend.scene import Scene
-from bayesblend.simulate.population import band_fluxes, circularised_hlr
+from bayesblend.simulate.galaxy import canonical_image, circularised_hlr, components, weights
+from bayesblend.simulate.population import band_fluxes
 from bayesblend.simulate.truth import blendedness, snr
 from bayesblend.survey import Survey, poisson_variance
 
@@ -42,7 +47,6 @@ from bayesblend.survey import Survey, poisson_variance
 FULL_CANVAS_MAX = 96
 #: Sky position of the centre of simulated scenes (COSMOS field), degrees.
 DEFAULT_SKY_CENTRE = (150.1, 2.2)
-GSPARAMS = galsim.GSParams(maximum_fft_size=8192)
 
 
 @dataclass
@@ -62,6 +66,9 @@ class RenderedScene:
     morphology : numpy.ndarray or None
         ``(source, band, y, x)`` model-frame morphology (unit sum per band) of
         the requested sources, on the scene's pixel grid.
+    canonical : numpy.ndarray or None
+        ``(source, band, size, size)`` canonical morphology of the requested
+        sources (:func:`bayesblend.simulate.galaxy.canonical_image`).
     """
 
     scene: Scene
@@ -69,6 +76,7 @@ class RenderedScene:
     truth: Table
     sources: np.ndarray | None = None
     morphology: np.ndarray | None = None
+    canonical: np.ndarray | None = None
 
 
 def lensed_ellipticity(e1: np.ndarray, e2: np.ndarray, g1: float, g2: float) -> np.ndarray:
@@ -123,6 +131,8 @@ def render_scene(
     psf_fwhm: Sequence[float] | None = None,
     keep_sources: bool = False,
     morphology_for: Sequence[int] = (),
+    canonical_for: Sequence[int] = (),
+    frame: CanonicalFrame = DEFAULT_FRAME,
     psf_size: int = 41,
     sky_centre: tuple[float, float] = DEFAULT_SKY_CENTRE,
     reference_band: str = "r",
@@ -156,6 +166,10 @@ def render_scene(
         Return each source's noiseless image in ``RenderedScene.sources``.
     morphology_for : sequence of int
         Rows whose model-frame morphology is returned.
+    canonical_for : sequence of int
+        Rows whose canonical morphology is returned (in ``frame``).
+    frame : CanonicalFrame
+        Canonical grid of ``canonical_for``.
     psf_size : int
         Side of the PSF images stored with the scene (odd), pixels.
     sky_centre : (float, float)
@@ -174,7 +188,10 @@ def render_scene(
         ``sed_disk``, ``snr`` (paper eq. 7), ``b_closest``, ``b_tot``
         (eqs. 1, 3), ``closest_id``, ``dmag_closest`` (mag of the closest
         neighbour minus this one's, reference band), ``shear_g1``,
-        ``shear_g2``, ``rotated``.
+        ``shear_g2``, ``rotated``, and the v2 population's ``bulge_n``,
+        ``knot_frac``, ``n_knots`` where the layout has them. The true pose
+        of the galaxy model is ``(e1, e2)``, ``hlr`` (the reference band's:
+        the canonical morphology's dilation), ``flux_<b>`` and ``x``, ``y``.
     """
     bands = survey.band_names if bands is None else survey.check_bands(bands)
     ny, nx = (int(shape[0]), int(shape[1]))
@@ -227,18 +244,22 @@ def render_scene(
     morph_rows = list(morphology_for)
     morphology = np.zeros((len(morph_rows), len(bands), ny, nx), dtype=np.float32)
     ref = bands.index(reference_band) if reference_band in bands else 0
+    bulge_n = np.asarray(layout["bulge_n"], float) if n and "bulge_n" in layout.colnames else np.full(n, 4.0)
+    hlr = (
+        circularised_hlr(layout["bulge_frac"], layout["bulge_hlr"], layout["disk_hlr"], bulge_n) if n else []
+    )
+    canon_rows = list(canonical_for)
+    canonical = np.zeros((len(canon_rows), len(bands), frame.size, frame.size), dtype=np.float32)
+    for j, i in enumerate(canon_rows):
+        canonical[j] = canonical_image(layout[i], bt[i], float(hlr[i]), frame)
     ref_stamps: list[tuple[tuple[int, int, int, int], np.ndarray] | None] = []
     in_image = np.zeros((n, len(bands)))
     model_psf = survey.model_psf_object()
     for i in range(n):
         row = layout[i]
         shape_i = galsim.Shear(g1=e1i[i], g2=e2i[i])
-        comps = []
-        if np.any(bt[i] > 0):
-            comps.append(("bulge", galsim.DeVaucouleurs(half_light_radius=float(row["bulge_hlr"]))))
-        if np.any(bt[i] < 1):
-            comps.append(("disk", galsim.Exponential(half_light_radius=float(row["disk_hlr"]))))
-        comps = [(k, c.withGSParams(GSPARAMS).shear(shape_i).shear(g1=g1, g2=g2)) for k, c in comps]
+        w_i = weights(row, bt[i])
+        comps = [(k, c.shear(shape_i).shear(g1=g1, g2=g2)) for k, c in components(row).items()]
         # box half-width: the Kolmogorov wings and de Vaucouleurs bulges need room (< 0.3 % lost)
         radius = (8 * max(row["disk_hlr"], row["bulge_hlr"]) + 5 * max(fwhm)) / scale
         bounds = _stamp_bounds(xs[i], ys[i], radius, (ny, nx))
@@ -249,7 +270,7 @@ def render_scene(
         stamp = np.zeros((len(bands), y1 - y0, x1 - x0))
         for b, psf in enumerate(psfs):
             for kind, comp in comps:
-                w = bt[i, b] if kind == "bulge" else 1.0 - bt[i, b]
+                w = w_i[kind][b]
                 if w > 0:
                     arr = _draw(galsim.Convolve(comp, psf), bounds, xs[i], ys[i], scale)
                     stamp[b] += flux[i, b] * w * arr
@@ -263,7 +284,7 @@ def render_scene(
             m = np.zeros_like(stamp)
             for b in range(len(bands)):
                 for kind, arr in unit.items():
-                    m[b] += (bt[i, b] if kind == "bulge" else 1.0 - bt[i, b]) * arr
+                    m[b] += w_i[kind][b] * arr
             m = np.clip(m, 0.0, None)
             m /= np.maximum(m.sum(axis=(1, 2), keepdims=True), 1e-30)
             morphology[morph_rows.index(i), :, y0:y1, x0:x1] = m
@@ -307,9 +328,10 @@ def render_scene(
     truth["e1"], truth["e2"] = e_obs[:, 0], e_obs[:, 1]
     for col in ("disk_hlr", "bulge_hlr", "bulge_frac", "redshift", "sed_disk"):
         truth[col] = np.asarray(layout[col]) if n else np.zeros(0)
-    truth["hlr"] = (
-        circularised_hlr(truth["bulge_frac"], truth["bulge_hlr"], truth["disk_hlr"]) if n else np.zeros(0)
-    )
+    for col in ("bulge_n", "knot_frac", "n_knots"):
+        if n and col in layout.colnames:
+            truth[col] = np.asarray(layout[col])
+    truth["hlr"] = np.asarray(hlr, dtype=float)
     truth["snr"] = np.array([np.nan if s is None else snr(s[1], sky[ref]) for s in ref_stamps])
     mags_ref = np.asarray(truth[f"mag_{bands[ref]}"])
     b_closest, b_tot, closest = blendedness(ref_stamps, noiseless[ref], xs, ys)
@@ -335,4 +357,5 @@ def render_scene(
         truth=truth,
         sources=sources,
         morphology=morphology if morph_rows else None,
+        canonical=canonical if canon_rows else None,
     )
