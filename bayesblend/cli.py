@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--n-range", type=_ints, default=(1, 4), help="galaxies per blend, min,max")
     sim.add_argument("--annulus", type=_floats, default=(0.325, 2.0), help="neighbours' annulus, arcsec")
     sim.add_argument("--mag-range", type=_floats, default=None, help="r-band range, e.g. 18,27.5")
+    sim.add_argument(
+        "--family",
+        choices=["bulge+disk", "sersic"],
+        default="bulge+disk",
+        help="galaxy population: bulge+disk+knots (training) or single Sersic (out of distribution)",
+    )
     sim.add_argument("--size", type=int, default=256, help="field side, pixels")
     sim.add_argument("--density", type=float, default=None, help="field density, galaxies/arcmin^2")
     sim.add_argument("--shear", type=float, default=0.02, help="shear-pair amplitude")
@@ -160,6 +166,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from bayesblend.simulate.dataset import simulate_dataset
 
     sim: dict = {"bands": args.bands, "psf_jitter": args.psf_jitter}
+    if args.kind != "field":
+        sim["family"] = args.family
     if args.mag_range is not None:
         if len(args.mag_range) != 2:
             raise BayesblendError(f"--mag-range needs two numbers, got {args.mag_range}")

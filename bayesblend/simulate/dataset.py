@@ -10,6 +10,8 @@ Two layouts under an output directory:
   ``.npy`` arrays (memory-mappable, non-executable) and ``truth.fits``, plus
   ``dataset.json`` describing the set. Arrays, float32 ``(item, band, y, x)``:
   ``noisy``, ``noiseless``, ``morphology`` (target's model-frame morphology),
+  ``canonical`` (target's canonical morphology, ``(item, band, N, N)`` in the
+  frame named by ``dataset.json``'s ``canonical_frame``),
   ``psf`` ``(item, band, p, p)`` when the PSF is jittered (else one
   ``psf.npy`` ``(band, p, p)`` beside ``dataset.json``); for blends also ``target`` (the target's
   noiseless isolated image) and, with ``members=True``, ``members``
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 from astropy.table import Table
 
+from bayesblend.canonical import DEFAULT_FRAME
 from bayesblend.errors import BayesblendError
 from bayesblend.io import atomic_path, read_table, write_scene, write_table
 from bayesblend.simulate.scenes import (
@@ -87,7 +90,7 @@ def _make_fits_chunk(job: dict) -> Table:
 def _make_shard(job: dict) -> tuple[int, int]:
     kind, seed, shard_dir = job["kind"], job["seed"], Path(job["shard_dir"])
     opts = job["options"]
-    arrays: dict[str, list[np.ndarray]] = {"noisy": [], "noiseless": [], "morphology": []}
+    arrays: dict[str, list[np.ndarray]] = {"noisy": [], "noiseless": [], "morphology": [], "canonical": []}
     if opts["sim"].get("psf_jitter", 0.0) > 0:
         arrays["psf"] = []
     if kind == "blends":
@@ -97,9 +100,9 @@ def _make_shard(job: dict) -> tuple[int, int]:
     tables = []
     for index in job["indices"]:
         if kind == "isolated":
-            r = simulate_isolated(seed, index, **opts["sim"])
+            r = simulate_isolated(seed, index, canonical=True, **opts["sim"])
         else:
-            r = simulate_blend(seed, index, **opts["sim"])
+            r = simulate_blend(seed, index, canonical=True, **opts["sim"])
             arrays["target"].append(r.sources[0])
             if "members" in arrays:
                 m = np.zeros((MAX_MEMBERS, *r.sources.shape[1:]), dtype=np.float32)
@@ -108,6 +111,7 @@ def _make_shard(job: dict) -> tuple[int, int]:
         arrays["noisy"].append(r.scene.image)
         arrays["noiseless"].append(r.noiseless)
         arrays["morphology"].append(r.morphology[0])
+        arrays["canonical"].append(r.canonical[0])
         if "psf" in arrays:
             arrays["psf"].append(r.scene.psf)
         tables.append(r.truth)
@@ -197,7 +201,7 @@ def simulate_dataset(
     **sim_options
         Passed to the item simulator (``stamp_size``, ``max_shift``,
         ``psf_jitter``, ``bands``, ``n_range``, ``annulus``, ``shape``,
-        ``density``, ``mag_range``).
+        ``density``, ``mag_range``, ``family``).
 
     Returns
     -------
@@ -263,6 +267,7 @@ def simulate_dataset(
             "sky": s.sky_level(bands).tolist(),
             "pixel_scale": s.pixel_scale,
             "model_psf_fwhm": s.model_psf_fwhm,
+            "canonical_frame": DEFAULT_FRAME.to_dict(),
             "options": {k: v for k, v in sim_options.items()},
             "members": members,
             "shards": [{"dir": f"shard-{k:05d}", "n": len(c)} for k, c in enumerate(chunks)],

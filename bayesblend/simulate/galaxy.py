@@ -2,7 +2,7 @@
 
 A population row (:func:`bayesblend.simulate.population.draw_catalog`)
 describes a galaxy as up to three components sharing one centre: a Sersic
-bulge (index ``bulge_n``, truncated at :data:`TRUNCATION` half-light radii), an
+bulge (index ``bulge_n``, truncated at :data:`TRUNCATION` half-light radii when n > 1), an
 exponential disk, and point-like star-forming knots (GalSim ``RandomKnots``,
 distributed as the disk's light). The scene renderer shears and lenses these
 round profiles and convolves them with each band's PSF; the canonical image is
@@ -23,6 +23,9 @@ from bayesblend.canonical import DEFAULT_FRAME, CanonicalFrame
 
 #: Truncation radius of Sersic components, in units of their half-light radius.
 TRUNCATION = 8.0
+#: Sersic indices up to this one are not truncated: they hold less than 3e-5 of their light
+#: beyond TRUNCATION, and GalSim's truncated-Sersic solver fails for some n < 1.
+TRUNCATE_ABOVE_N = 1.0
 #: GalSim settings for drawing the profiles (room for large FFTs of compact bulges).
 GSPARAMS = galsim.GSParams(maximum_fft_size=8192)
 
@@ -56,16 +59,18 @@ def enclosed_fraction(x: np.ndarray, n: np.ndarray | float, trunc: bool = True) 
     trunc : bool
         Truncated at :data:`TRUNCATION` half-light radii (GalSim's
         ``Sersic(..., trunc=...)`` with the half-light radius of the truncated
-        profile), as the simulator draws bulges; False for disks.
+        profile) where ``n > TRUNCATE_ABOVE_N``, as the simulator draws
+        bulges; False for disks.
     """
     x = np.asarray(x, dtype=float)
     n = np.broadcast_to(np.asarray(n, dtype=float), x.shape)
     out = np.empty(x.shape)
     for value in np.unique(n):
         sel = n == value
-        b = _sersic_b(float(value), trunc)
+        cut = trunc and value > TRUNCATE_ABOVE_N
+        b = _sersic_b(float(value), cut)
         frac = gammainc(2 * value, b * x[sel] ** (1.0 / value))
-        if trunc:
+        if cut:
             frac = np.minimum(frac / gammainc(2 * value, b * TRUNCATION ** (1.0 / value)), 1.0)
         out[sel] = frac
     return out
@@ -112,7 +117,8 @@ def components(row) -> dict[str, galsim.GSObject]:
     if bt > 0:
         hlr = float(row["bulge_hlr"])
         n = float(_get(row, "bulge_n", 4.0))
-        out["bulge"] = galsim.Sersic(n=n, half_light_radius=hlr, trunc=TRUNCATION * hlr, gsparams=GSPARAMS)
+        trunc = TRUNCATION * hlr if n > TRUNCATE_ABOVE_N else 0.0
+        out["bulge"] = galsim.Sersic(n=n, half_light_radius=hlr, trunc=trunc, gsparams=GSPARAMS)
     if bt < 1:
         disk = galsim.Exponential(half_light_radius=float(row["disk_hlr"]), gsparams=GSPARAMS)
         out["disk"] = disk

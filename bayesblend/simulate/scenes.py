@@ -77,9 +77,10 @@ def isolated_layout(
     stamp_size: int,
     max_shift: float = 0.0,
     mag_range: tuple[float, float] = (MAG_MIN, MAG_MAX),
+    family: str = "bulge+disk",
 ) -> Table:
     """One galaxy at the stamp centre, optionally shifted uniformly by up to ``max_shift`` pixels."""
-    t = draw_catalog(rng, 1, *mag_range)
+    t = draw_catalog(rng, 1, *mag_range, family=family)
     c = (stamp_size - 1) / 2.0
     t["x"] = c + rng.uniform(-max_shift, max_shift, 1)
     t["y"] = c + rng.uniform(-max_shift, max_shift, 1)
@@ -94,6 +95,7 @@ def blend_layout(
     annulus: tuple[float, float] = (0.325, 2.0),
     max_shift: float = 0.0,
     mag_range: tuple[float, float] = (MAG_MIN, MAG_MAX),
+    family: str = "bulge+disk",
 ) -> Table:
     """A blend as in Arcelin et al. sect. 2.1.3: brightest galaxy centred, others in an annulus.
 
@@ -109,7 +111,7 @@ def blend_layout(
     if not 0 <= r_in < r_out:
         raise BayesblendError(f"annulus must satisfy 0 <= inner < outer arcsec, got {annulus}")
     n = int(rng.integers(lo, hi + 1))
-    t = draw_catalog(rng, n, *mag_range)
+    t = draw_catalog(rng, n, *mag_range, family=family)
     t = t[np.argsort(np.asarray(t["mag_r_ref"]))]
     c = (stamp_size - 1) / 2.0
     r = np.sqrt(rng.uniform(r_in**2, r_out**2, n)) / pixel_scale
@@ -158,12 +160,18 @@ def simulate_isolated(
     rotate: bool = False,
     noise: bool = True,
     mag_range: tuple[float, float] = (MAG_MIN, MAG_MAX),
+    family: str = "bulge+disk",
+    canonical: bool = False,
 ) -> RenderedScene:
-    """An isolated galaxy stamp: noisy and noiseless observed images and its model-frame morphology."""
+    """An isolated galaxy stamp: noisy and noiseless observed images and its model-frame morphology.
+
+    ``family`` picks the population (:func:`bayesblend.simulate.population.draw_catalog`);
+    ``canonical=True`` also draws the galaxy's canonical morphology (``RenderedScene.canonical``).
+    """
     s = _survey(survey)
     check_stamp(s, stamp_size, max_shift)
     bands = s.band_names if bands is None else s.check_bands(bands)
-    layout = isolated_layout(item_rng(seed, index, LAYOUT), stamp_size, max_shift, mag_range)
+    layout = isolated_layout(item_rng(seed, index, LAYOUT), stamp_size, max_shift, mag_range, family)
     fwhm = psf_fwhm_draw(s, bands, psf_jitter, item_rng(seed, index, PSF))
     out = render_scene(
         s,
@@ -175,6 +183,7 @@ def simulate_isolated(
         rotate=rotate,
         psf_fwhm=fwhm,
         morphology_for=[0],
+        canonical_for=[0] if canonical else (),
     )
     out.truth["blend_id"] = np.full(len(out.truth), index, dtype=np.int64)
     _add_psf_columns(out.truth, bands, fwhm)
@@ -196,12 +205,16 @@ def simulate_blend(
     noise: bool = True,
     mag_range: tuple[float, float] = (MAG_MIN, MAG_MAX),
     all_morphologies: bool = False,
+    family: str = "bulge+disk",
+    canonical: bool = False,
 ) -> RenderedScene:
     """A blend stamp with each member's noiseless image and the target's morphology (row 0).
 
     ``all_morphologies=True`` returns every member's model-frame morphology
     (row order of the truth table), for measuring each galaxy's shape as the
     posterior draws are measured; the image and truth do not change.
+    ``family`` and ``canonical`` (the target's canonical morphology) as in
+    :func:`simulate_isolated`.
     """
     s = _survey(survey)
     check_stamp(s, stamp_size, max_shift)
@@ -214,6 +227,7 @@ def simulate_blend(
         annulus,
         max_shift,
         mag_range,
+        family,
     )
     fwhm = psf_fwhm_draw(s, bands, psf_jitter, item_rng(seed, index, PSF))
     out = render_scene(
@@ -227,6 +241,7 @@ def simulate_blend(
         psf_fwhm=fwhm,
         keep_sources=True,
         morphology_for=range(len(layout)) if all_morphologies else [0],
+        canonical_for=[0] if canonical else (),
     )
     out.truth["is_target"] = np.asarray(layout["is_target"])
     out.truth["blend_id"] = np.full(len(out.truth), index, dtype=np.int64)
