@@ -1,4 +1,4 @@
-"""Training: the denoising beta-VAE and the amortised deblender encoder (optax).
+"""Training: the denoising beta-VAE, the amortised deblender encoder, the canonical VAE (optax).
 
 The reconstruction term is the survey's Gaussian likelihood through the forward
 model of the decoder contract: decoder(z) -> difference kernel to the stamp's
@@ -12,6 +12,13 @@ sees the same noise twice. The KL weight is annealed linearly from 0 to
 For the amortised deblender (Arcelin et al. 2021, sect. 3.3) the inputs are
 blends, the target is the centred galaxy's isolated noiseless image, and the
 decoder is frozen: only the encoder learns.
+
+The canonical VAE (galaxy model v2, kind ``canonical-vae``) learns the
+canonical morphologies of :mod:`bayesblend.canonical` alone: the encoder sees
+the noiseless canonical image, and the reconstruction term is a Gaussian of
+fixed per-pixel width ``canonical_sigma`` (in units of the unit-sum image) on
+the canonical grid. Pose, PSF and noise never enter, so nothing of them can
+leak into the latent code.
 
 Loss values are per pixel (the sum over pixels and bands divided by their
 number) so that learning rates do not depend on the stamp size.
@@ -36,6 +43,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from bayesblend.canonical import CanonicalFrame
 from bayesblend.errors import BayesblendError
 from bayesblend.forward import difference_kernel, fft_size, render_source
 from bayesblend.io import atomic_path
@@ -43,12 +51,15 @@ from bayesblend.prior.networks import Decoder, Encoder, scale_input
 from bayesblend.simulate.dataset import ShardDataset
 from bayesblend.survey import get_survey, poisson_variance
 
+#: Training kinds: v1's VAE and deblender, v2's canonical VAE.
+KINDS = ("vae", "deblender", "canonical-vae")
+
 
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run needs; read from a TOML file (``configs/*.toml``)."""
 
-    kind: str = "vae"  # "vae" or "deblender"
+    kind: str = "vae"  # "vae", "deblender" or "canonical-vae"
     data: str = "data/lsst-isolated-train"
     out: str = "runs/vae"
     init_from: str = ""  # run directory whose decoder (deblender: and encoder) start this run
@@ -66,6 +77,7 @@ class TrainConfig:
     validation_items: int = 1000
     checkpoint_every: int = 500
     seed: int = 0
+    canonical_sigma: float = 2e-4  # canonical-vae: per-pixel width of the reconstruction term
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
@@ -93,8 +105,8 @@ class TrainConfig:
             elif not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
                 raise BayesblendError(f"{path}: {k} must be {want.__name__}, got {v!r}")
         cfg = cls(**raw)
-        if cfg.kind not in ("vae", "deblender"):
-            raise BayesblendError(f"{path}: kind must be 'vae' or 'deblender', got {cfg.kind!r}")
+        if cfg.kind not in KINDS:
+            raise BayesblendError(f"{path}: kind must be one of {', '.join(KINDS)}, got {cfg.kind!r}")
         return cfg
 
 
@@ -140,6 +152,53 @@ class TrainingData:
             "offset": self.offsets[idx],
             "flux": target.sum(axis=(-2, -1)).astype(np.float32),
         }
+
+
+class CanonicalData:
+    """Batches of canonical morphologies ``(item, band, N, N)`` from a shard dataset.
+
+    The last ``validation_items`` items are held out, as in :class:`TrainingData`.
+    """
+
+    def __init__(self, path: str | Path, validation_items: int) -> None:
+        self.ds = ShardDataset(path)
+        m = self.ds.manifest
+        if "canonical_frame" not in m:
+            raise BayesblendError(f"{path}: no canonical morphologies (simulated before galaxy model v2)")
+        self.frame = CanonicalFrame.from_dict(m["canonical_frame"])
+        self.bands = list(m["bands"])
+        self.stamp = self.frame.size
+        n = len(self.ds)
+        nval = min(validation_items, n // 5)
+        self.train_idx = np.arange(n - nval)
+        self.val_idx = np.arange(n - nval, n)
+
+    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """``{"canonical": (item, band, N, N)}`` for items ``idx``."""
+        return {"canonical": np.ascontiguousarray(self.ds.load("canonical", np.sort(idx)), dtype=np.float32)}
+
+
+def make_canonical_loss(
+    enc: Encoder, dec: Decoder, sigma: float, bands: int
+) -> Callable[[dict, dict, float, jax.Array], tuple[jnp.ndarray, dict[str, jnp.ndarray]]]:
+    """Per-pixel negative ELBO of canonical morphologies (same signature as :func:`make_loss`).
+
+    The encoder input is ``asinh(C / (3 sigma))`` of the canonical image ``C``;
+    the reconstruction term ``0.5 sum((decoder(z) - C)^2) / sigma^2``.
+    """
+    scale = jnp.full((bands,), sigma, dtype=jnp.float32)
+
+    def loss_fn(params, batch, beta, key):
+        target = batch["canonical"]
+        mean, log_sigma = enc.apply(params["encoder"], scale_input(target, scale))
+        z = mean + jnp.exp(log_sigma) * jax.random.normal(key, mean.shape)
+        pred = dec.apply(params["decoder"], z)
+        npix = target.shape[-3] * target.shape[-2] * target.shape[-1]
+        nll = 0.5 * jnp.sum((pred - target) ** 2, axis=(-3, -2, -1)) / sigma**2 / npix
+        kl = 0.5 * jnp.sum(mean**2 + jnp.exp(2 * log_sigma) - 1.0 - 2 * log_sigma, axis=-1) / npix
+        return jnp.mean(nll + beta * kl), {"nll": jnp.mean(nll), "kl": jnp.mean(kl)}
+
+    return loss_fn
 
 
 def make_loss(
@@ -228,10 +287,11 @@ def train(
     """
     from tqdm import tqdm
 
-    data = TrainingData(cfg.data, cfg.kind, cfg.validation_items)
-    survey = get_survey(data.ds.manifest["survey"])
-    psf_size = data.ds.psf([0]).shape[-1]
-    model_psf = survey.model_psf_image(psf_size)
+    canonical = cfg.kind == "canonical-vae"
+    if canonical:
+        data = CanonicalData(cfg.data, cfg.validation_items)
+    else:
+        data = TrainingData(cfg.data, cfg.kind, cfg.validation_items)
     enc, dec = build_networks(cfg, len(data.bands), data.stamp)
     key = jax.random.PRNGKey(cfg.seed)
     k_enc, k_dec, key = jax.random.split(key, 3)
@@ -267,7 +327,12 @@ def train(
     with atomic_path(out / "config.json") as tmp:
         tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
-    loss_fn = make_loss(enc, dec, model_psf, data.sky, data.stamp)
+    if canonical:
+        loss_fn = make_canonical_loss(enc, dec, cfg.canonical_sigma, len(data.bands))
+    else:
+        survey = get_survey(data.ds.manifest["survey"])
+        model_psf = survey.model_psf_image(data.ds.psf([0]).shape[-1])
+        loss_fn = make_loss(enc, dec, model_psf, data.sky, data.stamp)
 
     @jax.jit
     def step_fn(params, opt_state, batch, beta, key):

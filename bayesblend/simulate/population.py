@@ -60,6 +60,7 @@ import functools
 import numpy as np
 from astropy.table import Table
 
+from bayesblend.ellipticity import prior_log_density
 from bayesblend.errors import BayesblendError
 from bayesblend.simulate.sed import TEMPLATES, colours
 from bayesblend.survey import Survey
@@ -123,7 +124,8 @@ def ellipticity_scale(sigma_e: float = SIGMA_E) -> float:
     e = np.linspace(0.0, 1.0, 20001)[1:-1]
 
     def comp_sigma(s: float) -> float:
-        p = e * (1 - e**2) ** 2 * np.exp(-(e**2) / (2 * s**2))
+        # |e| density: the prior per unit area times the ring's circumference
+        p = e * np.exp(np.asarray(prior_log_density(np.stack([e, 0 * e], -1), s)))
         return float(np.sqrt(np.trapezoid(p * e**2, e) / np.trapezoid(p, e) / 2.0))
 
     lo, hi = 0.01, 5.0
