@@ -14,7 +14,10 @@ FAST = dict(num_draws=40, num_warmup=30, num_chains=2, map_steps=150, svi_steps=
 
 @pytest.fixture(scope="module")
 def bright_pair():
-    return simulate_blend(21, 3, n_range=(2, 3), mag_range=(20.0, 24.0))
+    # two bright galaxies without star-forming knots, whose wings touch (blendedness 0.07): a knot moves
+    # the light centroid off the profile centre and can be redetected as a source of its own, and
+    # models/lsst-v1 never saw knots (its training population had none)
+    return simulate_blend(21, 19, n_range=(2, 3), mag_range=(20.0, 24.0))
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +224,8 @@ def test_redetection_finds_the_galaxy_detection_missed(prior, bright_pair, monke
 
     t = bright_pair.truth
     # a detector that finds only the brighter galaxy; the other is in the fit's residual
-    found = Table({"x": [t["x"][1]], "y": [t["y"][1]], "snr": [t["snr"][1]]})
+    k = int(np.argmax(t["snr"]))
+    found = Table({"x": [t["x"][k]], "y": [t["y"][k]], "snr": [t["snr"][k]]})
     monkeypatch.setattr(bayesblend.detect, "detect_sources", lambda scene, survey=None: found)
     fast = dict(method="map", prior=prior, map_steps=150, num_draws=40)
     assert deblend(bright_pair.scene, redetect=False, **fast).n_sources == 1
