@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bayesblend.errors import BundleError
+from bayesblend.errors import BayesblendError, BundleError
 from bayesblend.prior.bundle import load_bundle, save_bundle, update_card
 from bayesblend.prior.flow import SNR_FOR_FLOW, brightened_observation, fit_flow, log_prob, sample
 from bayesblend.prior.networks import Decoder, Encoder
@@ -72,6 +72,38 @@ def test_tiny_vae_lowers_its_loss_and_resumes_exactly(tiny_data, tmp_path):
         _tiny_config(tiny_data, tmp_path / "straight", steps=40, checkpoint_every=5), progress=False
     )
     np.testing.assert_allclose(straight["history"]["val_nll"], hist["val_nll"], rtol=1e-4)
+
+
+def test_canonical_vae_then_pose_encoder_learn_and_the_teacher_stays_frozen(tiny_data, tmp_path):
+    """Galaxy model v2's two training kinds on tiny data: both lower their held-out loss."""
+    vae = train(
+        _tiny_config(tiny_data, tmp_path / "canon", kind="canonical-vae", steps=60, checkpoint_every=20),
+        progress=False,
+    )
+    hist = vae["history"]
+    assert vae["decoder"].stamp == 64  # the canonical grid, not the 24-pixel stamps
+    assert np.all(np.isfinite(hist["val_nll"])) and hist["val_nll"][-1] < 0.7 * hist["val_nll"][0]
+    pose = train(
+        _tiny_config(
+            tiny_data,
+            tmp_path / "pose",
+            kind="pose-encoder",
+            init_from=str(tmp_path / "canon"),
+            teacher_features=(4, 8, 8),
+            steps=60,
+            checkpoint_every=20,
+            learning_rate=1e-2,
+        ),
+        progress=False,
+    )
+    ph = pose["history"]
+    # the pose part of -log q(theta_true | stamp) ("kl" in the history) falls as the encoder learns
+    assert np.all(np.isfinite(ph["val_kl"])) and ph["val_kl"][-1] < 0.9 * ph["val_kl"][0]
+    teacher = jax.tree_util.tree_leaves(pose["params"]["teacher"])
+    original = jax.tree_util.tree_leaves(vae["params"]["encoder"])
+    assert all(np.array_equal(a, b) for a, b in zip(teacher, original, strict=True))
+    with pytest.raises(BayesblendError, match="init_from"):
+        train(_tiny_config(tiny_data, tmp_path / "orphan", kind="pose-encoder", steps=2), progress=False)
 
 
 def _small_bundle(tmp_path):

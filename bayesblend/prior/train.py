@@ -47,19 +47,20 @@ from bayesblend.canonical import CanonicalFrame
 from bayesblend.errors import BayesblendError
 from bayesblend.forward import difference_kernel, fft_size, render_source
 from bayesblend.io import atomic_path
+from bayesblend.prior.amortised import PoseData, PoseLayout, make_pose_loss
 from bayesblend.prior.networks import Decoder, Encoder, scale_input
 from bayesblend.simulate.dataset import ShardDataset
 from bayesblend.survey import get_survey, poisson_variance
 
 #: Training kinds: v1's VAE and deblender, v2's canonical VAE.
-KINDS = ("vae", "deblender", "canonical-vae")
+KINDS = ("vae", "deblender", "canonical-vae", "pose-encoder")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run needs; read from a TOML file (``configs/*.toml``)."""
 
-    kind: str = "vae"  # "vae", "deblender" or "canonical-vae"
+    kind: str = "vae"  # one of KINDS
     data: str = "data/lsst-isolated-train"
     out: str = "runs/vae"
     init_from: str = ""  # run directory whose decoder (deblender: and encoder) start this run
@@ -78,6 +79,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 0
     canonical_sigma: float = 2e-4  # canonical-vae: per-pixel width of the reconstruction term
+    teacher_features: tuple[int, ...] = (24, 48, 64)  # pose-encoder: the canonical VAE's encoder
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
@@ -288,22 +290,38 @@ def train(
     from tqdm import tqdm
 
     canonical = cfg.kind == "canonical-vae"
+    pose = cfg.kind == "pose-encoder"
     if canonical:
         data = CanonicalData(cfg.data, cfg.validation_items)
+    elif pose:
+        data = PoseData(cfg.data, cfg.validation_items)
     else:
         data = TrainingData(cfg.data, cfg.kind, cfg.validation_items)
     enc, dec = build_networks(cfg, len(data.bands), data.stamp)
     key = jax.random.PRNGKey(cfg.seed)
     k_enc, k_dec, key = jax.random.split(key, 3)
-    params = {
-        "encoder": enc.init(k_enc, jnp.zeros((len(data.bands), data.stamp, data.stamp))),
-        "decoder": dec.init(k_dec, jnp.zeros((cfg.latent_dim,))),
-    }
-    if cfg.init_from:
+    if pose:
+        if not cfg.init_from:
+            raise BayesblendError("a pose-encoder run needs init_from: the canonical VAE run it encodes for")
+        layout = PoseLayout(cfg.latent_dim, len(data.bands))
+        teacher = Encoder(latent_dim=cfg.latent_dim, features=tuple(cfg.teacher_features))
+        enc = Encoder(latent_dim=layout.size, features=tuple(cfg.encoder_features))
+        src = serialization.msgpack_restore(Path(cfg.init_from, "checkpoint.msgpack").read_bytes())
+        t_init = teacher.init(k_dec, jnp.zeros((len(data.bands), data.frame.size, data.frame.size)))
+        params = {
+            "encoder": enc.init(k_enc, jnp.zeros((len(data.bands), data.stamp, data.stamp))),
+            "teacher": serialization.from_state_dict(t_init, src["params"]["encoder"]),
+        }
+    else:
+        params = {
+            "encoder": enc.init(k_enc, jnp.zeros((len(data.bands), data.stamp, data.stamp))),
+            "decoder": dec.init(k_dec, jnp.zeros((cfg.latent_dim,))),
+        }
+    if cfg.init_from and not pose:
         src = serialization.msgpack_restore(Path(cfg.init_from, "checkpoint.msgpack").read_bytes())
         params["decoder"] = serialization.from_state_dict(params["decoder"], src["params"]["decoder"])
         params["encoder"] = serialization.from_state_dict(params["encoder"], src["params"]["encoder"])
-    trainable = "encoder" if cfg.kind == "deblender" else None
+    trainable = "encoder" if cfg.kind in ("deblender", "pose-encoder") else None
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(_lr_schedule(cfg)))
     if trainable:
         tx = optax.multi_transform(
@@ -329,6 +347,8 @@ def train(
 
     if canonical:
         loss_fn = make_canonical_loss(enc, dec, cfg.canonical_sigma, len(data.bands))
+    elif pose:
+        loss_fn = make_pose_loss(enc, teacher, layout, data.sky, cfg.canonical_sigma)
     else:
         survey = get_survey(data.ds.manifest["survey"])
         model_psf = survey.model_psf_image(data.ds.psf([0]).shape[-1])
