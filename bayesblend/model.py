@@ -32,14 +32,17 @@ and NUTS then lets them drift without bound.)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 
-from bayesblend.forward import paste_stamps, render_stamps
+from bayesblend.ellipticity import EtaPrior, to_ellipticity
+from bayesblend.forward import canonical_spectrum, paste_stamps, render_pose, render_stamps
 from bayesblend.survey import poisson_variance
 
 #: Defaults of the scene model's priors and variance, the one source of them (``prepare_blend`` and
@@ -177,6 +180,142 @@ def scene_model(
             "offset", dist.Normal(data["offset0"], spec.position_sigma * jnp.ones((n, 2))).to_event(1)
         )
     mean = scene_mean(spec, data, decode, to_latent, {"u": u, "log_flux": log_flux, "offset": offset})
+    var = pixel_variance(spec, data, mean)
+    numpyro.sample(
+        "obs",
+        dist.Normal(mean, jnp.sqrt(var)).mask(data["valid"]).to_event(3),
+        obs=jnp.where(data["valid"], data["image"], 0.0),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Galaxy model v2: explicit pose. A source is a canonical morphology decoded
+# from z, put on the survey's pixel grid by an explicit pose (ellipticity,
+# half-light radius, sub-pixel position, flux per band) and each band's PSF
+# (forward.render_pose). Replaces the model above once models/lsst-v2 ships.
+# ---------------------------------------------------------------------------
+
+#: Width of the log half-light-radius prior around the population's size-magnitude relation
+#: (natural log); the card's measured scatter is broadened to it when that is narrower.
+LOG_HLR_SIGMA = 0.8
+
+
+@dataclass(frozen=True)
+class PoseSceneSpec:
+    """Static description of a (padded) v2 scene model; hashable, so jit compiles once per spec.
+
+    Attributes
+    ----------
+    shape : (int, int)
+        ``(H, W)`` of the scene, pixels.
+    n_sources : int
+        Padded number of sources.
+    latent_dim : int
+    stamp : int
+        Side of each source's stamp, survey pixels.
+    pixel_scale : float
+        Survey pixel scale, arcsec.
+    hlr_pixels : float
+        Half-light radius of the canonical frame, canonical pixels.
+    ellipticity_scale : float
+        ``s`` of the Bernstein & Armstrong prior (:class:`bayesblend.ellipticity.EtaPrior`).
+    log_flux_sigma, log_hlr_sigma : float
+        Widths of the log-flux and log-size priors, natural log units.
+    position_sigma : float
+        Width of the position prior, pixels.
+    has_variance, model_error :
+        As :class:`SceneSpec`.
+    """
+
+    shape: tuple[int, int]
+    n_sources: int
+    latent_dim: int
+    stamp: int
+    pixel_scale: float
+    hlr_pixels: float
+    ellipticity_scale: float
+    log_flux_sigma: float = LOG_FLUX_SIGMA
+    log_hlr_sigma: float = LOG_HLR_SIGMA
+    position_sigma: float = POSITION_SIGMA
+    has_variance: bool = True
+    model_error: float = MODEL_ERROR
+
+
+def pose_source_stamps(
+    spec: PoseSceneSpec,
+    data: dict[str, jnp.ndarray],
+    decode: Callable[[jnp.ndarray], jnp.ndarray],
+    to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None,
+    params: dict[str, jnp.ndarray],
+) -> jnp.ndarray:
+    """Each source's expected image on its stamp, ``(source, band, S, S)`` electrons.
+
+    ``params``: ``u`` ``(source, latent)``, ``eta`` ``(source, 2)``,
+    ``log_hlr`` ``(source,)`` (arcsec), ``log_flux`` ``(source, band)``,
+    ``offset`` ``(source, 2)`` (pixels of the profile centre from the stamp
+    centre). Reads ``data["source_valid"]`` and ``data["psf_ft"]`` only, so it
+    also serves one source at a time.
+    """
+    u = params["u"]
+    z = u if to_latent is None else to_latent(u)
+    spectrum = canonical_spectrum(decode(z))
+    flux = jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
+    render = functools.partial(
+        render_pose, stamp=spec.stamp, pixel_scale=spec.pixel_scale, hlr_pixels=spec.hlr_pixels
+    )
+    e = to_ellipticity(params["eta"])
+    hlr = jnp.exp(params["log_hlr"])
+    return jax.vmap(render, in_axes=(0, 0, 0, 0, 0, None))(
+        spectrum, flux, e, hlr, params["offset"], data["psf_ft"]
+    )
+
+
+def pose_scene_mean(
+    spec: PoseSceneSpec,
+    data: dict[str, jnp.ndarray],
+    decode: Callable[[jnp.ndarray], jnp.ndarray],
+    to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None,
+    params: dict[str, jnp.ndarray],
+) -> jnp.ndarray:
+    """Expected scene ``(band, H, W)``, electrons: the sources' stamps pasted at their anchors."""
+    return paste_stamps(pose_source_stamps(spec, data, decode, to_latent, params), data["anchor"], spec.shape)
+
+
+def pose_scene_model(
+    spec: PoseSceneSpec,
+    data: dict[str, jnp.ndarray],
+    decode: Callable[[jnp.ndarray], jnp.ndarray],
+    to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
+) -> None:
+    """NumPyro model of one scene with explicit poses.
+
+    Per source: ``u`` ~ N(0, I) (``z = T(u)``, as in :func:`scene_model`);
+    ``eta`` ~ the Bernstein & Armstrong ellipticity prior
+    (:class:`bayesblend.ellipticity.EtaPrior`, ``e = tanh|eta| eta/|eta|``);
+    ``log_hlr`` ~ Normal(``log_hlr0``, ``log_hlr_sigma``) with ``log_hlr0``
+    the population's size at the source's estimated magnitude;
+    ``log_flux`` ~ Normal(``log_flux0``, ``log_flux_sigma``); ``offset`` ~
+    Normal(``offset0``, ``position_sigma``) for the profile centre. The
+    likelihood is that of :func:`scene_model` (:func:`pixel_variance`).
+
+    ``data`` holds what :func:`scene_model` reads, with ``psf_ft``
+    ``(band, n, n // 2 + 1)`` (:func:`bayesblend.forward.psf_spectrum` of the
+    scene's PSF images) in place of the difference kernel, and ``log_hlr0``
+    ``(source,)``.
+    """
+    n, nb = spec.n_sources, data["log_flux0"].shape[-1]
+    with numpyro.plate("source", n, dim=-1):
+        u = numpyro.sample("u", dist.Normal(jnp.zeros((n, spec.latent_dim)), 1.0).to_event(1))
+        eta = numpyro.sample("eta", EtaPrior(spec.ellipticity_scale, (n,)))
+        log_hlr = numpyro.sample("log_hlr", dist.Normal(data["log_hlr0"], spec.log_hlr_sigma))
+        log_flux = numpyro.sample(
+            "log_flux", dist.Normal(data["log_flux0"], spec.log_flux_sigma * jnp.ones((n, nb))).to_event(1)
+        )
+        offset = numpyro.sample(
+            "offset", dist.Normal(data["offset0"], spec.position_sigma * jnp.ones((n, 2))).to_event(1)
+        )
+    params = {"u": u, "eta": eta, "log_hlr": log_hlr, "log_flux": log_flux, "offset": offset}
+    mean = pose_scene_mean(spec, data, decode, to_latent, params)
     var = pixel_variance(spec, data, mean)
     numpyro.sample(
         "obs",

@@ -63,6 +63,7 @@ def galsim_reference(canon, psf, pose, pixel_scale):
         gal = galsim.InterpolatedImage(
             galsim.Image(c.astype(np.float64), scale=1.0), calculate_maxk=False, calculate_stepk=False
         )
+        gal = galsim.Convolve([gal, galsim.Deconvolve(galsim.Pixel(1.0))])  # pixel-integrated canonical
         gal = gal.dilate(hlr / R0).shear(g1=e1, g2=e2).shift(dx * pixel_scale, dy * pixel_scale)
         psf_obj = galsim.InterpolatedImage(galsim.Image(p.astype(np.float64), scale=pixel_scale))
         img = galsim.Convolve([gal, psf_obj]).drawImage(
@@ -100,6 +101,7 @@ def jax_galsim(psf, pixel_scale):
         gal = jg.InterpolatedImage(
             jg.Image(c, scale=1.0), calculate_stepk=False, calculate_maxk=False, gsparams=gsp
         )
+        gal = jg.Convolve([gal, jg.Deconvolve(jg.Pixel(1.0))], gsparams=gsp)
         gal = gal.dilate(pose[2] / R0).shear(g1=pose[0], g2=pose[1])
         gal = gal.shift(pose[3] * pixel_scale, pose[4] * pixel_scale)
         psf_obj = jg.InterpolatedImage(

@@ -41,3 +41,19 @@ def test_prior_is_normalised_and_matches_the_simulator():
     draws = draw_ellipticities(np.random.default_rng(1), 40000)
     mean_prior = np.sum(dens * rr * rr) / np.sum(dens * rr)
     assert np.mean(np.hypot(draws[:, 0], draws[:, 1])) == pytest.approx(mean_prior, abs=3e-3)
+
+
+def test_eta_prior_distribution_samples_what_it_scores():
+    s = ellipticity_scale()
+    d = E.EtaPrior(s, batch_shape=(3,))
+    eta = d.sample(jax.random.PRNGKey(0), (20000,))
+    assert eta.shape == (20000, 3, 2) and d.log_prob(eta).shape == (20000, 3)
+    e = np.asarray(E.to_ellipticity(eta)).reshape(-1, 2)
+    sim = draw_ellipticities(np.random.default_rng(2), 60000)
+    # the same |e| distribution as the simulator (quantiles) and no preferred orientation
+    q = [0.1, 0.5, 0.9]
+    np.testing.assert_allclose(np.quantile(np.hypot(*e.T), q), np.quantile(np.hypot(*sim.T), q), atol=6e-3)
+    assert abs(np.mean(e[:, 0])) < 5e-3 and abs(np.mean(e[:, 1])) < 5e-3
+    # log_prob is the eta density of the prior, Jacobian included
+    x = jnp.asarray([[0.2, -0.7]])
+    np.testing.assert_allclose(E.EtaPrior(s).log_prob(x[0]), E.eta_prior_log_density(x[0], s), rtol=1e-6)
