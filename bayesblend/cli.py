@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--n", type=int, default=16384, help="prior draws per latent prior")
     ip.add_argument("--seed", type=int, default=0)
 
-    tr = sub.add_parser("train", help="train the VAE prior or the amortised deblender encoder")
-    tr.add_argument("what", choices=["vae", "deblender", "flow"])
+    tr = sub.add_parser("train", help="train the VAE prior, the amortised encoder or the latent flow")
+    tr.add_argument("what", choices=["vae", "deblender", "canonical-vae", "pose-encoder", "flow"])
     tr.add_argument("--config", required=True, help="TOML config (see configs/)")
     tr.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -148,7 +148,7 @@ def _train(args: argparse.Namespace) -> int:
     from bayesblend.prior.train import TrainConfig, train
 
     cfg = TrainConfig.from_toml(args.config)
-    if args.what in ("vae", "deblender") and cfg.kind != args.what:
+    if args.what != "flow" and cfg.kind != args.what:
         raise BayesblendError(f"{args.config} configures a {cfg.kind!r} run, not {args.what!r}")
     if args.what == "flow":
         from bayesblend.prior.flow import train_flow_from_run

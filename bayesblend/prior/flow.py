@@ -241,7 +241,10 @@ def fit_flow(
 
 
 def train_flow_from_run(cfg: TrainConfig, progress: bool = True, n_galaxies: int = 50000) -> Path:
-    """Fit the flow to q(z | x) draws of training galaxies (brightened to S/N >= 100) from a VAE run.
+    """Fit the flow to q(z | x) draws of training galaxies from a VAE run.
+
+    For a canonical VAE (galaxy model v2) ``x`` is each galaxy's noiseless
+    canonical morphology; for v1's VAE the galaxy brightened to S/N >= 100.
 
     Writes ``<run>/flow.msgpack`` and ``<run>/flow_metrics.json``; returns the flow file.
 
@@ -266,31 +269,40 @@ def train_flow_from_run(cfg: TrainConfig, progress: bool = True, n_galaxies: int
     from bayesblend.errors import BayesblendError
     from bayesblend.io import atomic_path
     from bayesblend.prior.networks import scale_input
-    from bayesblend.prior.train import TrainingData, build_networks
+    from bayesblend.prior.train import CanonicalData, TrainingData, build_networks
 
     checkpoint = Path(cfg.out, "checkpoint.msgpack")
     if not checkpoint.exists():
         raise BayesblendError(f"{cfg.out}: no VAE checkpoint to fit the flow to (train the VAE first)")
-    data = TrainingData(cfg.data, "vae", cfg.validation_items)
+    canonical = cfg.kind == "canonical-vae"
+    if canonical:
+        data = CanonicalData(cfg.data, cfg.validation_items)
+        sigma = jnp.full((len(data.bands),), cfg.canonical_sigma, dtype=jnp.float32)
+    else:
+        data = TrainingData(cfg.data, "vae", cfg.validation_items)
+        sigma = jnp.sqrt(jnp.asarray(data.sky))
     enc, _ = build_networks(cfg, len(data.bands), data.stamp)
     state = serialization.msgpack_restore(checkpoint.read_bytes())
     params = state["params"]["encoder"]
-    sigma = jnp.sqrt(jnp.asarray(data.sky))
     encode = jax.jit(lambda p, x: enc.apply(p, scale_input(x, sigma)))
     idx = data.train_idx[: min(n_galaxies, len(data.train_idx))]
     key = jax.random.PRNGKey(cfg.seed + 7)
     zs = []
     for chunk in np.array_split(idx, max(1, len(idx) // 256)):
-        clean = data.batch(chunk)["clean"]
         key, k1, k2 = jax.random.split(key, 3)
-        # A population prior must describe every galaxy's true shape. Encoding the stamps as
-        # observed makes the faint majority's q(z|x) sit on the round "average galaxy", and a
-        # flow fitted to that draws galaxies far rounder than the population. So each galaxy
-        # is brightened to S/N >= 100 in the reference band (its shape and size unchanged)
-        # and observed with the matching noise before encoding: informative codes for all.
-        r = data.bands.index("r") if "r" in data.bands else 0
-        noisy = brightened_observation(clean, data.sky, r, jax.random.normal(k1, clean.shape))
-        mean, log_sigma = encode(params, jnp.asarray(noisy, dtype=jnp.float32))
+        if canonical:
+            # the canonical VAE encodes noiseless canonical morphologies: every code is informative
+            image = jnp.asarray(data.batch(chunk)["canonical"])
+        else:
+            clean = data.batch(chunk)["clean"]
+            # A population prior must describe every galaxy's true shape. Encoding the stamps as
+            # observed makes the faint majority's q(z|x) sit on the round "average galaxy", and a
+            # flow fitted to that draws galaxies far rounder than the population. So each galaxy
+            # is brightened to S/N >= 100 in the reference band (its shape and size unchanged)
+            # and observed with the matching noise before encoding: informative codes for all.
+            r = data.bands.index("r") if "r" in data.bands else 0
+            image = brightened_observation(clean, data.sky, r, jax.random.normal(k1, clean.shape))
+        mean, log_sigma = encode(params, jnp.asarray(image, dtype=jnp.float32))
         zs.append(np.asarray(mean + jnp.exp(log_sigma) * jax.random.normal(k2, mean.shape)))
     z = np.concatenate(zs)
     flow, fparams, metrics = fit_flow(z, seed=cfg.seed, progress=progress)
