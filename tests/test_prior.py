@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bayesblend.errors import BayesblendError, BundleError
-from bayesblend.prior.bundle import load_bundle, save_bundle, update_card
+from bayesblend.prior.bundle import bundle_from_runs, load_bundle, save_bundle, update_card
 from bayesblend.prior.flow import SNR_FOR_FLOW, brightened_observation, fit_flow, log_prob, sample
 from bayesblend.prior.networks import Decoder, Encoder
 from bayesblend.prior.train import TrainConfig, train
@@ -104,6 +104,19 @@ def test_canonical_vae_then_pose_encoder_learn_and_the_teacher_stays_frozen(tiny
     assert all(np.array_equal(a, b) for a, b in zip(teacher, original, strict=True))
     with pytest.raises(BayesblendError, match="init_from"):
         train(_tiny_config(tiny_data, tmp_path / "orphan", kind="pose-encoder", steps=2), progress=False)
+    # the two runs make a v2 bundle: canonical decoder, pose encoder, checksums, frame in the card
+    b = load_bundle(bundle_from_runs(tmp_path / "v2", tmp_path / "canon", tmp_path / "pose"))
+    assert b.canonical_frame is not None and b.canonical_frame.size == 64 and b.stamp == 24
+    m = np.asarray(b.decode(jnp.zeros((2, 4))))
+    assert m.shape == (2, 6, 64, 64)
+    np.testing.assert_allclose(m.sum(axis=(-2, -1)), 1.0, atol=1e-5)
+    assert set(b.params) == {"decoder", "encoder", "pose_encoder"}
+    for a, c in zip(
+        jax.tree_util.tree_leaves(b.params["pose_encoder"]),
+        jax.tree_util.tree_leaves(pose["params"]["encoder"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
 def _small_bundle(tmp_path):

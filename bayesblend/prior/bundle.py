@@ -1,8 +1,11 @@
 """Model bundles: ``models/<name>/`` with safetensors weights and ``card.json``.
 
 A bundle holds the networks of a prior (``decoder``, ``encoder``, optionally
-``deblender`` and ``flow``), each as ``<net>.safetensors`` (a flat map from
-parameter path to float32 array: no code is ever unpickled), and ``card.json``
+``deblender`` and ``flow``; a galaxy model v2 bundle, whose architecture names
+its ``canonical_frame``, has the canonical VAE's ``decoder`` and ``encoder``
+and the amortised ``pose_encoder`` instead of the ``deblender``), each as
+``<net>.safetensors`` (a flat map from parameter path to float32 array: no
+code is ever unpickled), and ``card.json``
 with the architecture, the training recipe, the held-out metrics and the
 SHA-256 of every weight file. Loading checks every checksum and every
 parameter's shape against the architecture, and refuses a missing, tampered or
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from bayesblend.canonical import CanonicalFrame
 from bayesblend.errors import BundleError
 from bayesblend.io import atomic_path
 from bayesblend.prior.networks import Decoder, Encoder, scale_input
@@ -33,7 +37,7 @@ if TYPE_CHECKING:  # the flow module is imported where it is used: types only he
 
 BUNDLE_FORMAT = 1
 DEFAULT_MODEL = "lsst-v1"
-NETWORKS = ("decoder", "encoder", "deblender", "flow")
+NETWORKS = ("decoder", "encoder", "deblender", "pose_encoder", "flow")
 
 
 def models_dir() -> Path:
@@ -107,8 +111,14 @@ class PriorBundle:
 
     @property
     def stamp(self) -> int:
-        """Side of the decoder's morphology, pixels."""
+        """Side of a source's stamp on the survey grid (v1: also the decoder's morphology), pixels."""
         return int(self.card["architecture"]["stamp"])
+
+    @property
+    def canonical_frame(self) -> CanonicalFrame | None:
+        """The decoder's canonical frame (galaxy model v2), or None for a v1 bundle."""
+        frame = self.card["architecture"].get("canonical_frame")
+        return None if frame is None else CanonicalFrame.from_dict(frame)
 
     @property
     def latent_dim(self) -> int:
@@ -274,12 +284,26 @@ class Networks:
         return self.bundle.encoder.apply(w[self.encoder_name], scale_input(stamps, noise_sigma))
 
 
+def _decoder_side(arch: dict) -> int:
+    """Side of the decoder's output: the canonical grid (v2) or the stamp (v1)."""
+    frame = arch.get("canonical_frame")
+    return int(frame["size"]) if frame else int(arch["stamp"])
+
+
 def _architecture_networks(arch: dict) -> tuple[Encoder, Decoder]:
     enc = Encoder(latent_dim=int(arch["latent_dim"]), features=tuple(arch["encoder_features"]))
     dec = Decoder(
-        bands=len(arch["bands"]), stamp=int(arch["stamp"]), features=tuple(arch["decoder_features"])
+        bands=len(arch["bands"]), stamp=_decoder_side(arch), features=tuple(arch["decoder_features"])
     )
     return enc, dec
+
+
+def pose_encoder_network(arch: dict) -> Encoder:
+    """The amortised pose encoder of a v2 architecture (output: :class:`PoseLayout` of its latent size)."""
+    from bayesblend.prior.amortised import PoseLayout
+
+    layout = PoseLayout(int(arch["latent_dim"]), len(arch["bands"]))
+    return Encoder(latent_dim=layout.size, features=tuple(arch["pose_encoder_features"]))
 
 
 def _flow_module(spec: dict):
@@ -381,13 +405,16 @@ def load_bundle(name_or_path: str | Path | None = None) -> PriorBundle:
     if not isinstance(arch, dict):
         raise BundleError(f"{path}: card.json has no architecture")
     enc, dec = _architecture_networks(arch)
+    nb, side, stamp = len(arch["bands"]), _decoder_side(arch), int(arch["stamp"])
     templates = {
         "decoder": dec.init(jax.random.PRNGKey(0), jnp.zeros((int(arch["latent_dim"]),))),
-        "encoder": enc.init(
-            jax.random.PRNGKey(0), jnp.zeros((len(arch["bands"]), arch["stamp"], arch["stamp"]))
-        ),
+        "encoder": enc.init(jax.random.PRNGKey(0), jnp.zeros((nb, side, side))),
     }
     templates["deblender"] = templates["encoder"]
+    if "pose_encoder_features" in arch:
+        templates["pose_encoder"] = pose_encoder_network(arch).init(
+            jax.random.PRNGKey(0), jnp.zeros((nb, stamp, stamp))
+        )
     params = {}
     for net, meta in card.get("files", {}).items():
         f = path / meta["file"]
@@ -413,11 +440,14 @@ def bundle_from_runs(
     deblender_run: str | Path | None = None,
     card_extra: dict | None = None,
 ) -> Path:
-    """Assemble a bundle from training runs (VAE, its flow, and the amortised deblender).
+    """Assemble a bundle from training runs (VAE, its flow, and the amortised encoder).
 
     Reads each run's ``config.json``, ``checkpoint.msgpack`` and (for the VAE
     run) ``flow.msgpack`` / ``flow_metrics.json``; the data manifest gives the
-    survey, bands and stamp size. ``card_extra`` (training recipe, hardware,
+    survey, bands and stamp size. A ``canonical-vae`` run makes a galaxy model
+    v2 bundle (its canonical frame in the architecture), whose amortised run is
+    a ``pose-encoder`` run (stored as ``pose_encoder``); a ``vae`` run a v1
+    bundle with a ``deblender``. ``card_extra`` (training recipe, hardware,
     metrics) is merged into the card.
     """
     from flax import serialization
@@ -426,6 +456,7 @@ def bundle_from_runs(
 
     vae_run = Path(vae_run)
     cfg = json.loads((vae_run / "config.json").read_text())
+    canonical = cfg["kind"] == "canonical-vae"
     data = ShardDataset(cfg["data"])
     manifest = data.manifest
     arch = {
@@ -435,11 +466,23 @@ def bundle_from_runs(
         "latent_dim": int(cfg["latent_dim"]),
         "encoder_features": list(cfg["encoder_features"]),
         "decoder_features": list(cfg["decoder_features"]),
-        "model_psf_fwhm": float(manifest["model_psf_fwhm"]),
         "pixel_scale": float(manifest["pixel_scale"]),
-        "encoder_input": "asinh(x / (3 sigma_sky_b)), x in electrons, (band, y, x)",
-        "decoder_output": "softmax over pixels per band: non-negative, unit sum, model frame",
     }
+    if canonical:
+        arch |= {
+            "galaxy_model": "explicit pose (v2)",
+            "canonical_frame": manifest["canonical_frame"],
+            "canonical_sigma": float(cfg["canonical_sigma"]),
+            "encoder_input": "asinh(C / (3 canonical_sigma)), C the canonical morphology (band, N, N)",
+            "decoder_output": "softmax over pixels per band: non-negative, unit sum, canonical frame "
+            "(round, reference-band half-light radius hlr_pixels), integrated over its pixels",
+        }
+    else:
+        arch |= {
+            "model_psf_fwhm": float(manifest["model_psf_fwhm"]),
+            "encoder_input": "asinh(x / (3 sigma_sky_b)), x in electrons, (band, y, x)",
+            "decoder_output": "softmax over pixels per band: non-negative, unit sum, model frame",
+        }
     raw = serialization.msgpack_restore((vae_run / "checkpoint.msgpack").read_bytes())
     params = {"decoder": raw["params"]["decoder"], "encoder": raw["params"]["encoder"]}
     if (vae_run / "flow.msgpack").exists():
@@ -450,7 +493,16 @@ def bundle_from_runs(
         )
     if deblender_run is not None:
         draw = serialization.msgpack_restore((Path(deblender_run) / "checkpoint.msgpack").read_bytes())
-        params["deblender"] = draw["params"]["encoder"]
+        if canonical:
+            pose_cfg = json.loads((Path(deblender_run) / "config.json").read_text())
+            arch["pose_encoder_features"] = list(pose_cfg["encoder_features"])
+            arch["pose_encoder_output"] = (
+                "mean and log sigma of (z, eta, log hlr [arcsec], log flux per band [electrons], "
+                "offset [pixels]) of the stamp's centred galaxy (prior/amortised.py)"
+            )
+            params["pose_encoder"] = draw["params"]["encoder"]
+        else:
+            params["deblender"] = draw["params"]["encoder"]
     card = {"name": Path(out).name, "architecture": arch}
     card.update(card_extra or {})
     return save_bundle(out, card, params)
