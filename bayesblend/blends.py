@@ -24,9 +24,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from bayesblend.errors import BayesblendError, MaskedBlendError
-from bayesblend.forward import anchor_and_offset, difference_kernel, fft_size
-from bayesblend.model import LOG_FLUX_SIGMA, MODEL_ERROR, POSITION_SIGMA, SceneSpec
+from bayesblend.errors import BayesblendError, BundleError, MaskedBlendError
+from bayesblend.forward import anchor_and_offset, difference_kernel, fft_size, psf_spectrum
+from bayesblend.model import LOG_FLUX_SIGMA, MODEL_ERROR, POSITION_SIGMA, PoseSceneSpec, SceneSpec
 from bayesblend.prior.bundle import PriorBundle
 from bayesblend.scene import Scene
 from bayesblend.survey import get_survey
@@ -200,7 +200,6 @@ def prepare_blend(
         raise MaskedBlendError("every pixel of the blend is masked")
     image = np.where(valid, image, 0.0).astype(np.float32)
     psf = sc.psf_images(bundle.survey, warn=True)
-    kernel = difference_kernel(psf, survey.model_psf_image(psf.shape[-1]), fft_size(bundle.stamp))
     sky = survey.sky_level(bundle.bands).astype(np.float32)
     x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
     k = len(x)
@@ -232,13 +231,12 @@ def prepare_blend(
         "variance": jnp.asarray(np.where(valid, variance, 1.0), dtype=jnp.float32),
         "valid": jnp.asarray(valid),
         "sky": jnp.asarray(sky),
-        "kernel": kernel,
         "anchor": jnp.asarray(padded(anchor, np.array([-bundle.stamp, -bundle.stamp], np.int32))),
         "offset0": jnp.asarray(padded(offset0, np.zeros(2, np.float32))),
         "log_flux0": jnp.asarray(padded(log_flux0, np.zeros(len(bundle.bands))), dtype=jnp.float32),
         "source_valid": jnp.asarray(np.arange(n) < k),
     }
-    spec = SceneSpec(
+    common = dict(
         shape=(ny, nx),
         n_sources=n,
         latent_dim=bundle.latent_dim,
@@ -247,4 +245,46 @@ def prepare_blend(
         has_variance=sc.variance is not None,
         model_error=model_error,
     )
+    frame = bundle.canonical_frame
+    spec: SceneSpec | PoseSceneSpec
+    if frame is None:
+        data["kernel"] = difference_kernel(psf, survey.model_psf_image(psf.shape[-1]), fft_size(bundle.stamp))
+        spec = SceneSpec(**common)
+    else:
+        priors = pose_priors(bundle)
+        data["psf_ft"] = psf_spectrum(psf, fft_size(bundle.stamp))
+        mag = np.asarray(sc.magzero)[None] - 2.5 * np.log10(np.exp(log_flux0))
+        ref = bundle.bands.index(priors["size_band"])
+        log_hlr0 = priors["ln_hlr_at_r23"] + priors["slope_per_mag"] * (mag[:, ref] - 23.0)
+        data["log_hlr0"] = jnp.asarray(padded(log_hlr0, np.zeros((), np.float64)), dtype=jnp.float32)
+        spec = PoseSceneSpec(
+            stamp=bundle.stamp,
+            pixel_scale=float(bundle.card["architecture"]["pixel_scale"]),
+            hlr_pixels=frame.hlr_pixels,
+            ellipticity_scale=priors["ellipticity_scale"],
+            log_hlr_sigma=priors["log_hlr_sigma"],
+            **common,
+        )
     return PreparedBlend(spec, data, k, x, y, tuple(bundle.bands), np.asarray(sc.magzero), sc, origin)
+
+
+def pose_priors(bundle: PriorBundle) -> dict:
+    """The explicit-pose priors a v2 bundle's card records (ellipticity scale, size relation).
+
+    Raises
+    ------
+    BundleError
+        When the card lacks ``ellipticity_prior`` or ``size_prior``.
+    """
+    card = bundle.card
+    try:
+        size = card["size_prior"]
+        return {
+            "ellipticity_scale": float(card["ellipticity_prior"]["s"]),
+            "ln_hlr_at_r23": float(size["ln_hlr_at_r23"]),
+            "slope_per_mag": float(size["slope_per_mag"]),
+            "log_hlr_sigma": float(size["sigma"]),
+            "size_band": str(size.get("band", "r")),
+        }
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"{bundle.path}: card.json lacks the pose priors ({exc})") from None

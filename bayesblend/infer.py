@@ -49,18 +49,23 @@ from jax.flatten_util import ravel_pytree
 
 from bayesblend.blends import PreparedBlend, blend_region, check_scene, group_sources, prepare_blend
 from bayesblend.errors import BayesblendError, MaskedBlendError, MaskedBlendWarning
-from bayesblend.forward import paste_stamps, render_scene
+from bayesblend.forward import paste_stamps, render_stamps
 from bayesblend.model import (
     LOG_FLUX_SIGMA,
     MODEL_ERROR,
     POSITION_SIGMA,
+    PoseSceneSpec,
     SceneSpec,
     inverse_variance,
+    pose_prior_precision,
+    pose_scene_model,
+    pose_source_stamps,
     prior_precision,
     scene_model,
     source_stamps,
 )
 from bayesblend.posterior import Posterior
+from bayesblend.prior.amortised import PoseLayout
 from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.scene import Scene
 
@@ -239,14 +244,28 @@ def cutouts(image: jnp.ndarray, anchor: jnp.ndarray, stamp: int) -> jnp.ndarray:
 def joint_flux(
     morphology: jnp.ndarray, offset: jnp.ndarray, data: dict, spec: SceneSpec, sweeps: int = 50
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Joint non-negative weighted least-squares fluxes of fixed morphologies on the scene.
+    """Joint non-negative fluxes of fixed model-frame morphologies (galaxy model v1).
+
+    The unit-flux stamps of ``morphology`` placed at ``offset`` go to
+    :func:`joint_flux_stamps` (its returns).
+    """
+    n, nb = morphology.shape[0], morphology.shape[1]
+    unit = render_stamps(morphology, jnp.ones((n, nb)), offset, data["kernel"])
+    return joint_flux_stamps(unit, data, spec, sweeps)
+
+
+def joint_flux_stamps(
+    unit: jnp.ndarray, data: dict, spec: SceneSpec | PoseSceneSpec, sweeps: int = 50
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Joint non-negative weighted least-squares fluxes of fixed unit-flux source stamps on the scene.
 
     Per band, minimises ``|W^(1/2) (d - T f)|^2`` over ``f >= 0``, with T the
-    unit-flux templates of all sources rendered on the canvas, W the inverse
-    variance and d the data, by projected coordinate descent on the normal
-    equations (``sweeps`` passes; exact for the small systems here). The
-    unconstrained solve lets overlapping templates trade flux into large
-    positive and negative pairs; the constraint keeps every source physical.
+    unit-flux templates of all sources (``unit``, ``(source, band, S, S)``,
+    pasted at their anchors), W the inverse variance and d the data, by
+    projected coordinate descent on the normal equations (``sweeps`` passes;
+    exact for the small systems here). The unconstrained solve lets
+    overlapping templates trade flux into large positive and negative pairs;
+    the constraint keeps every source physical.
 
     Returns
     -------
@@ -254,17 +273,12 @@ def joint_flux(
         ``(source, band)`` electrons (zero for padded sources).
     normal : jax.Array
         ``(band, source, source)`` the normal matrix ``T^T W T`` (its inverse
-        is the flux covariance at fixed morphology).
+        is the flux covariance at fixed morphology and pose).
     """
     n = spec.n_sources
-    nb = morphology.shape[1]
     valid = data["source_valid"].astype(jnp.float32)
-
-    def one(k):
-        unit = jnp.zeros((n, nb)).at[k].set(1.0)
-        return render_scene(morphology, unit, offset, data["anchor"], data["kernel"], spec.shape)
-
-    templates = jax.vmap(one)(jnp.arange(n))  # (source, band, H, W)
+    paste = jax.vmap(lambda st, a: paste_stamps(st[None], a[None], spec.shape))
+    templates = paste(unit, data["anchor"])  # (source, band, H, W)
     w = inverse_variance(spec, data, data["image"])  # the data stand in for the model's Poisson term
     a = jnp.einsum("ibyx,jbyx,byx->bij", templates, templates, w)
     rhs = jnp.einsum("ibyx,byx,byx->bi", templates, w, data["image"])
@@ -287,28 +301,58 @@ def joint_flux(
     return f.T * valid[:, None], a
 
 
+def _is_pose(spec: SceneSpec | PoseSceneSpec) -> bool:
+    """Whether a blend is fitted with galaxy model v2 (explicit pose)."""
+    return isinstance(spec, PoseSceneSpec)
+
+
+def _unit_stamps(nets: Networks, w: dict, spec, data: dict, params: dict) -> jnp.ndarray:
+    """Each source's stamp at unit flux per band, ``(source, band, S, S)`` (zero for padded sources)."""
+    params = dict(params, log_flux=jnp.zeros_like(params["log_flux"]))
+    decode = partial(nets.decode, w)
+    if _is_pose(spec):
+        return pose_source_stamps(spec, data, decode, nets.to_latent(w), params)
+    return source_stamps(data, decode, nets.to_latent(w), params)
+
+
 def _potential(nets: Networks, w: dict, spec: SceneSpec, data: dict) -> Callable:
     from numpyro.infer.util import log_density
 
     decode = partial(nets.decode, w)
     to_latent = nets.to_latent(w)
 
+    model = pose_scene_model if _is_pose(spec) else scene_model
+
     def potential(params):
-        return -log_density(scene_model, (spec, data, decode, to_latent), {}, params)[0]
+        return -log_density(model, (spec, data, decode, to_latent), {}, params)[0]
 
     return potential
 
 
-def _amortised(nets: Networks, w: dict, spec: SceneSpec, data: dict, stamp: int):
-    """Encoder mean and sigma per source, and the start (u, log_flux, offset) at the mean."""
+def _amortised(nets: Networks, w: dict, spec, data: dict, stamp: int):
+    """The amortised encoder's mean and sigma per source, and the start of the fits at the mean.
+
+    Galaxy model v1: q(z | stamp) of the deblender, start ``(u, log_flux, offset)``
+    with fluxes the joint non-negative fit of the decoded morphologies at the
+    detections. v2: the pose encoder's q over every parameter
+    (:class:`~bayesblend.prior.amortised.PoseLayout`), start ``(u, eta,
+    log_hlr, log_flux, offset)`` at its mean, fluxes again the joint fit of the
+    sources rendered at that pose.
+    """
     stamps = cutouts(data["image"], data["anchor"], stamp)
     mean, log_sigma = nets.encode(w, stamps, jnp.sqrt(data["sky"]))
     # the survey's noise alone: a model-error term down-weights a bright galaxy's core, and its
     # neighbours' templates then take more of the residual there (18x and 62x for the r = 27
     # neighbours of held-out blend 149, against 2.6x and 12x without)
     survey_noise = dataclasses.replace(spec, model_error=0.0)
-    flux, _ = joint_flux(nets.decode(w, mean), data["offset0"], data, survey_noise)
     floor = jnp.exp(data["log_flux0"]) * 0.05
+    if _is_pose(spec):
+        layout = PoseLayout(spec.latent_dim, data["log_flux0"].shape[-1])
+        m, sd = layout.unpack(mean), layout.unpack(jnp.exp(log_sigma))
+        start = {k: m[k] for k in ("eta", "log_hlr", "log_flux", "offset")} | {"u": nets.to_base(w, m["z"])}
+        flux, _ = joint_flux_stamps(_unit_stamps(nets, w, spec, data, start), data, survey_noise)
+        return m, sd, start | {"log_flux": jnp.log(jnp.maximum(flux, floor))}
+    flux, _ = joint_flux(nets.decode(w, mean), data["offset0"], data, survey_noise)
     start = {
         "u": nets.to_base(w, mean),
         "log_flux": jnp.log(jnp.maximum(flux, floor)),
@@ -348,23 +392,29 @@ def _gauss_newton(nets: Networks, w: dict, spec: SceneSpec, data: dict, flat, un
     decode = partial(nets.decode, w, forward_mode=True)
     to_latent = nets.to_latent(w)
     params = unravel(flat)
-    kernel = data["kernel"]
+    nb = data["image"].shape[0]
+    psf = {k: data[k] for k in ("kernel", "psf_ft") if k in data}
 
     def stamp(p, valid):  # the stamp twice: as the output to differentiate and as the aux value
-        one = {"source_valid": valid[None], "kernel": kernel}
-        out = source_stamps(one, decode, to_latent, jax.tree_util.tree_map(lambda a: a[None], p))[0]
+        one = {"source_valid": valid[None]} | psf
+        p1 = jax.tree_util.tree_map(lambda a: a[None], p)
+        if _is_pose(spec):
+            out = pose_source_stamps(spec, one, decode, to_latent, p1)[0]
+        else:
+            out = source_stamps(one, decode, to_latent, p1)[0]
         return out, out
 
     jac, stamps = jax.vmap(jax.jacfwd(stamp, has_aux=True))(params, data["source_valid"])
 
     def canvas_columns(j):  # (source, band, S, S, k) -> (source * k, band, H, W), parameters in ravel order
-        cols = jnp.moveaxis(j, -1, 1)
+        cols = jnp.moveaxis(j.reshape(j.shape[:4] + (-1,)), -1, 1)  # a scalar per source: k = 1
         paste = jax.vmap(lambda c, a: paste_stamps(c[None], a[None], spec.shape), in_axes=(0, None))
-        return jax.vmap(paste)(cols, data["anchor"]).reshape((-1, kernel.shape[0]) + spec.shape)
+        return jax.vmap(paste)(cols, data["anchor"]).reshape((-1, nb) + spec.shape)
 
     jmat = jnp.concatenate([canvas_columns(j) for j in jax.tree_util.tree_leaves(jac)])
     wgt = inverse_variance(spec, data, paste_stamps(stamps, data["anchor"], spec.shape))
-    prec, _ = ravel_pytree(prior_precision(spec, data["log_flux0"].shape[-1]))
+    precision = pose_prior_precision if _is_pose(spec) else prior_precision
+    prec, _ = ravel_pytree(precision(spec, nb))
     h = jnp.einsum("ibyx,jbyx,byx->ij", jmat, jmat, wgt) + jnp.diag(prec)
     return 0.5 * (h + h.T)
 
@@ -427,23 +477,7 @@ def _blend_fit(
 def _fit_method(nets, method, cfg, w, spec, data, mean, sigma, start, k_draw, k_svi, k_nuts) -> dict:
     """The method's draws from the amortised start (mean, sigma, start) on the fitted data."""
     if method == "amortised":
-        n = cfg.num_draws
-        z = mean + sigma * jax.random.normal(k_draw, (n,) + mean.shape)
-        k_flux = jax.random.split(k_svi, n)
-
-        def one(zi, ki):
-            f, a = joint_flux(nets.decode(w, zi), data["offset0"], data, spec)
-            chol = jnp.linalg.cholesky(jnp.linalg.inv(a))  # (band, source, source)
-            f = f.T + jnp.einsum("bij,bj->bi", chol, jax.random.normal(ki, f.T.shape))
-            return jnp.maximum(f.T, jnp.exp(data["log_flux0"]) * 0.01)
-
-        flux = jax.lax.map(lambda a: one(*a), (z, k_flux), batch_size=64)
-        draws = {
-            "u": nets.to_base(w, z),
-            "log_flux": jnp.log(flux),
-            "offset": jnp.broadcast_to(data["offset0"], (n,) + data["offset0"].shape),
-        }
-        return {"draws": _with_chain(draws), "point": start, "stats": {}}
+        return _amortised_draws(nets, cfg, w, spec, data, mean, sigma, start, k_draw, k_svi)
     potential = _potential(nets, w, spec, data)
     point, trace = _map(potential, start, cfg)
     flat, unravel, cov, root, newton_trace = _newton_laplace(nets, w, spec, data, potential, point, cfg)
@@ -458,6 +492,37 @@ def _fit_method(nets, method, cfg, w, spec, data, mean, sigma, start, k_draw, k_
     return out | _nuts(potential, flat, unravel, cov, root, cfg, k_nuts)  # method checked by fit_blends
 
 
+def _amortised_draws(nets, cfg: InferenceConfig, w, spec, data, mean, sigma, start, k_draw, k_flux) -> dict:
+    """Draws of the amortised posterior: the encoder's Gaussian, fluxes jointly fitted per draw.
+
+    For each draw of the morphology (v1: ``z``; v2: ``z`` and the pose) the
+    fluxes are the joint non-negative fit of the sources' unit-flux stamps
+    plus their Gaussian (Fisher) error at that morphology.
+    """
+    n = cfg.num_draws
+    if _is_pose(spec):
+        names = ("z", "eta", "log_hlr", "offset")
+        keys = dict(zip(names, jax.random.split(k_draw, len(names)), strict=True))
+        q = {k: mean[k] + sigma[k] * jax.random.normal(keys[k], (n,) + mean[k].shape) for k in names}
+        shape = {"u": nets.to_base(w, q.pop("z"))} | q
+    else:
+        shape = {
+            "u": nets.to_base(w, mean + sigma * jax.random.normal(k_draw, (n,) + mean.shape)),
+            "offset": jnp.broadcast_to(data["offset0"], (n,) + data["offset0"].shape),
+        }
+    keys = jax.random.split(k_flux, n)
+
+    def one(p, k):
+        p = p | {"log_flux": data["log_flux0"]}
+        f, a = joint_flux_stamps(_unit_stamps(nets, w, spec, data, p), data, spec)
+        chol = jnp.linalg.cholesky(jnp.linalg.inv(a))  # (band, source, source)
+        f = f.T + jnp.einsum("bij,bj->bi", chol, jax.random.normal(k, f.T.shape))
+        return jnp.maximum(f.T, jnp.exp(data["log_flux0"]) * 0.01)
+
+    flux = jax.lax.map(lambda a: one(*a), (shape, keys), batch_size=64)
+    return {"draws": _with_chain(shape | {"log_flux": jnp.log(flux)}), "point": start, "stats": {}}
+
+
 def _svi(nets, w, spec, data, point, flat, cov, cfg: InferenceConfig, key) -> dict:
     from numpyro.infer import SVI, Trace_ELBO
     from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal
@@ -466,8 +531,10 @@ def _svi(nets, w, spec, data, point, flat, cov, cfg: InferenceConfig, key) -> di
     decode = partial(nets.decode, w)
     to_latent = nets.to_latent(w)
 
+    scene = pose_scene_model if _is_pose(spec) else scene_model
+
     def model(d):
-        scene_model(spec, d, decode, to_latent)
+        scene(spec, d, decode, to_latent)
 
     init = init_to_value(values=point)
     if cfg.svi_guide == "full":
@@ -482,7 +549,7 @@ def _svi(nets, w, spec, data, point, flat, cov, cfg: InferenceConfig, key) -> di
     state, losses = jax.lax.scan(lambda s, _: svi.update(s, data), state, None, length=cfg.svi_steps)
     params = svi.get_params(state)
     draws = guide.sample_posterior(k_draw, params, sample_shape=(cfg.num_draws,))
-    draws = {k: draws[k] for k in ("u", "log_flux", "offset")}
+    draws = {k: draws[k] for k in point}
     return {"draws": _with_chain(draws), "elbo_trace": losses, "stats": {}}
 
 

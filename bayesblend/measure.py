@@ -248,7 +248,7 @@ def shape_setup(bundle: PriorBundle) -> ShapeSetup:
         band=band,
         index=bundle.bands.index(band),
         pixel_scale=scale,
-        model_psf_fwhm=float(arch["model_psf_fwhm"]) / scale,
+        model_psf_fwhm=float(arch.get("model_psf_fwhm", 0.0)) / scale,  # v2 has none: e is a parameter
         shape_psf_fwhm=float(get_survey(bundle.survey).band(band).psf_fwhm) / scale,
     )
 

@@ -241,6 +241,23 @@ class PoseSceneSpec:
     model_error: float = MODEL_ERROR
 
 
+def pose_prior_precision(spec: PoseSceneSpec, n_bands: int) -> dict[str, jnp.ndarray]:
+    """Diagonal prior precision at the prior's centre of every v2 parameter (shapes as the parameters).
+
+    For ``eta`` the curvature of :class:`~bayesblend.ellipticity.EtaPrior` at
+    ``eta = 0``: ``1 / s^2`` from the Gaussian factor, 4 from ``(1 - |e|^2)^2``
+    and 8 / 3 from the Jacobian of the unit-disk map.
+    """
+    n = spec.n_sources
+    return {
+        "u": jnp.ones((n, spec.latent_dim)),
+        "eta": jnp.full((n, 2), spec.ellipticity_scale**-2 + 4.0 + 8.0 / 3.0),
+        "log_hlr": jnp.full((n,), spec.log_hlr_sigma**-2),
+        "log_flux": jnp.full((n, n_bands), spec.log_flux_sigma**-2),
+        "offset": jnp.full((n, 2), spec.position_sigma**-2),
+    }
+
+
 def pose_source_stamps(
     spec: PoseSceneSpec,
     data: dict[str, jnp.ndarray],

@@ -34,20 +34,32 @@ from astropy.table import Table
 from scipy.ndimage import minimum_filter
 
 from bayesblend import catalog as cat
-from bayesblend.forward import CENTROID_WINDOW, render_scene
+from bayesblend.ellipticity import to_ellipticity
+from bayesblend.forward import CENTROID_WINDOW, paste_stamps
 from bayesblend.io import atomic_path, write_table
 from bayesblend.measure import blendedness, derive_shapes, resolution, shape_setup
+from bayesblend.model import PoseSceneSpec, pose_source_stamps, source_stamps
 from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.survey import flux_to_mag
+
+#: Half-light radius of a Gaussian in units of its sigma, ``sqrt(2 ln 2)``.
+HLR_PER_SIGMA = float(np.sqrt(2.0 * np.log(2.0)))
 
 if TYPE_CHECKING:  # bayesblend.infer imports this module: types only, no import at run time
     import arviz
 
     from bayesblend.infer import InferenceConfig
 
-#: Sampled parameters and derived quantities kept per source.
+#: Sampled parameters and derived quantities kept per source (galaxy model v2 also samples
+#: ``eta`` and ``log_hlr``: :data:`POSE_SAMPLED`).
 SAMPLED = ("u", "log_flux", "offset")
+POSE_SAMPLED = ("u", "eta", "log_hlr", "log_flux", "offset")
 DERIVED = ("z", "flux", "mag", "x", "y", "e1", "e2", "size")
+
+
+def sampled_names(bundle: PriorBundle) -> tuple[str, ...]:
+    """The sampled parameters of the bundle's scene model."""
+    return SAMPLED if bundle.canonical_frame is None else POSE_SAMPLED
 
 
 def scene_model_settings(config: InferenceConfig) -> dict:
@@ -190,7 +202,8 @@ class Posterior:
         nb = len(bundle.bands)
         chains = config.num_chains if method == "nuts" else 1
         ndraw = config.num_draws
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in (*SAMPLED, "x", "y")}
+        sampled = sampled_names(bundle)
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in (*sampled, "x", "y")}
         rows: dict[str, list] = {
             k: [] for k in ("blend_id", "scene", "x_det", "y_det", "split", "masked", "edge")
         }
@@ -198,7 +211,7 @@ class Posterior:
         c = (bundle.stamp - 1) / 2.0
         for i, (b, m, r) in enumerate(zip(blends, members, results, strict=True)):
             k = b.n_real
-            for name in SAMPLED:
+            for name in sampled:
                 parts[name].append(r["draws"][name][:, :, :k])
             anchor = np.asarray(b.data["anchor"])[:k]
             off = r["draws"]["offset"][:, :, :k]
@@ -219,20 +232,32 @@ class Posterior:
             draws = {k: np.concatenate(v, axis=2) for k, v in parts.items()}
         else:
             ld = bundle.latent_dim
-            shapes = {"u": (ld,), "log_flux": (nb,), "offset": (2,), "x": (), "y": ()}
-            draws = {k: np.zeros((chains, ndraw, 0) + s, np.float32) for k, s in shapes.items()}
+            shapes = {
+                "u": (ld,),
+                "eta": (2,),
+                "log_hlr": (),
+                "log_flux": (nb,),
+                "offset": (2,),
+                "x": (),
+                "y": (),
+            }
+            draws = {k: np.zeros((chains, ndraw, 0) + s, np.float32) for k, s in shapes.items() if k in parts}
         draws["flux"] = np.exp(draws["log_flux"])
         mz = np.asarray(magzero, float).reshape(-1, nb)
         draws["mag"] = flux_to_mag(draws["flux"], mz)
         nets = Networks(bundle, latent_prior)
-        setup = shape_setup(bundle)
-        scale = setup.pixel_scale
-        if draws["u"].shape[2]:
-            z, e1, e2, size = derive_shapes(nets, draws["u"], setup)
+        if "eta" in draws:  # galaxy model v2: e and the half-light radius are parameters
+            e = np.asarray(to_ellipticity(jnp.asarray(draws["eta"])))
+            z = np.asarray(_latent(nets, nets.weights(), jnp.asarray(draws["u"])))
+            draws.update(z=z, e1=e[..., 0], e2=e[..., 1], size=np.exp(draws["log_hlr"]))
         else:
-            z = draws["u"].copy()
-            e1 = e2 = size = np.zeros(draws["u"].shape[:3], np.float32)
-        draws.update(z=z, e1=e1, e2=e2, size=size * scale)
+            setup = shape_setup(bundle)
+            if draws["u"].shape[2]:
+                z, e1, e2, size = derive_shapes(nets, draws["u"], setup)
+            else:
+                z = draws["u"].copy()
+                e1 = e2 = size = np.zeros(draws["u"].shape[:3], np.float32)
+            draws.update(z=z, e1=e1, e2=e2, size=size * setup.pixel_scale)
         sources = Table({"id": np.arange(len(rows["blend_id"]), dtype=np.int64)})
         for k_, v in rows.items():
             sources[k_] = np.asarray(v, dtype=float if k_ in ("x_det", "y_det") else None)
@@ -281,7 +306,7 @@ class Posterior:
         """Per source: ``r_hat_max``, ``ess_bulk_min`` (NUTS; NaN otherwise) and ``n_divergent``.
 
         Computed with ArviZ over ``log_flux`` (every band), ``offset``, ``u``,
-        ``e1`` and ``e2``.
+        ``e1``, ``e2`` and ``size``.
         """
         if self._diagnostics is not None:
             return self._diagnostics
@@ -293,7 +318,7 @@ class Posterior:
         }
         if self.method == "nuts" and n:
             az = _arviz()
-            ds = self.to_inference_data().posterior[["log_flux", "offset", "u", "e1", "e2"]]
+            ds = self.to_inference_data().posterior[["log_flux", "offset", "u", "e1", "e2", "size"]]
             rhat = az.rhat(ds)
             ess = az.ess(ds, method="bulk")
 
@@ -327,6 +352,8 @@ class Posterior:
             "flux": ["source", "band"],
             "mag": ["source", "band"],
             "offset": ["source", "xy"],
+            "eta": ["source", "component"],
+            "log_hlr": ["source"],
         }
         dims.update({k: ["source"] for k in ("x", "y", "e1", "e2", "size")})
         stats_dims = {k: ["blend"] for k in self.stats}
@@ -335,6 +362,7 @@ class Posterior:
             "band": list(self.bands),
             "latent": np.arange(self.bundle.latent_dim),
             "xy": ["x", "y"],
+            "component": ["1", "2"],
             "blend": np.arange(self.n_blends),
         }
         kwargs = {}
@@ -444,7 +472,9 @@ class Posterior:
             v["e1_std"], v["e2_std"] = np.nanstd(e1, axis=0), np.nanstd(e2, axis=0)
             v["e1_e2_cov"] = np.nanmean((e1 - np.nanmean(e1, 0)) * (e2 - np.nanmean(e2, 0)), axis=0)
             v["size"], v["size_std"] = np.nanmedian(size, axis=0), np.nanstd(size, axis=0)
-        v["resolution"] = np.asarray(resolution(v["size"], self.shapes.shape_psf_fwhm_arcsec))
+        # v2's size is a half-light radius: the Gaussian sigma of the same half-light radius for R2
+        sigma = v["size"] / HLR_PER_SIGMA if "eta" in d else v["size"]
+        v["resolution"] = np.asarray(resolution(sigma, self.shapes.shape_psf_fwhm_arcsec))
         v["blendedness"] = self.blendedness()
         diag = self.diagnostics()
         v.update(diag)
@@ -484,12 +514,12 @@ class Posterior:
             sel = self.sources["blend_id"] == blend_id
             idx = np.flatnonzero(sel)
             params = {}
-            for k in SAMPLED:
+            for k in sampled_names(self.bundle):
                 real = self.draws[k][draw[0], draw[1], idx]
                 pad = np.asarray(self.points[blend_id][k])[len(idx) :]
                 params[k] = np.concatenate([real, pad])
         nets = Networks(self.bundle, self.latent_prior)
-        return np.asarray(_render(nets, nets.weights(), b.spec.shape, params, b.data))
+        return np.asarray(_render(nets, nets.weights(), b.spec, params, b.data))
 
     def scene_model(self, scene: int) -> np.ndarray:
         """Model of scene ``scene`` at the point estimates, ``(band, y, x)`` in the bundle's bands, electrons.
@@ -512,7 +542,7 @@ class Posterior:
         """Each source of a blend rendered alone at the point estimate, ``(source, band, y, x)``."""
         b = self.blends[blend_id]
         nets = nets or Networks(self.bundle, self.latent_prior)
-        return np.asarray(_source_images(nets, nets.weights(), b.spec.shape, self.points[blend_id], b.data))[
+        return np.asarray(_source_images(nets, nets.weights(), b.spec, self.points[blend_id], b.data))[
             : b.n_real
         ]
 
@@ -546,28 +576,31 @@ def _masked_centre(valid: np.ndarray, x: np.ndarray, y: np.ndarray, half: int = 
     return ~inside | ~ok[np.clip(yi, 0, ok.shape[0] - 1), np.clip(xi, 0, ok.shape[1] - 1)]
 
 
-def _morphology_and_flux(
-    nets: Networks, w: dict, params: dict, data: dict
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Decoded morphologies ``(source, band, S, S)`` and fluxes ``(source, band)`` (0 if padded)."""
-    morph = nets.decode(w, nets.latent(w, jnp.asarray(params["u"])))
-    return morph, jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
+@partial(jax.jit, static_argnums=0)
+def _latent(nets: Networks, w: dict, u: jnp.ndarray) -> jnp.ndarray:
+    """Latent codes of base draws ``u`` ``(..., latent)``."""
+    flat = u.reshape(-1, u.shape[-1])
+    return nets.latent(w, flat).reshape(u.shape)
+
+
+def _source_stamps(nets: Networks, w: dict, spec, params: dict, data: dict) -> jnp.ndarray:
+    """Each (padded) source's stamp ``(source, band, S, S)`` in the blend's model (zero if padded)."""
+    decode = partial(nets.decode, w)
+    if isinstance(spec, PoseSceneSpec):
+        return pose_source_stamps(spec, data, decode, nets.to_latent(w), params)
+    return source_stamps(data, decode, nets.to_latent(w), params)
 
 
 @partial(jax.jit, static_argnums=(0, 2))
-def _render(nets: Networks, w: dict, shape: tuple[int, int], params: dict, data: dict) -> jnp.ndarray:
-    morph, flux = _morphology_and_flux(nets, w, params, data)
-    return render_scene(morph, flux, params["offset"], data["anchor"], data["kernel"], shape)
+def _render(nets: Networks, w: dict, spec, params: dict, data: dict) -> jnp.ndarray:
+    return paste_stamps(_source_stamps(nets, w, spec, params, data), data["anchor"], spec.shape)
 
 
 @partial(jax.jit, static_argnums=(0, 2))
-def _source_images(nets: Networks, w: dict, shape: tuple[int, int], params: dict, data: dict) -> jnp.ndarray:
+def _source_images(nets: Networks, w: dict, spec, params: dict, data: dict) -> jnp.ndarray:
     """Every (padded) source rendered alone, ``(source, band, y, x)``; padded sources are zero."""
-    morph, flux = _morphology_and_flux(nets, w, params, data)
-    alone = jnp.eye(flux.shape[0], dtype=flux.dtype)[:, :, None] * flux[None]  # (k, source, band)
-    return jax.vmap(
-        lambda f: render_scene(morph, f, params["offset"], data["anchor"], data["kernel"], shape)
-    )(alone)
+    stamps = _source_stamps(nets, w, spec, params, data)
+    return jax.vmap(lambda st, a: paste_stamps(st[None], a[None], spec.shape))(stamps, data["anchor"])
 
 
 def _arviz():

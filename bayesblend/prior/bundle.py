@@ -223,8 +223,11 @@ class Networks:
 
     @property
     def encoder_name(self) -> str:
-        """The amortised deblender when the bundle has one, else the VAE encoder."""
-        return "deblender" if "deblender" in self.bundle.params else "encoder"
+        """The amortised encoder: v2's pose encoder, v1's deblender when shipped, else the VAE encoder."""
+        for name in ("pose_encoder", "deblender"):
+            if name in self.bundle.params:
+                return name
+        return "encoder"
 
     def weights(self) -> dict:
         """The weights these functions use (a pytree to pass to jitted code)."""
@@ -265,7 +268,7 @@ class Networks:
     def encode(
         self, w: dict, stamps: jnp.ndarray, noise_sigma: jnp.ndarray
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """``(mean, log_sigma)`` of q(z | stamps) from the amortised encoder.
+        """``(mean, log_sigma)`` of q(z | stamps) (v2: of every parameter) from the amortised encoder.
 
         Parameters
         ----------
@@ -281,7 +284,9 @@ class Networks:
         mean, log_sigma : jax.Array
             ``(..., latent)`` each.
         """
-        return self.bundle.encoder.apply(w[self.encoder_name], scale_input(stamps, noise_sigma))
+        name = self.encoder_name
+        enc = pose_encoder_network(self.bundle.card["architecture"]) if name == "pose_encoder" else None
+        return (enc or self.bundle.encoder).apply(w[name], scale_input(stamps, noise_sigma))
 
 
 def _decoder_side(arch: dict) -> int:
