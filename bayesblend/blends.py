@@ -29,7 +29,7 @@ from bayesblend.forward import anchor_and_offset, difference_kernel, fft_size, p
 from bayesblend.model import LOG_FLUX_SIGMA, MODEL_ERROR, POSITION_SIGMA, PoseSceneSpec, SceneSpec
 from bayesblend.prior.bundle import PriorBundle
 from bayesblend.scene import Scene
-from bayesblend.survey import get_survey
+from bayesblend.survey import flux_to_mag, get_survey
 
 #: Padded source counts: a blend of k sources is padded to the smallest size >= k.
 PAD_SIZES = (1, 2, 4, 8, 16)
@@ -253,7 +253,7 @@ def prepare_blend(
     else:
         priors = pose_priors(bundle)
         data["psf_ft"] = psf_spectrum(psf, fft_size(bundle.stamp))
-        mag = np.asarray(sc.magzero)[None] - 2.5 * np.log10(np.exp(log_flux0))
+        mag = flux_to_mag(np.exp(log_flux0), np.asarray(sc.magzero)[None])
         ref = bundle.bands.index(priors["size_band"])
         log_hlr0 = priors["ln_hlr_at_r23"] + priors["slope_per_mag"] * (mag[:, ref] - 23.0)
         data["log_hlr0"] = jnp.asarray(padded(log_hlr0, np.zeros((), np.float64)), dtype=jnp.float32)

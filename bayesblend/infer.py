@@ -57,12 +57,10 @@ from bayesblend.model import (
     PoseSceneSpec,
     SceneSpec,
     inverse_variance,
-    pose_prior_precision,
-    pose_scene_model,
-    pose_source_stamps,
-    prior_precision,
-    scene_model,
-    source_stamps,
+    is_pose,
+    model_for,
+    precision_for,
+    stamps_for,
 )
 from bayesblend.posterior import Posterior
 from bayesblend.prior.amortised import PoseLayout
@@ -301,18 +299,10 @@ def joint_flux_stamps(
     return f.T * valid[:, None], a
 
 
-def _is_pose(spec: SceneSpec | PoseSceneSpec) -> bool:
-    """Whether a blend is fitted with galaxy model v2 (explicit pose)."""
-    return isinstance(spec, PoseSceneSpec)
-
-
 def _unit_stamps(nets: Networks, w: dict, spec, data: dict, params: dict) -> jnp.ndarray:
     """Each source's stamp at unit flux per band, ``(source, band, S, S)`` (zero for padded sources)."""
     params = dict(params, log_flux=jnp.zeros_like(params["log_flux"]))
-    decode = partial(nets.decode, w)
-    if _is_pose(spec):
-        return pose_source_stamps(spec, data, decode, nets.to_latent(w), params)
-    return source_stamps(data, decode, nets.to_latent(w), params)
+    return stamps_for(spec, data, partial(nets.decode, w), nets.to_latent(w), params)
 
 
 def _potential(nets: Networks, w: dict, spec: SceneSpec, data: dict) -> Callable:
@@ -321,7 +311,7 @@ def _potential(nets: Networks, w: dict, spec: SceneSpec, data: dict) -> Callable
     decode = partial(nets.decode, w)
     to_latent = nets.to_latent(w)
 
-    model = pose_scene_model if _is_pose(spec) else scene_model
+    model = model_for(spec)
 
     def potential(params):
         return -log_density(model, (spec, data, decode, to_latent), {}, params)[0]
@@ -346,7 +336,7 @@ def _amortised(nets: Networks, w: dict, spec, data: dict, stamp: int):
     # neighbours of held-out blend 149, against 2.6x and 12x without)
     survey_noise = dataclasses.replace(spec, model_error=0.0)
     floor = jnp.exp(data["log_flux0"]) * 0.05
-    if _is_pose(spec):
+    if is_pose(spec):
         layout = PoseLayout(spec.latent_dim, data["log_flux0"].shape[-1])
         m, sd = layout.unpack(mean), layout.unpack(jnp.exp(log_sigma))
         start = {k: m[k] for k in ("eta", "log_hlr", "log_flux", "offset")} | {"u": nets.to_base(w, m["z"])}
@@ -397,11 +387,7 @@ def _gauss_newton(nets: Networks, w: dict, spec: SceneSpec, data: dict, flat, un
 
     def stamp(p, valid):  # the stamp twice: as the output to differentiate and as the aux value
         one = {"source_valid": valid[None]} | psf
-        p1 = jax.tree_util.tree_map(lambda a: a[None], p)
-        if _is_pose(spec):
-            out = pose_source_stamps(spec, one, decode, to_latent, p1)[0]
-        else:
-            out = source_stamps(one, decode, to_latent, p1)[0]
+        out = stamps_for(spec, one, decode, to_latent, jax.tree_util.tree_map(lambda a: a[None], p))[0]
         return out, out
 
     jac, stamps = jax.vmap(jax.jacfwd(stamp, has_aux=True))(params, data["source_valid"])
@@ -413,8 +399,7 @@ def _gauss_newton(nets: Networks, w: dict, spec: SceneSpec, data: dict, flat, un
 
     jmat = jnp.concatenate([canvas_columns(j) for j in jax.tree_util.tree_leaves(jac)])
     wgt = inverse_variance(spec, data, paste_stamps(stamps, data["anchor"], spec.shape))
-    precision = pose_prior_precision if _is_pose(spec) else prior_precision
-    prec, _ = ravel_pytree(precision(spec, nb))
+    prec, _ = ravel_pytree(precision_for(spec, nb))
     h = jnp.einsum("ibyx,jbyx,byx->ij", jmat, jmat, wgt) + jnp.diag(prec)
     return 0.5 * (h + h.T)
 
@@ -500,7 +485,7 @@ def _amortised_draws(nets, cfg: InferenceConfig, w, spec, data, mean, sigma, sta
     plus their Gaussian (Fisher) error at that morphology.
     """
     n = cfg.num_draws
-    if _is_pose(spec):
+    if is_pose(spec):
         names = ("z", "eta", "log_hlr", "offset")
         keys = dict(zip(names, jax.random.split(k_draw, len(names)), strict=True))
         q = {k: mean[k] + sigma[k] * jax.random.normal(keys[k], (n,) + mean[k].shape) for k in names}
@@ -531,7 +516,7 @@ def _svi(nets, w, spec, data, point, flat, cov, cfg: InferenceConfig, key) -> di
     decode = partial(nets.decode, w)
     to_latent = nets.to_latent(w)
 
-    scene = pose_scene_model if _is_pose(spec) else scene_model
+    scene = model_for(spec)
 
     def model(d):
         scene(spec, d, decode, to_latent)

@@ -147,6 +147,22 @@ def prior_precision(spec: SceneSpec, n_bands: int) -> dict[str, jnp.ndarray]:
     }
 
 
+def pixel_likelihood(
+    spec: SceneSpec | PoseSceneSpec, data: dict[str, jnp.ndarray], mean: jnp.ndarray
+) -> None:
+    """The ``obs`` site of both scene models: an independent Gaussian per unmasked pixel.
+
+    Written with NumPyro's own ``Normal(...).mask(...).to_event(3)``, so each
+    pixel counts once; the variance is :func:`pixel_variance` of ``mean``.
+    """
+    var = pixel_variance(spec, data, mean)
+    numpyro.sample(
+        "obs",
+        dist.Normal(mean, jnp.sqrt(var)).mask(data["valid"]).to_event(3),
+        obs=jnp.where(data["valid"], data["image"], 0.0),
+    )
+
+
 def scene_model(
     spec: SceneSpec,
     data: dict[str, jnp.ndarray],
@@ -180,12 +196,7 @@ def scene_model(
             "offset", dist.Normal(data["offset0"], spec.position_sigma * jnp.ones((n, 2))).to_event(1)
         )
     mean = scene_mean(spec, data, decode, to_latent, {"u": u, "log_flux": log_flux, "offset": offset})
-    var = pixel_variance(spec, data, mean)
-    numpyro.sample(
-        "obs",
-        dist.Normal(mean, jnp.sqrt(var)).mask(data["valid"]).to_event(3),
-        obs=jnp.where(data["valid"], data["image"], 0.0),
-    )
+    pixel_likelihood(spec, data, mean)
 
 
 # ---------------------------------------------------------------------------
@@ -196,7 +207,7 @@ def scene_model(
 # ---------------------------------------------------------------------------
 
 #: Width of the log half-light-radius prior around the population's size-magnitude relation
-#: (natural log); the card's measured scatter is broadened to it when that is narrower.
+#: (natural log): the training population's scatter about the relation (0.67, in the card) broadened.
 LOG_HLR_SIGMA = 0.8
 
 
@@ -332,10 +343,33 @@ def pose_scene_model(
             "offset", dist.Normal(data["offset0"], spec.position_sigma * jnp.ones((n, 2))).to_event(1)
         )
     params = {"u": u, "eta": eta, "log_hlr": log_hlr, "log_flux": log_flux, "offset": offset}
-    mean = pose_scene_mean(spec, data, decode, to_latent, params)
-    var = pixel_variance(spec, data, mean)
-    numpyro.sample(
-        "obs",
-        dist.Normal(mean, jnp.sqrt(var)).mask(data["valid"]).to_event(3),
-        obs=jnp.where(data["valid"], data["image"], 0.0),
-    )
+    pixel_likelihood(spec, data, pose_scene_mean(spec, data, decode, to_latent, params))
+
+
+def is_pose(spec: SceneSpec | PoseSceneSpec) -> bool:
+    """Whether a blend's spec is galaxy model v2's (explicit pose)."""
+    return isinstance(spec, PoseSceneSpec)
+
+
+def model_for(spec: SceneSpec | PoseSceneSpec) -> Callable[..., None]:
+    """The NumPyro scene model of a spec: :func:`pose_scene_model` or :func:`scene_model`."""
+    return pose_scene_model if is_pose(spec) else scene_model
+
+
+def precision_for(spec: SceneSpec | PoseSceneSpec, n_bands: int) -> dict[str, jnp.ndarray]:
+    """Diagonal prior precision of the parameters of a spec's model (v2 or v1)."""
+    return pose_prior_precision(spec, n_bands) if is_pose(spec) else prior_precision(spec, n_bands)
+
+
+def stamps_for(
+    spec: SceneSpec | PoseSceneSpec,
+    data: dict[str, jnp.ndarray],
+    decode: Callable[[jnp.ndarray], jnp.ndarray],
+    to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None,
+    params: dict[str, jnp.ndarray],
+) -> jnp.ndarray:
+    """Each source's stamp ``(source, band, S, S)`` in the spec's model (:func:`pose_source_stamps` or
+    :func:`source_stamps`)."""
+    if is_pose(spec):
+        return pose_source_stamps(spec, data, decode, to_latent, params)
+    return source_stamps(data, decode, to_latent, params)

@@ -38,7 +38,7 @@ from bayesblend.ellipticity import to_ellipticity
 from bayesblend.forward import CENTROID_WINDOW, paste_stamps
 from bayesblend.io import atomic_path, write_table
 from bayesblend.measure import blendedness, derive_shapes, resolution, shape_setup
-from bayesblend.model import PoseSceneSpec, pose_source_stamps, source_stamps
+from bayesblend.model import stamps_for
 from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.survey import flux_to_mag
 
@@ -585,10 +585,7 @@ def _latent(nets: Networks, w: dict, u: jnp.ndarray) -> jnp.ndarray:
 
 def _source_stamps(nets: Networks, w: dict, spec, params: dict, data: dict) -> jnp.ndarray:
     """Each (padded) source's stamp ``(source, band, S, S)`` in the blend's model (zero if padded)."""
-    decode = partial(nets.decode, w)
-    if isinstance(spec, PoseSceneSpec):
-        return pose_source_stamps(spec, data, decode, nets.to_latent(w), params)
-    return source_stamps(data, decode, nets.to_latent(w), params)
+    return stamps_for(spec, data, partial(nets.decode, w), nets.to_latent(w), params)
 
 
 @partial(jax.jit, static_argnums=(0, 2))
