@@ -22,17 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayesblend.canonical import CanonicalFrame
 from bayesblend.ellipticity import to_eta
-from bayesblend.errors import BayesblendError
 from bayesblend.prior.networks import Encoder, scale_input
-from bayesblend.simulate.dataset import ShardDataset
 from bayesblend.survey import poisson_variance
 
 
@@ -70,45 +66,6 @@ class PoseLayout:
         out = {k: vec[..., s] for k, s in self.slices().items()}
         out["log_hlr"] = out["log_hlr"][..., 0]
         return out
-
-
-class PoseData:
-    """Batches for the pose encoder from a shard dataset (isolated stamps or blends).
-
-    The input is the noiseless stamp (the blend, for blends), the targets the
-    centred galaxy's true parameters and canonical morphology. The last
-    ``validation_items`` items are held out.
-    """
-
-    def __init__(self, path: str | Path, validation_items: int) -> None:
-        self.ds = ShardDataset(path)
-        m = self.ds.manifest
-        if "canonical_frame" not in m:
-            raise BayesblendError(f"{path}: no canonical morphologies (simulated before galaxy model v2)")
-        self.frame = CanonicalFrame.from_dict(m["canonical_frame"])
-        self.bands = list(m["bands"])
-        self.sky = np.asarray(m["sky"], dtype=np.float32)
-        self.stamp = self.ds.stamp
-        truth = self.ds.target_truth()
-        self.e = np.stack([truth["e1"], truth["e2"]], 1).astype(np.float32)
-        self.log_hlr = np.log(np.asarray(truth["hlr"], dtype=np.float32))
-        self.log_flux = np.log(np.stack([truth[f"flux_{b}"] for b in self.bands], 1)).astype(np.float32)
-        self.offset = self.ds.offsets(truth, self.stamp)
-        n = len(self.ds)
-        nval = min(validation_items, n // 5)
-        self.train_idx = np.arange(n - nval)
-        self.val_idx = np.arange(n - nval, n)
-
-    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        idx = np.sort(idx)
-        return {
-            "clean": self.ds.load("noiseless", idx),
-            "canonical": self.ds.load("canonical", idx),
-            "e": self.e[idx],
-            "log_hlr": self.log_hlr[idx],
-            "log_flux": self.log_flux[idx],
-            "offset": self.offset[idx],
-        }
 
 
 def make_pose_loss(

@@ -47,7 +47,7 @@ from bayesblend.canonical import CanonicalFrame
 from bayesblend.errors import BayesblendError
 from bayesblend.forward import difference_kernel, fft_size, render_source
 from bayesblend.io import atomic_path
-from bayesblend.prior.amortised import PoseData, PoseLayout, make_pose_loss
+from bayesblend.prior.amortised import PoseLayout, make_pose_loss
 from bayesblend.prior.networks import Decoder, Encoder, scale_input
 from bayesblend.simulate.dataset import ShardDataset
 from bayesblend.survey import get_survey, poisson_variance
@@ -178,6 +178,36 @@ class CanonicalData:
     def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """``{"canonical": (item, band, N, N)}`` for items ``idx``."""
         return {"canonical": np.ascontiguousarray(self.ds.load("canonical", np.sort(idx)), dtype=np.float32)}
+
+
+class PoseData(CanonicalData):
+    """Batches for the pose encoder (:mod:`bayesblend.prior.amortised`) from a shard dataset.
+
+    The input is the noiseless stamp (the blend, for blends), the targets the
+    centred galaxy's true parameters and canonical morphology; held-out items
+    as in :class:`CanonicalData`.
+    """
+
+    def __init__(self, path: str | Path, validation_items: int) -> None:
+        super().__init__(path, validation_items)
+        self.sky = np.asarray(self.ds.manifest["sky"], dtype=np.float32)
+        self.stamp = self.ds.stamp  # the encoder's input is the survey stamp, not the canonical grid
+        truth = self.ds.target_truth()
+        self.e = np.stack([truth["e1"], truth["e2"]], 1).astype(np.float32)
+        self.log_hlr = np.log(np.asarray(truth["hlr"], dtype=np.float32))
+        self.log_flux = np.log(np.stack([truth[f"flux_{b}"] for b in self.bands], 1)).astype(np.float32)
+        self.offset = self.ds.offsets(truth, self.stamp)
+
+    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Noiseless stamps, canonical morphologies and true pose of items ``idx``."""
+        idx = np.sort(idx)
+        return super().batch(idx) | {
+            "clean": self.ds.load("noiseless", idx),
+            "e": self.e[idx],
+            "log_hlr": self.log_hlr[idx],
+            "log_flux": self.log_flux[idx],
+            "offset": self.offset[idx],
+        }
 
 
 def make_canonical_loss(
