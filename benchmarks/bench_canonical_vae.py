@@ -30,12 +30,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import serialization
 from numpyro.infer.util import log_density
 
 from bayesblend import forward
 from bayesblend.ellipticity import to_ellipticity
+from bayesblend.infer import InferenceConfig, _map
 from bayesblend.io import atomic_path
 from bayesblend.model import PoseSceneSpec, pose_scene_model
 from bayesblend.prior.networks import scale_input
@@ -50,25 +50,17 @@ BATCH = 16
 
 
 def fit_batch(spec, decode_item, data, start, steps: int, lr: float):
-    """Adam MAP of each item of a batch (vmapped); returns the fitted parameters.
+    """MAP of each item of a batch (vmapped), by the inference layer's Adam; the fitted parameters.
 
     ``decode_item(z, d)`` gives the item's morphologies from its latent codes and its data.
     """
-
-    def loss(p, d):
-        return -log_density(pose_scene_model, (spec, d, lambda z: decode_item(z, d)), {}, p)[0]
-
-    opt = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.1))
+    cfg = InferenceConfig(map_steps=steps, map_learning_rate=lr)
 
     def one(p, d):
-        def step(carry, _):
-            q, s = carry
-            g = jax.grad(loss)(q, d)
-            upd, s = opt.update(g, s, q)
-            return (optax.apply_updates(q, upd), s), None
+        def potential(q):
+            return -log_density(pose_scene_model, (spec, d, lambda z: decode_item(z, d)), {}, q)[0]
 
-        (p, _), _ = jax.lax.scan(step, (p, opt.init(p)), None, length=steps)
-        return p
+        return _map(potential, p, cfg)[0]
 
     return jax.jit(jax.vmap(one))(start, data)
 
