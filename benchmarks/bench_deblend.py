@@ -96,7 +96,7 @@ def commit() -> str:
     return out.stdout.strip()
 
 
-def check_settings(method: str, settings: dict, detect: bool, redetect: bool) -> None:
+def check_settings(method: str, settings: dict, detect: bool, redetect: bool, bundle: str) -> None:
     """Record a run's settings in ``<method>.settings.json``, or refuse to resume under others."""
     from bayesblend.infer import InferenceConfig
 
@@ -105,6 +105,7 @@ def check_settings(method: str, settings: dict, detect: bool, redetect: bool) ->
         "detect": detect,
         "redetect": redetect,
         "fit_seed": FIT_SEED,
+        "bundle": bundle,
         "simulation": {"seed": SEED, **SIM},
     }
     want = json.loads(json.dumps(want))
@@ -142,19 +143,23 @@ def run(
     detect: bool = False,
     redetect: bool = False,
     first: int = 0,
+    bundle: str | None = None,
 ) -> None:
-    """Fit blends ``first .. n-1`` not yet in ``<method>.jsonl``, a chunk at a time."""
+    """Fit blends ``first .. n-1`` not yet in ``<method>.jsonl``, a chunk at a time.
+
+    ``bundle`` names the prior (default: the shipped default model).
+    """
     import bayesblend
     from bayesblend.detect import match_sources
     from bayesblend.infer import deblend
 
-    prior = bayesblend.load_prior()
+    prior = bayesblend.load_prior(bundle)
     have = done(method)
     todo = [i for i in range(first, n) if i not in have]
     if not todo:
         return
     OUT.mkdir(parents=True, exist_ok=True)
-    check_settings(method, settings, detect, redetect)
+    check_settings(method, settings, detect, redetect, str(prior.card.get("name", bundle)))
     made_by = commit()
     compiled: set[int] = set()
     for start in range(0, len(todo), chunk):
@@ -501,6 +506,9 @@ def main() -> None:
         help="first blend to fit: two runs over disjoint ranges share the file and both cores",
     )
     p.add_argument("--chunk", type=int, default=8)
+    p.add_argument(
+        "--bundle", default=None, help="prior bundle name or directory (default: the default model)"
+    )
     p.add_argument("--report", action="store_true")
     p.add_argument("--set", action="append", default=[], help="inference setting name=value")
     p.add_argument("--out", type=Path, default=OUT, help="directory of the per-method .jsonl files")
@@ -523,7 +531,16 @@ def main() -> None:
 
     settings = InferenceConfig.parse_settings(args.set)
     for m in args.methods.split(","):
-        run(m, args.n, args.chunk, settings, detect=args.detect, redetect=args.redetect, first=args.first)
+        run(
+            m,
+            args.n,
+            args.chunk,
+            settings,
+            detect=args.detect,
+            redetect=args.redetect,
+            first=args.first,
+            bundle=args.bundle,
+        )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ mag_range=(20, 24.5))``, sources at their true positions) this measures:
   leapfrog steps per draw and the divergent fraction, and the wall time per
   source extrapolated to ESS_bulk = 400 (time x 400 / median ESS).
 
-Run: ``.venv/bin/python benchmarks/bench_speed.py [--methods map,nuts] [--sizes 1,2,4]``
+Run: ``.venv/bin/python benchmarks/bench_speed.py [--bundle lsst-v2] [--methods map,nuts] [--sizes 1,2,4]``
 """
 
 from __future__ import annotations
@@ -88,6 +88,9 @@ def main() -> None:
     p.add_argument("--nuts-warmup", type=int, default=150)
     p.add_argument("--nuts-draws", type=int, default=300)
     p.add_argument("--nuts-blends", type=int, default=1, help="blends NUTS runs together (at most --batch)")
+    p.add_argument(
+        "--bundle", default=None, help="prior bundle name or directory (default: the default model)"
+    )
     p.add_argument("--set", action="append", default=[], help="inference setting name=value (every method)")
     args = p.parse_args()
     import arviz as az
@@ -96,11 +99,12 @@ def main() -> None:
     from bayesblend.infer import InferenceConfig, deblend, prepare_scene
     from bayesblend.simulate.scenes import simulate_blend
 
-    prior = bayesblend.load_prior()
+    prior = bayesblend.load_prior(args.bundle)
     common = InferenceConfig.parse_settings(args.set)
     ref = matmul_rate()
     print(
-        f"machine: {platform.machine()}, {jax.device_count()} {jax.devices()[0].platform} device(s); "
+        f"bundle: {prior.card.get('name')}; machine: {platform.machine()}, "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s); "
         f"dense matmul {ref / 1e9:.1f} GFLOP/s\n"
     )
     print(
@@ -151,7 +155,10 @@ def main() -> None:
                 f"{gr['flops'] / 1e9:.2f} | {gr['fraction']:.2f} | {ess_txt} | {to400} |",
                 flush=True,
             )
-    print(f"\ncommand: `.venv/bin/python benchmarks/bench_speed.py` settings {common or 'default'}")
+    print(
+        f"\ncommand: `.venv/bin/python benchmarks/bench_speed.py --bundle {args.bundle} "
+        f"--methods {args.methods} --sizes {args.sizes}` settings {common or 'default'}"
+    )
 
 
 if __name__ == "__main__":
