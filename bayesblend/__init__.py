@@ -20,7 +20,7 @@ __all__ = ["__version__", "deblend", "load_prior"]
 
 
 def load_prior(name_or_path: str | None = None) -> PriorBundle:
-    """Load a prior bundle; with no argument, the shipped default ``models/lsst-v1``.
+    """Load a prior bundle; with no argument, the shipped default ``models/lsst-v2``.
 
     Checksums of every weight file are verified; a missing, tampered or
     incompatible bundle raises :class:`bayesblend.errors.BundleError`.

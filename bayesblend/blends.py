@@ -25,8 +25,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from bayesblend.errors import BayesblendError, BundleError, MaskedBlendError
-from bayesblend.forward import anchor_and_offset, difference_kernel, fft_size, psf_spectrum
-from bayesblend.model import LOG_FLUX_SIGMA, MODEL_ERROR, POSITION_SIGMA, PoseSceneSpec, SceneSpec
+from bayesblend.forward import anchor_and_offset, fft_size, psf_spectrum
+from bayesblend.model import LOG_FLUX_SIGMA, MODEL_ERROR, POSITION_SIGMA, SceneSpec
 from bayesblend.prior.bundle import PriorBundle
 from bayesblend.scene import Scene
 from bayesblend.survey import flux_to_mag, get_survey
@@ -236,40 +236,31 @@ def prepare_blend(
         "log_flux0": jnp.asarray(padded(log_flux0, np.zeros(len(bundle.bands))), dtype=jnp.float32),
         "source_valid": jnp.asarray(np.arange(n) < k),
     }
-    common = dict(
+    priors = pose_priors(bundle)
+    data["psf_ft"] = psf_spectrum(psf, fft_size(bundle.stamp))
+    mag = flux_to_mag(np.exp(log_flux0), np.asarray(sc.magzero)[None])
+    ref = bundle.bands.index(priors["size_band"])
+    log_hlr0 = priors["ln_hlr_at_r23"] + priors["slope_per_mag"] * (mag[:, ref] - 23.0)
+    data["log_hlr0"] = jnp.asarray(padded(log_hlr0, np.zeros((), np.float64)), dtype=jnp.float32)
+    spec = SceneSpec(
         shape=(ny, nx),
         n_sources=n,
         latent_dim=bundle.latent_dim,
+        stamp=bundle.stamp,
+        pixel_scale=float(bundle.card["architecture"]["pixel_scale"]),
+        hlr_pixels=bundle.canonical_frame.hlr_pixels,
+        ellipticity_scale=priors["ellipticity_scale"],
         log_flux_sigma=log_flux_sigma,
+        log_hlr_sigma=priors["log_hlr_sigma"],
         position_sigma=position_sigma,
         has_variance=sc.variance is not None,
         model_error=model_error,
     )
-    frame = bundle.canonical_frame
-    spec: SceneSpec | PoseSceneSpec
-    if frame is None:
-        data["kernel"] = difference_kernel(psf, survey.model_psf_image(psf.shape[-1]), fft_size(bundle.stamp))
-        spec = SceneSpec(**common)
-    else:
-        priors = pose_priors(bundle)
-        data["psf_ft"] = psf_spectrum(psf, fft_size(bundle.stamp))
-        mag = flux_to_mag(np.exp(log_flux0), np.asarray(sc.magzero)[None])
-        ref = bundle.bands.index(priors["size_band"])
-        log_hlr0 = priors["ln_hlr_at_r23"] + priors["slope_per_mag"] * (mag[:, ref] - 23.0)
-        data["log_hlr0"] = jnp.asarray(padded(log_hlr0, np.zeros((), np.float64)), dtype=jnp.float32)
-        spec = PoseSceneSpec(
-            stamp=bundle.stamp,
-            pixel_scale=float(bundle.card["architecture"]["pixel_scale"]),
-            hlr_pixels=frame.hlr_pixels,
-            ellipticity_scale=priors["ellipticity_scale"],
-            log_hlr_sigma=priors["log_hlr_sigma"],
-            **common,
-        )
     return PreparedBlend(spec, data, k, x, y, tuple(bundle.bands), np.asarray(sc.magzero), sc, origin)
 
 
 def pose_priors(bundle: PriorBundle) -> dict:
-    """The explicit-pose priors a v2 bundle's card records (ellipticity scale, size relation).
+    """The pose priors a bundle's card records (ellipticity scale, size-magnitude relation).
 
     Raises
     ------

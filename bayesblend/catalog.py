@@ -3,12 +3,14 @@
 One row per source (README "File formats"). Central values are posterior medians,
 ``_std`` columns posterior standard deviations and ``_p16``/``_p84`` the
 central 68 % interval. Ellipticities are shear-type, ``g = (a - b)/(a + b)``,
-with +e2 along +45 degrees counter-clockwise from +x (GalSim's ``g1, g2``);
-``size`` is ``det(Q)^(1/4)`` of the PSF-corrected adaptive second moments of
-the model-frame morphology in the shape band (the sigma of an equal-area
-round Gaussian), in arcsec, measured after reconvolving to the survey PSF
-FWHM of header keyword ``SHAPEPSF`` (arcsec); ``resolution`` compares it with
-that PSF (:func:`bayesblend.measure.resolution`). Convergence columns (``r_hat_max``,
+with +e2 along +45 degrees counter-clockwise from +x (GalSim's ``g1, g2``):
+the posterior of the scene model's ellipticity parameter, the galaxy's
+intrinsic (pre-PSF) shape. ``size`` is the posterior of its half-light radius
+(arcsec, in the band of header keyword ``SHAPEBND``, the band the canonical
+morphology's size is defined in); ``resolution`` compares it with the survey
+PSF of FWHM ``SHAPEPSF`` (arcsec) in that band (:func:`bayesblend.measure.resolution`,
+with the half-light radius turned into the sigma of a Gaussian of the same
+half-light radius). Convergence columns (``r_hat_max``,
 ``ess_bulk_min``) are filled for NUTS only (NaN otherwise): the other methods
 give independent draws from an approximation, which those statistics do not
 test.
@@ -49,7 +51,7 @@ RESOLUTION_MIN = 0.3
 
 #: Header keywords of the scene-model settings that change fitted shapes
 #: (:func:`bayesblend.posterior.scene_model_settings`).
-SCENE_HEADER = {"flux_prior": "FLUXPRIR", "model_error": "MODELERR", "centroid_window": "CENWIN"}
+SCENE_HEADER = {"flux_prior": "FLUXPRIR", "model_error": "MODELERR"}
 
 ELLIPTICITY_CONVENTION = "shear-type g=(a-b)/(a+b); +e2 along +45 deg CCW from +x (GalSim g1,g2)"
 #: The e2 sign convention, written to every catalogue header (``E2SIGN``).
@@ -86,9 +88,9 @@ def columns(bands: Sequence[str]) -> list[tuple[str, type, u.UnitBase | None, st
         ("e1_std", np.float64, None, "posterior std of e1"),
         ("e2_std", np.float64, None, "posterior std of e2"),
         ("e1_e2_cov", np.float64, None, "posterior covariance of e1 and e2"),
-        ("size", np.float64, u.arcsec, "posterior median size det(Q)^(1/4), PSF-corrected"),
+        ("size", np.float64, u.arcsec, "posterior median half-light radius (intrinsic, before the PSF)"),
         ("size_std", np.float64, u.arcsec, "posterior std of size"),
-        ("resolution", np.float64, None, "size^2/(size^2+sigma^2), sigma of the SHAPEPSF Gaussian"),
+        ("resolution", np.float64, None, "s^2/(s^2+sigma^2), s = size/1.1774, sigma of SHAPEPSF"),
         ("blendedness", np.float64, None, "1 - <I,I>/<I,I_total> of the fitted model, shape band"),
         ("r_hat_max", np.float64, None, "largest split r-hat over the source's parameters (NUTS)"),
         ("ess_bulk_min", np.float64, None, "smallest bulk ESS over the source's parameters (NUTS)"),
@@ -124,7 +126,7 @@ def header(bands: Sequence[str], meta: dict) -> dict:
         "BANDS": ",".join(bands),
         "ELLCONV": ELLIPTICITY_CONVENTION,
         "E2SIGN": E2SIGN,
-        "SIZEDEF": "det(Q)^(1/4) of PSF-corrected adaptive moments, arcsec",
+        "SIZEDEF": "half-light radius of the intrinsic (pre-PSF) profile, arcsec",
         "MAGSYS": "AB, mag = MAGZERO - 2.5 log10(flux)",
     }
     for name, bit in FLAGS.items():

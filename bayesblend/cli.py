@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     dbl.add_argument("--sources", default=None, help="FITS/Parquet table with x, y (one scene only)")
     dbl.add_argument("--method", choices=["amortised", "map", "svi", "nuts"], default="nuts")
     dbl.add_argument("--out", default="deblended", help="output directory")
-    dbl.add_argument("--prior", default=None, help="model bundle name or path (default: lsst-v1)")
+    dbl.add_argument("--prior", default=None, help="model bundle name or path (default: lsst-v2)")
     dbl.add_argument("--latent-prior", choices=["flow", "normal"], default=None)
     dbl.add_argument("--seed", type=int, default=0)
     dbl.add_argument("--chains", type=int, default=None, help="NUTS chains")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--shear", type=float, default=0.02)
     sb.add_argument("--detect", action="store_true", help="detect sources instead of giving true positions")
     sb.add_argument("--draws", type=int, default=64, help="posterior draws per source")
-    sb.add_argument("--prior", default=None, help="model bundle name or path (default: lsst-v1)")
+    sb.add_argument("--prior", default=None, help="model bundle name or path (default: lsst-v2)")
     sb.add_argument("--latent-prior", choices=["flow", "normal"], default=None)
     sb.add_argument("--max-minutes", type=float, default=None, help="stop after this long (resume later)")
     sb.add_argument("--report", action="store_true", help="only summarise the items already run")
@@ -131,13 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--out", default=None, help="write the shear catalogue (FITS) here")
     sh.add_argument("--seed", type=int, default=0)
 
-    ip = sub.add_parser("interim-prior", help="tabulate a bundle's interim ellipticity prior into its card")
-    ip.add_argument("--prior", default=None, help="model bundle name or path (default: lsst-v1)")
-    ip.add_argument("--n", type=int, default=16384, help="prior draws per latent prior")
-    ip.add_argument("--seed", type=int, default=0)
-
-    tr = sub.add_parser("train", help="train the VAE prior, the amortised encoder or the latent flow")
-    tr.add_argument("what", choices=["vae", "deblender", "canonical-vae", "pose-encoder", "flow"])
+    tr = sub.add_parser("train", help="train the canonical VAE, the pose encoder or the latent flow")
+    tr.add_argument("what", choices=["canonical-vae", "pose-encoder", "flow"])
     tr.add_argument("--config", required=True, help="TOML config (see configs/)")
     tr.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -334,8 +329,8 @@ def _shear_bias(args: argparse.Namespace) -> int:
         run(cfg, args.n, args.out, bundle, progress=not args.quiet, time_limit=limit)
     runs = [args.out, *args.pool]
     made = pooled_config(runs)
-    # R and the interim prior belong to the run's own method, latent prior and bundle, which
-    # config.json records; with --report the command line's --method/--latent-prior may say otherwise.
+    # R belongs to the run's own method, latent prior and bundle, and the interim prior to its bundle,
+    # which config.json records; with --report the command line's --method/--latent-prior may say otherwise.
     name = str(bundle.card.get("name", bundle.path))
     if made.get("bundle", name) != name:
         raise BayesblendError(
@@ -343,17 +338,10 @@ def _shear_bias(args: argparse.Namespace) -> int:
         )
     method = str(made.get("method", args.method))
     latent_prior = made.get("latent_prior") or latent_prior
-    shape_psf = float(made.get("shape_psf_fwhm", 0.0))
     R = 1.0
     if args.calibrated:
-        R, _ = responsivity_from_card(
-            bundle.card, method, shape_psf, made.get("scene_model", {}), binned=True
-        )
-    try:
-        interim = interim_prior_from_card(bundle.card, latent_prior, shape_psf)
-    except BayesblendError as exc:
-        print(f"bayesblend: warning: {exc}; hierarchical estimator skipped", file=sys.stderr)
-        interim = None
+        R, _ = responsivity_from_card(bundle.card, method, made.get("scene_model", {}), binned=True)
+    interim = interim_prior_from_card(bundle.card)  # the scene model's own prior on e
     res = summarise(
         runs,
         responsivity=R,
@@ -384,7 +372,7 @@ def _shear_bias(args: argparse.Namespace) -> int:
             f"bayesblend shear-bias --kind {made['kind']} --method {method} --seed {seed} "
             f"--shear {made['shear']} --draws {made['draws']} --latent-prior {latent_prior} --n {args.n} "
             f"--out {args.out}{pool}{' --detect' if made['detect'] else ''} --bins {args.bins} --calibrate"
-            f"{' --report' if args.report else ''}"
+            f"{' --report' if args.report else ''}{f' --prior {args.prior}' if args.prior else ''}"
         )
         entry = store_responsivity(bundle.path, method, e, res, command)
         print(
@@ -423,10 +411,9 @@ def _shear(args: argparse.Namespace) -> int:
         )
     bundle = load_bundle(args.prior or catalog.meta.get("BUNDLE"))
     method = str(catalog.meta.get("METHOD", "map")).lower()
-    shape_psf = float(catalog.meta.get("SHAPEPSF", 0.0))  # 0: made before shapes were reconvolved
     # a catalogue made before these settings were recorded has none: no stored R applies to it
     R, source = responsivity_from_card(
-        bundle.card, method, shape_psf, scene_model_from_header(catalog.meta), binned=True
+        bundle.card, method, scene_model_from_header(catalog.meta), binned=True
     )
     sigma_e = SIGMA_E if args.sigma_e is None else args.sigma_e
     shear_cat = shear_catalog(catalog, R, sigma_e, source)
@@ -440,10 +427,10 @@ def _shear(args: argparse.Namespace) -> int:
     how = "weighted mean of per-source R" if isinstance(R, ResponsivityTable) else "R"
     print(f"{args.catalog}: {est}  [{how} = {est.details['responsivity']:.4f}, jackknife over blends]")
     if args.posterior:
-        e1, e2, attrs = posterior_ellipticities(args.posterior)
+        e1, e2, _ = posterior_ellipticities(args.posterior)
         if e1.shape[0] != len(catalog):
             raise BayesblendError(f"{args.posterior} has {e1.shape[0]} sources, the catalogue {len(catalog)}")
-        interim = interim_prior_from_card(bundle.card, str(attrs.get("latent_prior", "flow")), shape_psf)
+        interim = interim_prior_from_card(bundle.card)
         ok = np.asarray(shear_cat["weight"]) > 0
         h = hierarchical_shear(e1[ok], e2[ok], interim, seed=args.seed)
         print(
@@ -453,24 +440,6 @@ def _shear(args: argparse.Namespace) -> int:
     if args.out:
         write_table(args.out, shear_cat)
         print(f"  {args.out}")
-    return 0
-
-
-def _interim_prior(args: argparse.Namespace) -> int:
-    from bayesblend.prior.bundle import load_bundle
-    from bayesblend.shear import estimate_interim_prior, store_interim_prior
-
-    bundle = load_bundle(args.prior)
-    priors = ["normal"] + (["flow"] if bundle.flow is not None else [])
-    tables = {lp: estimate_interim_prior(bundle, lp, args.n, args.seed) for lp in priors}
-    command = f"bayesblend interim-prior --n {args.n} --seed {args.seed}"
-    store_interim_prior(bundle.path, tables, command)
-    for lp, t in tables.items():
-        print(
-            f"{lp}: {t.n_draws} valid of {args.n} draws ({t.valid_fraction:.1%}); mean e1 {t.mean_e1:+.4f}, "
-            f"e2 {t.mean_e2:+.4f}"
-        )
-    print(f"stored in {bundle.path / 'card.json'}")
     return 0
 
 
@@ -491,7 +460,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _train,
         "shear-bias": _shear_bias,
         "shear": _shear,
-        "interim-prior": _interim_prior,
     }
     if args.command not in commands:
         parser.error(f"unknown command {args.command!r}")

@@ -2,11 +2,12 @@
 
 Every method starts from the one before it:
 
-- ``amortised``: the deblender encoder on a stamp around each source gives
-  q(z | blend) (a diagonal Gaussian); the fluxes of each draw are the joint
-  non-negative least-squares amplitudes of all sources' templates
-  (:func:`joint_flux`) plus their Gaussian (Fisher) error; positions stay at
-  the detections. Fastest, and the start of the others.
+- ``amortised``: the pose encoder on a stamp around each source gives a
+  diagonal Gaussian q over its latent code, ellipticity, size and offset
+  (:class:`~bayesblend.prior.amortised.PoseLayout`); the fluxes of each draw
+  are the joint non-negative least-squares amplitudes of all sources' stamps
+  rendered at that draw (:func:`joint_flux`) plus their Gaussian (Fisher)
+  error. Fastest, and the start of the others.
 - ``map``: Adam on the joint log posterior from the amortised start (every
   parameter is an unconstrained real), polished by damped Gauss-Newton steps.
   The result carries the Laplace approximation around the optimum as its
@@ -19,12 +20,7 @@ Every method starts from the one before it:
 - ``nuts``: NumPyro NUTS, several chains started from Laplace draws around MAP,
   with the Laplace covariance as the dense inverse mass matrix; warm-up tunes
   the step size only (``adapt_mass_matrix=False`` by default: a dense estimate
-  from a short warm-up window did no better). The flow's base space turned out
-  less Gaussian than hoped: NUTS still needs about 58 leapfrog steps per draw
-  under the flow prior, against 15 under N(0, I), because image-preserving
-  directions curve away within a Laplace standard deviation. Sampling the
-  latent codes themselves mixed flux and ellipticity worse (both in
-  benchmarks/RESULTS.md, "Speed").
+  from a short warm-up window did no better).
 
 Blends with the same :class:`~bayesblend.model.SceneSpec` (padded source count
 and cutout shape) run together: one per-blend function is ``vmap``-ed over a
@@ -49,18 +45,16 @@ from jax.flatten_util import ravel_pytree
 
 from bayesblend.blends import PreparedBlend, blend_region, check_scene, group_sources, prepare_blend
 from bayesblend.errors import BayesblendError, MaskedBlendError, MaskedBlendWarning
-from bayesblend.forward import paste_stamps, render_stamps
+from bayesblend.forward import paste_stamps
 from bayesblend.model import (
     LOG_FLUX_SIGMA,
     MODEL_ERROR,
     POSITION_SIGMA,
-    PoseSceneSpec,
     SceneSpec,
     inverse_variance,
-    is_pose,
-    model_for,
-    precision_for,
-    stamps_for,
+    prior_precision,
+    scene_model,
+    source_stamps,
 )
 from bayesblend.posterior import Posterior
 from bayesblend.prior.amortised import PoseLayout
@@ -240,20 +234,7 @@ def cutouts(image: jnp.ndarray, anchor: jnp.ndarray, stamp: int) -> jnp.ndarray:
 
 
 def joint_flux(
-    morphology: jnp.ndarray, offset: jnp.ndarray, data: dict, spec: SceneSpec, sweeps: int = 50
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Joint non-negative fluxes of fixed model-frame morphologies (galaxy model v1).
-
-    The unit-flux stamps of ``morphology`` placed at ``offset`` go to
-    :func:`joint_flux_stamps` (its returns).
-    """
-    n, nb = morphology.shape[0], morphology.shape[1]
-    unit = render_stamps(morphology, jnp.ones((n, nb)), offset, data["kernel"])
-    return joint_flux_stamps(unit, data, spec, sweeps)
-
-
-def joint_flux_stamps(
-    unit: jnp.ndarray, data: dict, spec: SceneSpec | PoseSceneSpec, sweeps: int = 50
+    unit: jnp.ndarray, data: dict, spec: SceneSpec, sweeps: int = 50
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Joint non-negative weighted least-squares fluxes of fixed unit-flux source stamps on the scene.
 
@@ -302,7 +283,7 @@ def joint_flux_stamps(
 def _unit_stamps(nets: Networks, w: dict, spec, data: dict, params: dict) -> jnp.ndarray:
     """Each source's stamp at unit flux per band, ``(source, band, S, S)`` (zero for padded sources)."""
     params = dict(params, log_flux=jnp.zeros_like(params["log_flux"]))
-    return stamps_for(spec, data, partial(nets.decode, w), nets.to_latent(w), params)
+    return source_stamps(spec, data, partial(nets.decode, w), nets.to_latent(w), params)
 
 
 def _potential(nets: Networks, w: dict, spec: SceneSpec, data: dict) -> Callable:
@@ -311,44 +292,33 @@ def _potential(nets: Networks, w: dict, spec: SceneSpec, data: dict) -> Callable
     decode = partial(nets.decode, w)
     to_latent = nets.to_latent(w)
 
-    model = model_for(spec)
-
     def potential(params):
-        return -log_density(model, (spec, data, decode, to_latent), {}, params)[0]
+        return -log_density(scene_model, (spec, data, decode, to_latent), {}, params)[0]
 
     return potential
 
 
 def _amortised(nets: Networks, w: dict, spec, data: dict, stamp: int):
-    """The amortised encoder's mean and sigma per source, and the start of the fits at the mean.
+    """The pose encoder's mean and sigma per source, and the start of the fits at the mean.
 
-    Galaxy model v1: q(z | stamp) of the deblender, start ``(u, log_flux, offset)``
-    with fluxes the joint non-negative fit of the decoded morphologies at the
-    detections. v2: the pose encoder's q over every parameter
-    (:class:`~bayesblend.prior.amortised.PoseLayout`), start ``(u, eta,
-    log_hlr, log_flux, offset)`` at its mean, fluxes again the joint fit of the
-    sources rendered at that pose.
+    The encoder's q covers every parameter but the fluxes
+    (:class:`~bayesblend.prior.amortised.PoseLayout`); the start ``(u, eta,
+    log_hlr, log_flux, offset)`` is its mean, with the fluxes the joint
+    non-negative fit of the sources rendered at that pose.
     """
     stamps = cutouts(data["image"], data["anchor"], stamp)
     mean, log_sigma = nets.encode(w, stamps, jnp.sqrt(data["sky"]))
     # the survey's noise alone: a model-error term down-weights a bright galaxy's core, and its
-    # neighbours' templates then take more of the residual there (18x and 62x for the r = 27
-    # neighbours of held-out blend 149, against 2.6x and 12x without)
+    # neighbours' templates then take more of the residual there (53x and 79x too bright for the
+    # r = 27 neighbours of held-out blend 149, against 3.3x and 7.4x without; the 5x5 box sum gives
+    # 66x and 148x: benchmarks/flux_prior_check.py --items 149)
     survey_noise = dataclasses.replace(spec, model_error=0.0)
     floor = jnp.exp(data["log_flux0"]) * 0.05
-    if is_pose(spec):
-        layout = PoseLayout(spec.latent_dim, data["log_flux0"].shape[-1])
-        m, sd = layout.unpack(mean), layout.unpack(jnp.exp(log_sigma))
-        start = {k: m[k] for k in ("eta", "log_hlr", "log_flux", "offset")} | {"u": nets.to_base(w, m["z"])}
-        flux, _ = joint_flux_stamps(_unit_stamps(nets, w, spec, data, start), data, survey_noise)
-        return m, sd, start | {"log_flux": jnp.log(jnp.maximum(flux, floor))}
-    flux, _ = joint_flux(nets.decode(w, mean), data["offset0"], data, survey_noise)
-    start = {
-        "u": nets.to_base(w, mean),
-        "log_flux": jnp.log(jnp.maximum(flux, floor)),
-        "offset": data["offset0"],
-    }
-    return mean, jnp.exp(log_sigma), start
+    layout = PoseLayout(spec.latent_dim, data["log_flux0"].shape[-1])
+    m, sd = layout.unpack(mean), layout.unpack(jnp.exp(log_sigma))
+    start = {k: m[k] for k in ("eta", "log_hlr", "log_flux", "offset")} | {"u": nets.to_base(w, m["z"])}
+    flux, _ = joint_flux(_unit_stamps(nets, w, spec, data, start), data, survey_noise)
+    return m, sd, start | {"log_flux": jnp.log(jnp.maximum(flux, floor))}
 
 
 def _map(potential: Callable, start: dict, cfg: InferenceConfig):
@@ -383,11 +353,10 @@ def _gauss_newton(nets: Networks, w: dict, spec: SceneSpec, data: dict, flat, un
     to_latent = nets.to_latent(w)
     params = unravel(flat)
     nb = data["image"].shape[0]
-    psf = {k: data[k] for k in ("kernel", "psf_ft") if k in data}
 
     def stamp(p, valid):  # the stamp twice: as the output to differentiate and as the aux value
-        one = {"source_valid": valid[None]} | psf
-        out = stamps_for(spec, one, decode, to_latent, jax.tree_util.tree_map(lambda a: a[None], p))[0]
+        one = {"source_valid": valid[None], "psf_ft": data["psf_ft"]}
+        out = source_stamps(spec, one, decode, to_latent, jax.tree_util.tree_map(lambda a: a[None], p))[0]
         return out, out
 
     jac, stamps = jax.vmap(jax.jacfwd(stamp, has_aux=True))(params, data["source_valid"])
@@ -399,7 +368,7 @@ def _gauss_newton(nets: Networks, w: dict, spec: SceneSpec, data: dict, flat, un
 
     jmat = jnp.concatenate([canvas_columns(j) for j in jax.tree_util.tree_leaves(jac)])
     wgt = inverse_variance(spec, data, paste_stamps(stamps, data["anchor"], spec.shape))
-    prec, _ = ravel_pytree(precision_for(spec, nb))
+    prec, _ = ravel_pytree(prior_precision(spec, nb))
     h = jnp.einsum("ibyx,jbyx,byx->ij", jmat, jmat, wgt) + jnp.diag(prec)
     return 0.5 * (h + h.T)
 
@@ -444,7 +413,7 @@ def _with_chain(tree):
 def _blend_fit(
     nets: Networks, method: str, spec: SceneSpec, cfg: InferenceConfig, stamp: int, w: dict, data: dict, key
 ) -> dict:
-    """One blend: draws ``(chain, draw, source, ...)`` of u, log_flux, offset, and statistics.
+    """One blend: draws ``(chain, draw, source, ...)`` of the sampled parameters, and statistics.
 
     Also ``log_flux0``, the log-flux prior's centre the fit used (the amortised
     joint fluxes under ``flux_prior="amortised"``), so the Posterior's blend
@@ -480,26 +449,20 @@ def _fit_method(nets, method, cfg, w, spec, data, mean, sigma, start, k_draw, k_
 def _amortised_draws(nets, cfg: InferenceConfig, w, spec, data, mean, sigma, start, k_draw, k_flux) -> dict:
     """Draws of the amortised posterior: the encoder's Gaussian, fluxes jointly fitted per draw.
 
-    For each draw of the morphology (v1: ``z``; v2: ``z`` and the pose) the
-    fluxes are the joint non-negative fit of the sources' unit-flux stamps
-    plus their Gaussian (Fisher) error at that morphology.
+    For each draw of the morphology and pose (``z``, ``eta``, ``log_hlr``,
+    ``offset``) the fluxes are the joint non-negative fit of the sources'
+    unit-flux stamps plus their Gaussian (Fisher) error at that draw.
     """
     n = cfg.num_draws
-    if is_pose(spec):
-        names = ("z", "eta", "log_hlr", "offset")
-        keys = dict(zip(names, jax.random.split(k_draw, len(names)), strict=True))
-        q = {k: mean[k] + sigma[k] * jax.random.normal(keys[k], (n,) + mean[k].shape) for k in names}
-        shape = {"u": nets.to_base(w, q.pop("z"))} | q
-    else:
-        shape = {
-            "u": nets.to_base(w, mean + sigma * jax.random.normal(k_draw, (n,) + mean.shape)),
-            "offset": jnp.broadcast_to(data["offset0"], (n,) + data["offset0"].shape),
-        }
+    names = ("z", "eta", "log_hlr", "offset")
+    keys = dict(zip(names, jax.random.split(k_draw, len(names)), strict=True))
+    q = {k: mean[k] + sigma[k] * jax.random.normal(keys[k], (n,) + mean[k].shape) for k in names}
+    shape = {"u": nets.to_base(w, q.pop("z"))} | q
     keys = jax.random.split(k_flux, n)
 
     def one(p, k):
         p = p | {"log_flux": data["log_flux0"]}
-        f, a = joint_flux_stamps(_unit_stamps(nets, w, spec, data, p), data, spec)
+        f, a = joint_flux(_unit_stamps(nets, w, spec, data, p), data, spec)
         chol = jnp.linalg.cholesky(jnp.linalg.inv(a))  # (band, source, source)
         f = f.T + jnp.einsum("bij,bj->bi", chol, jax.random.normal(k, f.T.shape))
         return jnp.maximum(f.T, jnp.exp(data["log_flux0"]) * 0.01)
@@ -516,10 +479,8 @@ def _svi(nets, w, spec, data, point, flat, cov, cfg: InferenceConfig, key) -> di
     decode = partial(nets.decode, w)
     to_latent = nets.to_latent(w)
 
-    scene = model_for(spec)
-
     def model(d):
-        scene(spec, d, decode, to_latent)
+        scene_model(spec, d, decode, to_latent)
 
     init = init_to_value(values=point)
     if cfg.svi_guide == "full":
@@ -755,7 +716,7 @@ def deblend(
     method : str
         ``"amortised"``, ``"map"``, ``"svi"`` or ``"nuts"``.
     prior : PriorBundle or str, optional
-        The prior bundle (or its name or path); default the shipped ``lsst-v1``.
+        The prior bundle (or its name or path); default the shipped ``lsst-v2``.
     seed : int
         Seed of every random draw.
     latent_prior : str, optional

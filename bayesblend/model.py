@@ -1,33 +1,40 @@
-"""The NumPyro scene model: sources with latent shapes, fluxes and positions, and the survey's noise.
+"""The NumPyro scene model: galaxies with a learned morphology and an explicit pose, and the survey's noise.
 
-Per source (a ``source`` plate of fixed, padded size):
+A source is a canonical morphology (round, unit flux per band, a fixed
+half-light radius in the reference band; decoded from a latent code ``z``)
+put on the survey's pixel grid by an explicit pose and each band's PSF
+(:func:`bayesblend.forward.render_pose`). Per source (a ``source`` plate of
+fixed, padded size):
+
 - ``u`` (latent dim): standard normal. The latent code is ``z = T(u)``, with
   ``T`` the bundle's flow mapping base draws to latent codes, or the identity
   for the N(0, I) prior; the prior on ``z`` is exactly the flow. Every method
-  works in ``u``, where the prior is a plain standard normal. The posterior is
-  not Gaussian there either (directions that leave the image unchanged to
-  first order curve away within a Laplace standard deviation), but NUTS in
-  ``z`` itself mixed flux and ellipticity worse (benchmarks/RESULTS.md,
-  "Speed").
+  works in ``u``, where the prior is a plain standard normal.
+- ``eta`` (2): the ellipticity, ``e = tanh|eta| eta / |eta|`` (shear-type,
+  ``|e| = (a - b) / (a + b)``), with the Bernstein & Armstrong (2014) prior on
+  the unit disk (:class:`bayesblend.ellipticity.EtaPrior`, scale ``s`` from the
+  model card).
+- ``log_hlr``: natural log of the half-light radius (arcsec), Normal around
+  the population's size-magnitude relation at the source's estimated
+  magnitude (the card's ``size_prior``), broadened (:data:`LOG_HLR_SIGMA`).
 - ``log_flux`` (band): Normal(``log_flux0``, ``log_flux_sigma``), a proper
   and broad prior (default sigma = 2, a factor of 7 either way) around a flux
   estimate given with the data (the inference layer chooses it:
   ``InferenceConfig.flux_prior``).
 - ``offset`` (2): Normal around the detected position, ``position_sigma``
-  pixels (default 0.5). It places the source's light centroid
-  (:func:`bayesblend.forward.render_scene`).
+  pixels (default 0.5): the profile centre, pixels from the stamp centre.
 
-Scene mean = the sum of the rendered sources (:func:`bayesblend.forward.render_scene`).
-Likelihood: an independent Gaussian per pixel, written with NumPyro's own
-``Normal(...).mask(...).to_event(3)``. The variance is the data's variance
-plane when given, else ``sky + max(mean, 0)`` (sky plus the model's Poisson
-term), plus ``(model_error * max(data, 0))**2`` for the decoder's own error
-(``SceneSpec.model_error``; 0 gives the survey's noise alone). Masked pixels
-carry no weight. Padded sources have zero flux, so they add nothing to the
-scene; their parameters keep their (proper, normalised) priors and are
-independent of everything else, so they leave the posterior of the real
-sources unchanged. (Masking their priors instead leaves them flat and improper,
-and NUTS then lets them drift without bound.)
+Scene mean = the sum of the sources' stamps pasted at their anchors
+(:func:`scene_mean`). Likelihood: an independent Gaussian per pixel, written
+with NumPyro's own ``Normal(...).mask(...).to_event(3)``. The variance is the
+data's variance plane when given, else ``sky + max(mean, 0)`` (sky plus the
+model's Poisson term), plus ``(model_error * max(data, 0))**2`` for the
+decoder's own error (``SceneSpec.model_error``; 0 gives the survey's noise
+alone). Masked pixels carry no weight. Padded sources have zero flux, so they
+add nothing to the scene; their parameters keep their (proper, normalised)
+priors and are independent of everything else, so they leave the posterior of
+the real sources unchanged. (Masking their priors instead leaves them flat and
+improper, and NUTS then lets them drift without bound.)
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from bayesblend.ellipticity import EtaPrior, to_ellipticity
-from bayesblend.forward import canonical_spectrum, paste_stamps, render_pose, render_stamps
+from bayesblend.forward import canonical_spectrum, paste_stamps, render_pose
 from bayesblend.survey import poisson_variance
 
 #: Defaults of the scene model's priors and variance, the one source of them (``prepare_blend`` and
@@ -51,6 +58,9 @@ from bayesblend.survey import poisson_variance
 LOG_FLUX_SIGMA = 2.0
 POSITION_SIGMA = 0.5
 MODEL_ERROR = 0.03
+#: Width of the log half-light-radius prior around the population's size-magnitude relation
+#: (natural log): the training population's scatter about the relation (0.67, in the card) broadened.
+LOG_HLR_SIGMA = 0.8
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,16 @@ class SceneSpec:
     n_sources : int
         Padded number of sources.
     latent_dim : int
-    log_flux_sigma : float
-        Width of the log-flux prior, natural log units.
+    stamp : int
+        Side of each source's stamp, survey pixels.
+    pixel_scale : float
+        Survey pixel scale, arcsec.
+    hlr_pixels : float
+        Half-light radius of the canonical frame, canonical pixels.
+    ellipticity_scale : float
+        ``s`` of the Bernstein & Armstrong prior (:class:`bayesblend.ellipticity.EtaPrior`).
+    log_flux_sigma, log_hlr_sigma : float
+        Widths of the log-flux and log-size priors, natural log units.
     position_sigma : float
         Width of the position prior, pixels.
     has_variance : bool
@@ -80,39 +98,15 @@ class SceneSpec:
     shape: tuple[int, int]
     n_sources: int
     latent_dim: int
+    stamp: int
+    pixel_scale: float
+    hlr_pixels: float
+    ellipticity_scale: float
     log_flux_sigma: float = LOG_FLUX_SIGMA
+    log_hlr_sigma: float = LOG_HLR_SIGMA
     position_sigma: float = POSITION_SIGMA
     has_variance: bool = True
     model_error: float = MODEL_ERROR
-
-
-def scene_mean(
-    spec: SceneSpec,
-    data: dict[str, jnp.ndarray],
-    decode: Callable[[jnp.ndarray], jnp.ndarray],
-    to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None,
-    params: dict[str, jnp.ndarray],
-) -> jnp.ndarray:
-    """Expected scene ``(band, H, W)``, electrons, for parameters ``u``, ``log_flux``, ``offset``."""
-    return paste_stamps(source_stamps(data, decode, to_latent, params), data["anchor"], spec.shape)
-
-
-def source_stamps(
-    data: dict[str, jnp.ndarray],
-    decode: Callable[[jnp.ndarray], jnp.ndarray],
-    to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None,
-    params: dict[str, jnp.ndarray],
-) -> jnp.ndarray:
-    """Each source's expected image on its stamp, ``(source, band, S, S)`` electrons.
-
-    Reads ``data["source_valid"]`` and ``data["kernel"]`` only, so it also
-    serves one source at a time (parameters and ``source_valid`` with a
-    leading axis of 1).
-    """
-    u = params["u"]
-    z = u if to_latent is None else to_latent(u)
-    flux = jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
-    return render_stamps(decode(z), flux, params["offset"], data["kernel"])
 
 
 def pixel_variance(spec: SceneSpec, data: dict[str, jnp.ndarray], mean: jnp.ndarray) -> jnp.ndarray:
@@ -137,20 +131,8 @@ def inverse_variance(spec: SceneSpec, data: dict[str, jnp.ndarray], mean: jnp.nd
     return jnp.where(data["valid"], 1.0 / pixel_variance(spec, data, mean), 0.0)
 
 
-def prior_precision(spec: SceneSpec, n_bands: int) -> dict[str, jnp.ndarray]:
-    """Diagonal prior precision of every parameter (``u``, ``log_flux``, ``offset``), same shapes."""
-    n = spec.n_sources
-    return {
-        "u": jnp.ones((n, spec.latent_dim)),
-        "log_flux": jnp.full((n, n_bands), spec.log_flux_sigma**-2),
-        "offset": jnp.full((n, 2), spec.position_sigma**-2),
-    }
-
-
-def pixel_likelihood(
-    spec: SceneSpec | PoseSceneSpec, data: dict[str, jnp.ndarray], mean: jnp.ndarray
-) -> None:
-    """The ``obs`` site of both scene models: an independent Gaussian per unmasked pixel.
+def pixel_likelihood(spec: SceneSpec, data: dict[str, jnp.ndarray], mean: jnp.ndarray) -> None:
+    """The ``obs`` site of the scene model: an independent Gaussian per unmasked pixel.
 
     Written with NumPyro's own ``Normal(...).mask(...).to_event(3)``, so each
     pixel counts once; the variance is :func:`pixel_variance` of ``mean``.
@@ -163,97 +145,8 @@ def pixel_likelihood(
     )
 
 
-def scene_model(
-    spec: SceneSpec,
-    data: dict[str, jnp.ndarray],
-    decode: Callable[[jnp.ndarray], jnp.ndarray],
-    to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
-) -> None:
-    """NumPyro model of one scene.
-
-    Parameters
-    ----------
-    spec : SceneSpec
-        Static shapes and prior widths.
-    data : dict of jax.Array
-        ``image`` ``(band, H, W)``; ``variance`` ``(band, H, W)`` (ignored
-        unless ``spec.has_variance``); ``valid`` ``(band, H, W)`` bool (False =
-        masked); ``sky`` ``(band,)``; ``kernel`` ``(band, n, n//2+1)``;
-        ``anchor`` ``(source, 2)`` int; ``offset0`` ``(source, 2)``;
-        ``log_flux0`` ``(source, band)``; ``source_valid`` ``(source,)`` bool.
-    decode : callable
-        Latent codes ``(source, latent)`` -> morphologies ``(source, band, S, S)``.
-    to_latent : callable, optional
-        Flow map from base draws ``u`` to latent codes (None: ``z = u``).
-    """
-    n, nb = spec.n_sources, data["log_flux0"].shape[-1]
-    with numpyro.plate("source", n, dim=-1):
-        u = numpyro.sample("u", dist.Normal(jnp.zeros((n, spec.latent_dim)), 1.0).to_event(1))
-        log_flux = numpyro.sample(
-            "log_flux", dist.Normal(data["log_flux0"], spec.log_flux_sigma * jnp.ones((n, nb))).to_event(1)
-        )
-        offset = numpyro.sample(
-            "offset", dist.Normal(data["offset0"], spec.position_sigma * jnp.ones((n, 2))).to_event(1)
-        )
-    mean = scene_mean(spec, data, decode, to_latent, {"u": u, "log_flux": log_flux, "offset": offset})
-    pixel_likelihood(spec, data, mean)
-
-
-# ---------------------------------------------------------------------------
-# Galaxy model v2: explicit pose. A source is a canonical morphology decoded
-# from z, put on the survey's pixel grid by an explicit pose (ellipticity,
-# half-light radius, sub-pixel position, flux per band) and each band's PSF
-# (forward.render_pose). Replaces the model above once models/lsst-v2 ships.
-# ---------------------------------------------------------------------------
-
-#: Width of the log half-light-radius prior around the population's size-magnitude relation
-#: (natural log): the training population's scatter about the relation (0.67, in the card) broadened.
-LOG_HLR_SIGMA = 0.8
-
-
-@dataclass(frozen=True)
-class PoseSceneSpec:
-    """Static description of a (padded) v2 scene model; hashable, so jit compiles once per spec.
-
-    Attributes
-    ----------
-    shape : (int, int)
-        ``(H, W)`` of the scene, pixels.
-    n_sources : int
-        Padded number of sources.
-    latent_dim : int
-    stamp : int
-        Side of each source's stamp, survey pixels.
-    pixel_scale : float
-        Survey pixel scale, arcsec.
-    hlr_pixels : float
-        Half-light radius of the canonical frame, canonical pixels.
-    ellipticity_scale : float
-        ``s`` of the Bernstein & Armstrong prior (:class:`bayesblend.ellipticity.EtaPrior`).
-    log_flux_sigma, log_hlr_sigma : float
-        Widths of the log-flux and log-size priors, natural log units.
-    position_sigma : float
-        Width of the position prior, pixels.
-    has_variance, model_error :
-        As :class:`SceneSpec`.
-    """
-
-    shape: tuple[int, int]
-    n_sources: int
-    latent_dim: int
-    stamp: int
-    pixel_scale: float
-    hlr_pixels: float
-    ellipticity_scale: float
-    log_flux_sigma: float = LOG_FLUX_SIGMA
-    log_hlr_sigma: float = LOG_HLR_SIGMA
-    position_sigma: float = POSITION_SIGMA
-    has_variance: bool = True
-    model_error: float = MODEL_ERROR
-
-
-def pose_prior_precision(spec: PoseSceneSpec, n_bands: int) -> dict[str, jnp.ndarray]:
-    """Diagonal prior precision at the prior's centre of every v2 parameter (shapes as the parameters).
+def prior_precision(spec: SceneSpec, n_bands: int) -> dict[str, jnp.ndarray]:
+    """Diagonal prior precision at the prior's centre of every parameter (shapes as the parameters).
 
     For ``eta`` the curvature of :class:`~bayesblend.ellipticity.EtaPrior` at
     ``eta = 0``: ``1 / s^2`` from the Gaussian factor, 4 from ``(1 - |e|^2)^2``
@@ -269,8 +162,8 @@ def pose_prior_precision(spec: PoseSceneSpec, n_bands: int) -> dict[str, jnp.nda
     }
 
 
-def pose_source_stamps(
-    spec: PoseSceneSpec,
+def source_stamps(
+    spec: SceneSpec,
     data: dict[str, jnp.ndarray],
     decode: Callable[[jnp.ndarray], jnp.ndarray],
     to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None,
@@ -298,38 +191,42 @@ def pose_source_stamps(
     )
 
 
-def pose_scene_mean(
-    spec: PoseSceneSpec,
+def scene_mean(
+    spec: SceneSpec,
     data: dict[str, jnp.ndarray],
     decode: Callable[[jnp.ndarray], jnp.ndarray],
     to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None,
     params: dict[str, jnp.ndarray],
 ) -> jnp.ndarray:
     """Expected scene ``(band, H, W)``, electrons: the sources' stamps pasted at their anchors."""
-    return paste_stamps(pose_source_stamps(spec, data, decode, to_latent, params), data["anchor"], spec.shape)
+    return paste_stamps(source_stamps(spec, data, decode, to_latent, params), data["anchor"], spec.shape)
 
 
-def pose_scene_model(
-    spec: PoseSceneSpec,
+def scene_model(
+    spec: SceneSpec,
     data: dict[str, jnp.ndarray],
     decode: Callable[[jnp.ndarray], jnp.ndarray],
     to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
 ) -> None:
-    """NumPyro model of one scene with explicit poses.
+    """NumPyro model of one scene (the priors and likelihood of the module docstring).
 
-    Per source: ``u`` ~ N(0, I) (``z = T(u)``, as in :func:`scene_model`);
-    ``eta`` ~ the Bernstein & Armstrong ellipticity prior
-    (:class:`bayesblend.ellipticity.EtaPrior`, ``e = tanh|eta| eta/|eta|``);
-    ``log_hlr`` ~ Normal(``log_hlr0``, ``log_hlr_sigma``) with ``log_hlr0``
-    the population's size at the source's estimated magnitude;
-    ``log_flux`` ~ Normal(``log_flux0``, ``log_flux_sigma``); ``offset`` ~
-    Normal(``offset0``, ``position_sigma``) for the profile centre. The
-    likelihood is that of :func:`scene_model` (:func:`pixel_variance`).
-
-    ``data`` holds what :func:`scene_model` reads, with ``psf_ft``
-    ``(band, n, n // 2 + 1)`` (:func:`bayesblend.forward.psf_spectrum` of the
-    scene's PSF images) in place of the difference kernel, and ``log_hlr0``
-    ``(source,)``.
+    Parameters
+    ----------
+    spec : SceneSpec
+        Static shapes and prior widths.
+    data : dict of jax.Array
+        ``image`` ``(band, H, W)``; ``variance`` ``(band, H, W)`` (ignored
+        unless ``spec.has_variance``); ``valid`` ``(band, H, W)`` bool (False =
+        masked); ``sky`` ``(band,)``; ``psf_ft`` ``(band, n, n // 2 + 1)``
+        (:func:`bayesblend.forward.psf_spectrum` of the scene's PSF images);
+        ``anchor`` ``(source, 2)`` int; ``offset0`` ``(source, 2)``;
+        ``log_flux0`` ``(source, band)``; ``log_hlr0`` ``(source,)`` (the
+        population's ln half-light radius, arcsec, at the source's estimated
+        magnitude); ``source_valid`` ``(source,)`` bool.
+    decode : callable
+        Latent codes ``(source, latent)`` -> canonical morphologies ``(source, band, C, C)``.
+    to_latent : callable, optional
+        Flow map from base draws ``u`` to latent codes (None: ``z = u``).
     """
     n, nb = spec.n_sources, data["log_flux0"].shape[-1]
     with numpyro.plate("source", n, dim=-1):
@@ -343,33 +240,4 @@ def pose_scene_model(
             "offset", dist.Normal(data["offset0"], spec.position_sigma * jnp.ones((n, 2))).to_event(1)
         )
     params = {"u": u, "eta": eta, "log_hlr": log_hlr, "log_flux": log_flux, "offset": offset}
-    pixel_likelihood(spec, data, pose_scene_mean(spec, data, decode, to_latent, params))
-
-
-def is_pose(spec: SceneSpec | PoseSceneSpec) -> bool:
-    """Whether a blend's spec is galaxy model v2's (explicit pose)."""
-    return isinstance(spec, PoseSceneSpec)
-
-
-def model_for(spec: SceneSpec | PoseSceneSpec) -> Callable[..., None]:
-    """The NumPyro scene model of a spec: :func:`pose_scene_model` or :func:`scene_model`."""
-    return pose_scene_model if is_pose(spec) else scene_model
-
-
-def precision_for(spec: SceneSpec | PoseSceneSpec, n_bands: int) -> dict[str, jnp.ndarray]:
-    """Diagonal prior precision of the parameters of a spec's model (v2 or v1)."""
-    return pose_prior_precision(spec, n_bands) if is_pose(spec) else prior_precision(spec, n_bands)
-
-
-def stamps_for(
-    spec: SceneSpec | PoseSceneSpec,
-    data: dict[str, jnp.ndarray],
-    decode: Callable[[jnp.ndarray], jnp.ndarray],
-    to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None,
-    params: dict[str, jnp.ndarray],
-) -> jnp.ndarray:
-    """Each source's stamp ``(source, band, S, S)`` in the spec's model (:func:`pose_source_stamps` or
-    :func:`source_stamps`)."""
-    if is_pose(spec):
-        return pose_source_stamps(spec, data, decode, to_latent, params)
-    return source_stamps(data, decode, to_latent, params)
+    pixel_likelihood(spec, data, scene_mean(spec, data, decode, to_latent, params))

@@ -2,19 +2,18 @@
 
 Every method of :mod:`bayesblend.infer` returns one. It holds, per real source
 (padded sources are dropped), the draws ``(chain, draw, source, ...)`` of the
-sampled parameters (``u``: the latent code in the flow's base space,
-``log_flux`` per band, ``offset`` in pixels) and of the derived quantities:
+scene model's parameters (:data:`SAMPLED`: ``u``, the latent code in the
+flow's base space; ``eta``, the ellipticity's unconstrained form; ``log_hlr``;
+``log_flux`` per band; ``offset`` in pixels) and of the derived quantities:
 
 - ``z``: latent code; ``flux`` (electrons) and ``mag`` (AB) per band;
-- ``x``, ``y``: position in the scene, pixels, 0-based;
-- ``e1``, ``e2``, ``size``: JAX adaptive moments (:mod:`bayesblend.measure`)
-  of the model-frame morphology in the shape band (``r`` for LSST),
-  reconvolved to the survey's PSF FWHM in that band, with the covariance of
-  the model PSF and of the reconvolution subtracted (:func:`shape_setup`);
-  shear-type ellipticity; size ``det(Q)^(1/4)`` in arcsec.
+- ``x``, ``y``: position of the profile centre in the scene, pixels, 0-based;
+- ``e1``, ``e2``: the ellipticity parameter itself, shear-type
+  (``e = tanh|eta| eta / |eta|``), intrinsic (before the PSF);
+- ``size``: the half-light radius, arcsec (``exp(log_hlr)``).
 
-The morphology of every draw is decoded and measured once, under ``jit``, in
-fixed-size chunks (``lax.map``), never in a Python loop over draws.
+Nothing is measured on decoded images: shapes and sizes are parameters, so
+their draws are the posterior.
 """
 
 from __future__ import annotations
@@ -35,12 +34,12 @@ from scipy.ndimage import minimum_filter
 
 from bayesblend import catalog as cat
 from bayesblend.ellipticity import to_ellipticity
-from bayesblend.forward import CENTROID_WINDOW, paste_stamps
+from bayesblend.forward import paste_stamps
 from bayesblend.io import atomic_path, write_table
-from bayesblend.measure import blendedness, derive_shapes, resolution, shape_setup
-from bayesblend.model import stamps_for
+from bayesblend.measure import blendedness, resolution, shape_band
+from bayesblend.model import source_stamps
 from bayesblend.prior.bundle import Networks, PriorBundle
-from bayesblend.survey import flux_to_mag
+from bayesblend.survey import flux_to_mag, get_survey
 
 #: Half-light radius of a Gaussian in units of its sigma, ``sqrt(2 ln 2)``.
 HLR_PER_SIGMA = float(np.sqrt(2.0 * np.log(2.0)))
@@ -50,24 +49,16 @@ if TYPE_CHECKING:  # bayesblend.infer imports this module: types only, no import
 
     from bayesblend.infer import InferenceConfig
 
-#: Sampled parameters and derived quantities kept per source (galaxy model v2 also samples
-#: ``eta`` and ``log_hlr``: :data:`POSE_SAMPLED`).
-SAMPLED = ("u", "log_flux", "offset")
-POSE_SAMPLED = ("u", "eta", "log_hlr", "log_flux", "offset")
+#: Sampled parameters and derived quantities kept per source.
+SAMPLED = ("u", "eta", "log_hlr", "log_flux", "offset")
 DERIVED = ("z", "flux", "mag", "x", "y", "e1", "e2", "size")
 
 
-def sampled_names(bundle: PriorBundle) -> tuple[str, ...]:
-    """The sampled parameters of the bundle's scene model."""
-    return SAMPLED if bundle.canonical_frame is None else POSE_SAMPLED
-
-
 def scene_model_settings(config: InferenceConfig) -> dict:
-    """The scene-model settings that change fitted shapes, beside :class:`ShapeSetup`.
+    """The scene-model settings that change fitted shapes.
 
-    ``flux_prior`` and ``model_error`` of an :class:`~bayesblend.infer.InferenceConfig`
-    and the light-centroid window (:data:`~bayesblend.forward.CENTROID_WINDOW`,
-    pixels). A shear responsivity measured under one set of them does not hold
+    ``flux_prior`` and ``model_error`` of an :class:`~bayesblend.infer.InferenceConfig`.
+    A shear responsivity measured under one set of them does not hold
     under another; they go to catalogue headers (:data:`bayesblend.catalog.SCENE_HEADER`),
     shear-bias run configurations and the card's responsivity entries.
 
@@ -79,14 +70,9 @@ def scene_model_settings(config: InferenceConfig) -> dict:
     Returns
     -------
     dict
-        ``{"flux_prior": str, "model_error": float, "centroid_window": float}``
-        (the window in pixels).
+        ``{"flux_prior": str, "model_error": float}``.
     """
-    return {
-        "flux_prior": str(config.flux_prior),
-        "model_error": float(config.model_error),
-        "centroid_window": float(CENTROID_WINDOW),
-    }
+    return {"flux_prior": str(config.flux_prior), "model_error": float(config.model_error)}
 
 
 class Posterior:
@@ -101,8 +87,10 @@ class Posterior:
     seed : int
     latent_prior : str
     bands : tuple of str
-    shapes : ShapeSetup
-        How ``e1``, ``e2`` and ``size`` were measured (:func:`shape_setup`).
+    shape_band : str
+        The band of ``size`` and of the catalogue's ``resolution`` and S/N (r for LSST).
+    shape_psf_fwhm : float
+        The survey's PSF FWHM in that band, arcsec (``resolution`` compares sizes with it).
     draws : dict of numpy.ndarray
         Sampled parameters (:data:`SAMPLED`) and derived quantities (:data:`DERIVED`).
     sources : astropy.table.Table
@@ -144,7 +132,8 @@ class Posterior:
         self.bundle = bundle
         self.scenes = list(scenes)
         self.bands = tuple(bundle.bands)
-        self.shapes = shape_setup(bundle)
+        self.shape_band = shape_band(self.bands)
+        self.shape_psf_fwhm = float(get_survey(bundle.survey).band(self.shape_band).psf_fwhm)
         self.draws = draws
         self.sources = sources
         self.stats = stats
@@ -202,8 +191,7 @@ class Posterior:
         nb = len(bundle.bands)
         chains = config.num_chains if method == "nuts" else 1
         ndraw = config.num_draws
-        sampled = sampled_names(bundle)
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in (*sampled, "x", "y")}
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in (*SAMPLED, "x", "y")}
         rows: dict[str, list] = {
             k: [] for k in ("blend_id", "scene", "x_det", "y_det", "split", "masked", "edge")
         }
@@ -211,7 +199,7 @@ class Posterior:
         c = (bundle.stamp - 1) / 2.0
         for i, (b, m, r) in enumerate(zip(blends, members, results, strict=True)):
             k = b.n_real
-            for name in sampled:
+            for name in SAMPLED:
                 parts[name].append(r["draws"][name][:, :, :k])
             anchor = np.asarray(b.data["anchor"])[:k]
             off = r["draws"]["offset"][:, :, :k]
@@ -241,23 +229,18 @@ class Posterior:
                 "x": (),
                 "y": (),
             }
-            draws = {k: np.zeros((chains, ndraw, 0) + s, np.float32) for k, s in shapes.items() if k in parts}
+            draws = {k: np.zeros((chains, ndraw, 0) + s, np.float32) for k, s in shapes.items()}
         draws["flux"] = np.exp(draws["log_flux"])
         mz = np.asarray(magzero, float).reshape(-1, nb)
         draws["mag"] = flux_to_mag(draws["flux"], mz)
         nets = Networks(bundle, latent_prior)
-        if "eta" in draws:  # galaxy model v2: e and the half-light radius are parameters
-            e = np.asarray(to_ellipticity(jnp.asarray(draws["eta"])))
-            z = np.asarray(_latent(nets, nets.weights(), jnp.asarray(draws["u"])))
-            draws.update(z=z, e1=e[..., 0], e2=e[..., 1], size=np.exp(draws["log_hlr"]))
-        else:
-            setup = shape_setup(bundle)
-            if draws["u"].shape[2]:
-                z, e1, e2, size = derive_shapes(nets, draws["u"], setup)
-            else:
-                z = draws["u"].copy()
-                e1 = e2 = size = np.zeros(draws["u"].shape[:3], np.float32)
-            draws.update(z=z, e1=e1, e2=e2, size=size * setup.pixel_scale)
+        e = np.asarray(to_ellipticity(jnp.asarray(draws["eta"])))
+        z = (
+            np.asarray(_latent(nets, nets.weights(), jnp.asarray(draws["u"])))
+            if draws["u"].size
+            else draws["u"]
+        )
+        draws.update(z=z, e1=e[..., 0], e2=e[..., 1], size=np.exp(draws["log_hlr"]))
         sources = Table({"id": np.arange(len(rows["blend_id"]), dtype=np.int64)})
         for k_, v in rows.items():
             sources[k_] = np.asarray(v, dtype=float if k_ in ("x_det", "y_det") else None)
@@ -418,8 +401,8 @@ class Posterior:
             "LATPRIOR": self.latent_prior,
             "NCHAIN": int(c),
             "NDRAW": int(d),
-            "SHAPEBND": self.shapes.band,
-            "SHAPEPSF": self.shapes.shape_psf_fwhm_arcsec,
+            "SHAPEBND": self.shape_band,
+            "SHAPEPSF": self.shape_psf_fwhm,
         } | {cat.SCENE_HEADER[k]: v for k, v in scene_model_settings(self.config).items()}
 
     def catalog(self) -> Table:
@@ -464,17 +447,13 @@ class Posterior:
             v[f"flux_{b}_std"] = flux[:, :, j].std(axis=0)
             v[f"mag_{b}"] = np.median(mag[:, :, j], axis=0)
             v[f"mag_{b}_std"] = mag[:, :, j].std(axis=0)
-        # adaptive moments can fail (NaN) on a rare degenerate morphology draw: summarise the rest
         e1, e2, size = flat(d["e1"]), flat(d["e2"]), flat(d["size"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN sources stay NaN
-            v["e1"], v["e2"] = np.nanmedian(e1, axis=0), np.nanmedian(e2, axis=0)
-            v["e1_std"], v["e2_std"] = np.nanstd(e1, axis=0), np.nanstd(e2, axis=0)
-            v["e1_e2_cov"] = np.nanmean((e1 - np.nanmean(e1, 0)) * (e2 - np.nanmean(e2, 0)), axis=0)
-            v["size"], v["size_std"] = np.nanmedian(size, axis=0), np.nanstd(size, axis=0)
-        # v2's size is a half-light radius: the Gaussian sigma of the same half-light radius for R2
-        sigma = v["size"] / HLR_PER_SIGMA if "eta" in d else v["size"]
-        v["resolution"] = np.asarray(resolution(sigma, self.shapes.shape_psf_fwhm_arcsec))
+        v["e1"], v["e2"] = np.median(e1, axis=0), np.median(e2, axis=0)
+        v["e1_std"], v["e2_std"] = e1.std(axis=0), e2.std(axis=0)
+        v["e1_e2_cov"] = np.mean((e1 - e1.mean(0)) * (e2 - e2.mean(0)), axis=0)
+        v["size"], v["size_std"] = np.median(size, axis=0), size.std(axis=0)
+        # size is a half-light radius: R2 takes the sigma of the Gaussian with the same half-light radius
+        v["resolution"] = np.asarray(resolution(v["size"] / HLR_PER_SIGMA, self.shape_psf_fwhm))
         v["blendedness"] = self.blendedness()
         diag = self.diagnostics()
         v.update(diag)
@@ -486,7 +465,7 @@ class Posterior:
         flags |= np.where(diag["r_hat_max"] > cat.R_HAT_MAX, cat.FLAGS["NOT_CONVERGED"], 0)
         flags |= np.where(diag["ess_bulk_min"] < cat.ESS_MIN, cat.FLAGS["LOW_ESS"], 0)
         flags |= np.where(diag["n_divergent"] > 0, cat.FLAGS["DIVERGENT"], 0)
-        sb = self.shapes.band
+        sb = self.shape_band
         snr = v[f"flux_{sb}"] / np.maximum(v[f"flux_{sb}_std"], 1e-30)
         flags |= np.where(snr < cat.SNR_MIN, cat.FLAGS["LOW_SNR"], 0)
         moved = np.hypot(v["x"] - v["x_det"], v["y"] - v["y_det"]) > cat.MOVED_PIXELS
@@ -514,7 +493,7 @@ class Posterior:
             sel = self.sources["blend_id"] == blend_id
             idx = np.flatnonzero(sel)
             params = {}
-            for k in sampled_names(self.bundle):
+            for k in SAMPLED:
                 real = self.draws[k][draw[0], draw[1], idx]
                 pad = np.asarray(self.points[blend_id][k])[len(idx) :]
                 params[k] = np.concatenate([real, pad])
@@ -557,7 +536,7 @@ class Posterior:
         out = np.zeros(self.n_sources)
         nets = Networks(self.bundle, self.latent_prior)
         for i in range(self.n_blends):
-            images = self.source_images(i, nets)[:, self.shapes.index]
+            images = self.source_images(i, nets)[:, self.bands.index(self.shape_band)]
             out[np.flatnonzero(self.sources["blend_id"] == i)] = np.asarray(blendedness(jnp.asarray(images)))
         return out
 
@@ -585,7 +564,7 @@ def _latent(nets: Networks, w: dict, u: jnp.ndarray) -> jnp.ndarray:
 
 def _source_stamps(nets: Networks, w: dict, spec, params: dict, data: dict) -> jnp.ndarray:
     """Each (padded) source's stamp ``(source, band, S, S)`` in the blend's model (zero if padded)."""
-    return stamps_for(spec, data, partial(nets.decode, w), nets.to_latent(w), params)
+    return source_stamps(spec, data, partial(nets.decode, w), nets.to_latent(w), params)
 
 
 @partial(jax.jit, static_argnums=(0, 2))

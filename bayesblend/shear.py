@@ -14,9 +14,11 @@ ellipticity variance. Errors are delete-one-block jackknife over groups
 
 **Hierarchical** (:func:`hierarchical_shear`, Schneider et al. 2015,
 arXiv:1411.2608). Each source's posterior draws ``e_ij`` were made under an
-interim prior ``pi(e)``: the push-forward of the latent prior through the
-decoder and the moments (:func:`estimate_interim_prior`, stored with the
-bundle). The likelihood of the population parameters is
+interim prior ``pi(e)``: in galaxy model v2 the ellipticity is a parameter of
+the scene model with the Bernstein & Armstrong prior of the scale ``s`` in the
+bundle's card (:class:`bayesblend.ellipticity.EtaPrior`), so ``pi`` is known
+exactly (:func:`interim_prior_from_card`). The likelihood of the population
+parameters is
 
     L(g, s) = prod_i (1/n_i) sum_j p(e_ij | g, s) / pi(e_ij),
 
@@ -38,7 +40,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +47,8 @@ import numpy as np
 from astropy.table import Table
 
 from bayesblend.catalog import E2SIGN, ELLIPTICITY_CONVENTION, FLAGS, SCENE_HEADER
+from bayesblend.ellipticity import prior_log_density
 from bayesblend.errors import BayesblendError
-
-if TYPE_CHECKING:  # the bundle layer is imported where it is used: types only here
-    from bayesblend.prior.bundle import PriorBundle
 
 #: Per-component intrinsic shape dispersion of the ensemble weights (LSST-like, = the simulator's).
 SIGMA_E = 0.26
@@ -124,179 +123,80 @@ def component_sigma(s: float) -> float:
 # ----------------------------------------------------------------------------- interim prior
 @dataclass(frozen=True)
 class InterimPrior:
-    """Density ``pi(e)`` of shear-type ellipticity implied by a bundle's latent prior.
+    """The prior ``pi(e)`` on shear-type ellipticity that a scene model's posterior draws were made under.
 
-    A Gaussian kernel density estimate of prior draws, tabulated on a square
-    grid over ``[-1, 1]^2`` in ``(e1, e2)`` and evaluated by bilinear
-    interpolation of its log. Two-dimensional on purpose: the push-forward
-    need not be isotropic (the shipped flow prior favours +e2 for sources
-    smaller than the model PSF), and the hierarchical estimator removes
-    exactly the pull the interim prior puts on the draws.
+    Galaxy model v2 samples each source's ellipticity as a parameter with the
+    Bernstein & Armstrong (2014) prior ``(1 - |e|^2)^2 exp(-|e|^2 / 2 s^2)``
+    per unit (e1, e2) area, normalised on the unit disc
+    (:class:`bayesblend.ellipticity.EtaPrior`), with ``s`` from the bundle's
+    card; ``pi`` is that density, exactly (:func:`interim_prior_from_card`).
+    The amortised method's draws come from an encoder trained on the
+    simulator's population, which draws its ellipticities from the same form
+    and scale.
 
     Attributes
     ----------
-    nodes : numpy.ndarray
-        Grid nodes along each axis.
-    log_density : numpy.ndarray
-        ``(e2 node, e1 node)`` log density per unit (e1, e2) area.
-    latent_prior : str
-        ``"flow"`` or ``"normal"``.
-    n_draws : int
-        Valid prior draws it was estimated from.
-    bandwidth : float
-        Kernel width (per component).
-    mean_e1, mean_e2 : float
-        Mean of the valid draws (isotropy would make both ~0).
-    band : str
-        Band of the shapes.
-    valid_fraction : float
-        Fraction of prior draws with a valid shape.
-    shape_psf_fwhm : float
-        FWHM the morphologies were reconvolved to before measuring, arcsec
-        (0: measured at the model PSF, as before that step existed). Shapes
-        measured otherwise follow another prior.
+    s : float
+        Scale of the form (dimensionless, > 0); :func:`component_sigma` gives
+        its per-component dispersion.
+    bundle : str
+        Name of the model whose card it was read from (``""`` when made by hand).
     """
 
-    nodes: np.ndarray
-    log_density: np.ndarray
-    latent_prior: str
-    n_draws: int
-    bandwidth: float = 0.03
-    mean_e1: float = 0.0
-    mean_e2: float = 0.0
-    band: str = "r"
-    valid_fraction: float = 1.0
-    shape_psf_fwhm: float = 0.0
+    s: float
+    bundle: str = ""
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.s) and self.s > 0):
+            raise BayesblendError(f"the interim prior's scale s must be a positive number, got {self.s}")
 
     def log_prob(self, e: jnp.ndarray) -> jnp.ndarray:
-        """``log pi(e)`` at complex ellipticities ``e`` (any shape)."""
-        nodes = np.asarray(self.nodes)
-        step = float(nodes[1] - nodes[0])
-        i = (jnp.imag(e) - nodes[0]) / step
-        j = (jnp.real(e) - nodes[0]) / step
-        table = jnp.asarray(self.log_density, jnp.float32)
-        return jax.scipy.ndimage.map_coordinates(table, [i, j], order=1, mode="nearest")
+        """``log pi(e)`` per unit (e1, e2) area at complex ellipticities ``e`` (any shape).
 
-    def to_dict(self) -> dict:
-        """The table as plain JSON types (rounded), for the model card.
-
-        Returns
-        -------
-        dict
-            Every field by name; ``nodes`` and ``log_density`` as nested lists.
+        The scene model's own density (:func:`bayesblend.ellipticity.prior_log_density`);
+        ``-inf`` where ``|e| >= 1``.
         """
-        return {
-            "nodes": [round(float(x), 6) for x in self.nodes],
-            "log_density": [[round(float(x), 4) for x in row] for row in self.log_density],
-            "latent_prior": self.latent_prior,
-            "n_draws": int(self.n_draws),
-            "bandwidth": float(self.bandwidth),
-            "mean_e1": float(self.mean_e1),
-            "mean_e2": float(self.mean_e2),
-            "band": self.band,
-            "valid_fraction": float(self.valid_fraction),
-            "shape_psf_fwhm": float(self.shape_psf_fwhm),
-        }
+        e = jnp.asarray(e)
+        x = jnp.stack([jnp.real(e), jnp.imag(e)], axis=-1)
+        return jnp.where(jnp.abs(e) < 1.0, prior_log_density(x, self.s), -jnp.inf)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> InterimPrior:
-        """The interim prior :meth:`to_dict` wrote (missing optional fields take their defaults).
-
-        Parameters
-        ----------
-        d : dict
-            A card entry with at least ``nodes``, ``log_density``, ``latent_prior`` and ``n_draws``.
-
-        Returns
-        -------
-        InterimPrior
-        """
-        return cls(
-            nodes=np.asarray(d["nodes"], float),
-            log_density=np.asarray(d["log_density"], float),
-            latent_prior=str(d["latent_prior"]),
-            n_draws=int(d["n_draws"]),
-            bandwidth=float(d.get("bandwidth", 0.03)),
-            mean_e1=float(d.get("mean_e1", 0.0)),
-            mean_e2=float(d.get("mean_e2", 0.0)),
-            band=str(d.get("band", "r")),
-            valid_fraction=float(d.get("valid_fraction", 1.0)),
-            shape_psf_fwhm=float(d.get("shape_psf_fwhm", 0.0)),
-        )
+    @property
+    def sigma_e(self) -> float:
+        """Per-component dispersion of ``pi`` (dimensionless)."""
+        return component_sigma(self.s)
 
 
-def interim_from_draws(
-    e1: np.ndarray,
-    e2: np.ndarray,
-    latent_prior: str,
-    n_nodes: int = 41,
-    bandwidth: float = 0.03,
-    band: str = "r",
-    shape_psf_fwhm: float = 0.0,
-) -> InterimPrior:
-    """Tabulate ``pi(e)`` from prior draws of ``(e1, e2)`` (Gaussian kernel density estimate).
-
-    Draws without a valid shape (NaN, or ``|e| >= 1`` where the PSF-corrected
-    moments of a source smaller than the model PSF break down) are dropped; the
-    table is the prior conditional on a valid shape, the same condition the
-    hierarchical estimator puts on posterior draws (a per-source constant in
-    the likelihood). The density is floored at half a draw's kernel mass so
-    that no posterior draw lands on zero prior density.
-    """
-    e1 = np.asarray(e1, float).ravel()
-    e2 = np.asarray(e2, float).ravel()
-    ok = valid_shapes(e1, e2)
-    if ok.sum() < 100:
-        raise BayesblendError(f"the interim prior needs at least 100 valid draws, got {int(ok.sum())}")
-    x, y = e1[ok], e2[ok]
-    nodes = np.linspace(-1.0, 1.0, n_nodes)
-    kx = np.exp(-0.5 * ((nodes[:, None] - x[None]) / bandwidth) ** 2)  # (node, draw)
-    ky = np.exp(-0.5 * ((nodes[:, None] - y[None]) / bandwidth) ** 2)
-    dens = ky @ kx.T / (x.size * 2 * np.pi * bandwidth**2)  # (e2 node, e1 node)
-    floor = 0.5 / (x.size * 2 * np.pi * bandwidth**2)
-    return InterimPrior(
-        nodes=nodes,
-        log_density=np.log(np.maximum(dens, floor)),
-        latent_prior=latent_prior,
-        n_draws=int(x.size),
-        bandwidth=bandwidth,
-        mean_e1=float(x.mean()),
-        mean_e2=float(y.mean()),
-        band=band,
-        valid_fraction=float(ok.mean()),
-        shape_psf_fwhm=float(shape_psf_fwhm),
-    )
-
-
-def estimate_interim_prior(
-    bundle: PriorBundle, latent_prior: str, n_draws: int = 16384, seed: int = 0
-) -> InterimPrior:
-    """Push the latent prior through the decoder and the moments: ``pi(e)`` of ``bundle``.
+def interim_prior_from_card(card: dict) -> InterimPrior:
+    """The interim ellipticity prior of a model: its card's ``ellipticity_prior``.
 
     Parameters
     ----------
-    bundle : PriorBundle
-    latent_prior : {"flow", "normal"}
-    n_draws : int
-        Prior draws (the table's precision; 16384 take about a minute on 2 CPU cores).
-    seed : int
+    card : dict
+        A bundle's model card (``PriorBundle.card``).
 
     Returns
     -------
     InterimPrior
-        The tabulated ``pi(e)`` of shapes measured as the posterior's are.
-    """
-    from bayesblend.measure import derive_shapes, shape_setup
-    from bayesblend.prior.bundle import Networks
+        The Bernstein & Armstrong prior with the card's ``ellipticity_prior["s"]``.
 
-    latent_prior = bundle.check_latent_prior(latent_prior)
-    nets = Networks(bundle, latent_prior)
-    u = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (n_draws, bundle.latent_dim)), np.float32)
-    setup = shape_setup(bundle)
-    _, e1, e2, _ = derive_shapes(nets, u, setup)
-    return interim_from_draws(
-        e1, e2, latent_prior, band=setup.band, shape_psf_fwhm=setup.shape_psf_fwhm_arcsec
-    )
+    Raises
+    ------
+    BayesblendError
+        In one line, when the card has no ``ellipticity_prior`` scale (no
+        explicit ellipticity parameter, so no known interim prior) or a scale
+        that is not a positive number.
+    """
+    name = card.get("name", "?")
+    try:
+        s = float(card["ellipticity_prior"]["s"])
+    except (KeyError, TypeError, ValueError):
+        raise BayesblendError(
+            f"model card {name!r} has no ellipticity_prior scale s: the interim prior of its "
+            "posterior ellipticities is unknown (a galaxy model v2 card records it)"
+        ) from None
+    if not (np.isfinite(s) and s > 0):
+        raise BayesblendError(f"model card {name!r}: ellipticity_prior s must be a positive number, got {s}")
+    return InterimPrior(s=s, bundle=str(name))
 
 
 # ----------------------------------------------------------------------------- shear catalogue
@@ -457,7 +357,6 @@ def usable(catalog: Table) -> np.ndarray:
 def responsivity_from_card(
     card: dict,
     method: str,
-    shape_psf_fwhm: float | None = None,
     scene_model: dict | None = None,
     binned: bool = False,
 ) -> tuple[float | ResponsivityTable, str]:
@@ -467,24 +366,17 @@ def responsivity_from_card(
     has one, else its single R.
 
     Returns ``(1.0, "none")`` with a warning when the card holds none for that
-    method, or none that applies: when ``shape_psf_fwhm`` (arcsec) is given, it
-    must be the FWHM the stored R's shapes were reconvolved to; when
-    ``scene_model`` (:func:`bayesblend.posterior.scene_model_settings`, e.g. read
-    back from a catalogue header with :func:`scene_model_from_header`) is
-    given, it must equal the settings R was measured under. R is the mean
-    response of the shapes a scene model produces: a change of flux prior,
-    model error or centroid changes those shapes, and an R from another
-    scene model would calibrate them wrongly.
+    method, or none that applies: when ``scene_model``
+    (:func:`bayesblend.posterior.scene_model_settings`, e.g. read back from a
+    catalogue header with :func:`scene_model_from_header`) is given, it must
+    equal the settings R was measured under. R is the mean response of the
+    shapes a scene model produces: a change of flux prior or model error
+    changes those shapes, and an R from another scene model would calibrate
+    them wrongly.
     """
     entry = card.get("shear_responsivity", {}).get(method)
     if entry is None:
         return _uncalibrated(f"model card has no shear responsivity for method {method!r}")
-    stored = float(entry.get("shape_psf_fwhm", 0.0))
-    if shape_psf_fwhm is not None and not np.isclose(stored, shape_psf_fwhm, atol=1e-4):
-        return _uncalibrated(
-            f"the card's responsivity for {method!r} was measured on shapes reconvolved to "
-            f"{stored:g} arcsec, these are at {shape_psf_fwhm:g} arcsec"
-        )
     if scene_model is not None:
         made = entry.get("scene_model", {})
         differ = sorted(k for k in set(made) | set(scene_model) if made.get(k) != scene_model.get(k))
@@ -838,7 +730,8 @@ def hierarchical_shear(
     e1, e2 : array ``(source, draw)``
         Each source's posterior draws (NaN where a draw failed).
     interim : InterimPrior
-        The interim prior of the model that made the draws.
+        The prior the draws were made under (:func:`interim_prior_from_card` of
+        the model that made them).
     num_warmup, num_samples, num_chains, seed
         NUTS settings (chains vectorised).
 
@@ -846,9 +739,9 @@ def hierarchical_shear(
     -------
     ShearEstimate
         Posterior means and standard deviations of g1, g2; ``details`` has the
-        intrinsic scale ``s`` and ``sigma_e`` (per component), r-hat, the
-        per-source importance ESS and the number of sources below
-        :data:`IS_ESS_MIN`.
+        intrinsic scale ``s`` and ``sigma_e`` (per component), the interim
+        prior's scale ``interim_s``, r-hat, the per-source importance ESS and
+        the number of sources below :data:`IS_ESS_MIN`.
     """
     import numpyro
     import numpyro.distributions as dist
@@ -899,6 +792,7 @@ def hierarchical_shear(
         details={
             "s": float(post_mean[2]),
             "sigma_e": component_sigma(float(post_mean[2])),
+            "interim_s": float(interim.s),
             "r_hat": r_hat,
             "importance_ess": ess,
             "n_low_ess": int(np.sum(has & (ess < IS_ESS_MIN))),
@@ -933,38 +827,6 @@ def posterior_ellipticities(path: str | Path) -> tuple[np.ndarray, np.ndarray, d
         return flat("e1"), flat("e2"), dict(ds.attrs)
 
 
-def interim_prior_from_card(
-    card: dict, latent_prior: str, shape_psf_fwhm: float | None = None
-) -> InterimPrior:
-    """The interim ellipticity prior stored in a model card for ``latent_prior``.
-
-    With ``shape_psf_fwhm`` (arcsec), the stored prior must be of shapes
-    measured after reconvolving to that FWHM (a clear error otherwise).
-    """
-    entry = card.get("interim_ellipticity_prior", {}).get(latent_prior)
-    if entry is None:
-        raise BayesblendError(
-            f"model card {card.get('name', '?')!r} has no interim ellipticity prior for the "
-            f"{latent_prior!r} latent prior (make it with `bayesblend interim-prior`)"
-        )
-    prior = InterimPrior.from_dict(entry)
-    if shape_psf_fwhm is not None and not np.isclose(prior.shape_psf_fwhm, shape_psf_fwhm, atol=1e-4):
-        raise BayesblendError(
-            f"model card {card.get('name', '?')!r}: its interim prior is of shapes reconvolved to "
-            f"{prior.shape_psf_fwhm:g} arcsec, the catalogue's are at {shape_psf_fwhm:g} arcsec "
-            "(remake it with `bayesblend interim-prior`)"
-        )
-    return prior
-
-
-def store_interim_prior(bundle_path: str | Path, tables: dict[str, InterimPrior], command: str) -> None:
-    """Write interim priors (per latent prior) into a bundle's card."""
-    from bayesblend.prior.bundle import update_card
-
-    value = {lp: t.to_dict() | {"command": command} for lp, t in tables.items()}
-    update_card(bundle_path, "interim_ellipticity_prior", value)
-
-
 def store_responsivity(
     bundle_path: str | Path, method: str, ensemble: dict, summary: dict, command: str
 ) -> dict:
@@ -990,7 +852,6 @@ def store_responsivity(
         "seed": summary["config"]["seed"],
         "n_items": summary["n_items"],
         "n_galaxies": summary["n_used"],
-        "shape_psf_fwhm": float(summary["config"].get("shape_psf_fwhm", 0.0)),
         "scene_model": summary["config"].get("scene_model", {}),
         "command": command,
     }

@@ -12,12 +12,20 @@ then, component by component,
     m_i = (g_hat_i(+g) - g_hat_i(-g)) / (2 g) - 1,      c_i = g_hat_i(0, 0)
 
 (eq. 9 of the paper; rotations pooled), with delete-one-block jackknife errors
-over items. The same is done on the true lensed ellipticities (checks the
-harness: m = 0 up to O(g^2)), on the noiseless targets' model-frame
-morphology measured with the same moments (the shape estimator's own bias)
-and on the deblended targets alone, and the multiplicative ellipticity bias
-``alpha`` of eq. 8 is the slope of deblended against noiseless-target
-ellipticity at zero shear, minus one.
+over items. Estimators (:data:`ESTIMATORS`):
+
+- ``truth``: the true lensed ellipticities (checks the harness: m = 0 up to O(g^2));
+- ``ensemble``: the posterior catalogue's ``e1``, ``e2`` (:func:`bayesblend.shear.ensemble_shear`);
+- ``ensemble_targets``: the same, on the blends' targets only (all galaxies of isolated runs);
+- ``hierarchical``: the posterior draws through the hierarchical model, given the interim prior.
+
+The paper also measures the shape estimator on the noiseless isolated target
+(its eq. 8 ``alpha`` and a "noiseless" estimator). In galaxy model v2 the
+shape estimator is the scene model's ellipticity parameter, whose value for a
+noiseless target is the true profile ellipticity (up to the model's own
+error), so that estimator is ``truth`` and ``alpha`` is the slope, minus one,
+of the deblended targets' ellipticities against their true ones at zero shear
+(both rotations; least squares through the origin).
 
 Items are written one file each (``items/item_NNNNN.npz``, atomically), so a
 run resumes where it stopped.
@@ -32,7 +40,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import jax.numpy as jnp
 import numpy as np
 
 from bayesblend.catalog import FLAGS
@@ -59,7 +66,9 @@ if TYPE_CHECKING:  # the bundle layer is imported where it is used: types only h
     from bayesblend.prior.bundle import PriorBundle
 
 N_VARIANTS = 2 * len(SHEAR_DESIGN)  # (not rotated, rotated) x shears, the order of shear_twins
-ESTIMATORS = ("truth", "noiseless", "ensemble", "ensemble_targets", "hierarchical")
+ESTIMATORS = ("truth", "ensemble", "ensemble_targets", "hierarchical")
+#: Truth columns stored per variant and galaxy as ``true_<name>`` (``hlr``: arcsec, ``flux_r``: electrons).
+TRUE_COLUMNS = ("e1", "e2", "e1_int", "e2_int", "snr", "mag_r", "b_tot", "flux_r", "hlr")
 
 
 @dataclass(frozen=True)
@@ -127,11 +136,11 @@ def run_item(item: int, cfg: HarnessConfig, bundle: PriorBundle) -> dict[str, np
     dict of numpy.ndarray
         Per variant and true galaxy: the matched source's catalogue values
         (``e1``, ``e2``, their errors, ``flux_r`` in electrons, ``x``, ``y`` in
-        pixels, ``size`` in arcsec...), its ellipticity draws, the truth
-        (``true_*``) and the noiseless target's shape (``target_*``).
+        pixels, ``size``: half-light radius in arcsec...), its ellipticity
+        draws ``(variant, galaxy, draw)`` and the truth (``true_*``,
+        :data:`TRUE_COLUMNS`).
     """
     from bayesblend.infer import deblend
-    from bayesblend.measure import shape_setup
     from bayesblend.simulate.scenes import shear_twins
 
     twins = shear_twins(
@@ -162,7 +171,7 @@ def run_item(item: int, cfg: HarnessConfig, bundle: PriorBundle) -> dict[str, np
     out["flags"] = np.zeros((N_VARIANTS, n_gal), np.int64)
     out["e1_draws"] = np.full((N_VARIANTS, n_gal, n_draw), np.nan, np.float32)
     out["e2_draws"] = np.full((N_VARIANTS, n_gal, n_draw), np.nan, np.float32)
-    for k in ("e1", "e2", "e1_int", "e2_int", "snr", "mag_r", "b_tot", "flux_r"):
+    for k in TRUE_COLUMNS:
         out[f"true_{k}"] = np.stack([np.asarray(t.truth[k], float) for t in twins])
     out["is_target"] = (
         np.stack([np.asarray(t.truth["is_target"], bool) for t in twins])
@@ -187,13 +196,6 @@ def run_item(item: int, cfg: HarnessConfig, bundle: PriorBundle) -> dict[str, np
         out["flags"][v, hit] = np.asarray(cat["flags"])[src]
         out["e1_draws"][v, hit] = e1d[src]
         out["e2_draws"][v, hit] = e2d[src]
-    # the noiseless target's model-frame morphology, measured as the posterior draws are
-    setup = shape_setup(bundle)
-    morph = np.stack([t.morphology[0, setup.index] for t in twins]).astype(np.float32)
-    s = setup.measure(jnp.asarray(morph))
-    out["target_e1"] = np.asarray(s["e1"], float)
-    out["target_e2"] = np.asarray(s["e2"], float)
-    out["target_size"] = np.asarray(s["size"], float) * setup.pixel_scale
     return out
 
 
@@ -218,7 +220,6 @@ def run(
     a directory made with another configuration is refused (results would mix).
     """
     from bayesblend.infer import InferenceConfig
-    from bayesblend.measure import shape_setup
     from bayesblend.posterior import scene_model_settings
     from bayesblend.prior.bundle import load_bundle
 
@@ -228,7 +229,6 @@ def run(
     inference = InferenceConfig().replace(**cfg.settings)
     key = cfg.key() | {
         "bundle": str(bundle.card.get("name", bundle.path)),
-        "shape_psf_fwhm": shape_setup(bundle).shape_psf_fwhm_arcsec,
         "inference": asdict(inference),
         "scene_model": scene_model_settings(inference),
     }
@@ -282,9 +282,12 @@ def load_items(out: str | Path | Sequence[str | Path]) -> dict[str, np.ndarray]:
     """All items of a run (or of several, pooled), concatenated along the galaxy axis.
 
     Adds ``item`` (the item number) and ``run`` (the index of its run in
-    ``out``) per galaxy; the pair identifies an item.
+    ``out``) per galaxy; the pair identifies an item. Only arrays of
+    :func:`run_item`'s ``(variant, galaxy, ...)`` form are loaded (items of
+    older runs may hold others, e.g. one value per variant: left out).
     """
     parts: dict[str, list] = {}
+    n_files = 0
     for k_run, one in enumerate(_run_dirs(out)):
         files = sorted((Path(one) / "items").glob("item_*.npz"))
         if not files:
@@ -294,16 +297,16 @@ def load_items(out: str | Path | Sequence[str | Path]) -> dict[str, np.ndarray]:
                 n = d["e1"].shape[1]
                 item = int(f.stem.split("_")[1])
                 for k in d.files:
-                    a = d[k]
-                    if k.startswith("target_"):  # one per variant: broadcast to the galaxies
-                        a = np.repeat(a[:, None], n, axis=1)
-                    parts.setdefault(k, []).append(a)
+                    if d[k].shape[:2] == (N_VARIANTS, n):
+                        parts.setdefault(k, []).append(d[k])
+                n_files += 1
                 parts.setdefault("item", []).append(np.full((N_VARIANTS, n), item))
                 parts.setdefault("run", []).append(np.full((N_VARIANTS, n), k_run))
     n_draw = min(p.shape[2] for p in parts["e1_draws"])
     for k in ("e1_draws", "e2_draws"):
         parts[k] = [p[:, :, :n_draw] for p in parts[k]]
-    return {k: np.concatenate(v, axis=1) for k, v in parts.items()}
+    # an array some items lack (runs of other versions pooled) would misalign the galaxies: left out
+    return {k: np.concatenate(v, axis=1) for k, v in parts.items() if len(v) == n_files}
 
 
 def _run_dirs(out: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -420,7 +423,11 @@ def galaxy_responses(r: dict, shear: float) -> dict[str, np.ndarray]:
 
 
 def _alpha(e_out: np.ndarray, e_in: np.ndarray, blocks: np.ndarray) -> tuple[float, float]:
-    """Slope - 1 of ``e_out`` on ``e_in`` (least squares through the origin), jackknife error."""
+    """Slope - 1 of ``e_out`` on ``e_in`` (least squares through the origin), jackknife error.
+
+    Eq. 8's multiplicative ellipticity bias: ``e_out`` the deblended, ``e_in``
+    the true ellipticities, ``blocks`` each row's jackknife block.
+    """
 
     k = int(blocks.max()) + 1
     sxy, sxx = np.zeros(k), np.zeros(k)
@@ -458,7 +465,9 @@ def summarise(
         it cannot be built (too few galaxies for the bins, or e.g. a bin whose
         mean response is not positive).
     interim : InterimPrior, optional
-        Needed for the ``hierarchical`` estimator (skipped without it).
+        The prior the posterior draws were made under
+        (:func:`bayesblend.shear.interim_prior_from_card` of the run's bundle);
+        the ``hierarchical`` estimator is skipped without it.
     n_blocks : int
         Jackknife blocks (whole items per block).
     min_snr : float
@@ -516,27 +525,21 @@ def summarise(
             *_ensemble(_pooled(sel["e1"]), _pooled(sel["e2"]), w, pblocks, calibration(sel)), g
         )
         est["ensemble"]["n"] = int(use.sum())
-    tgt = use & r["is_target"][0] & np.isfinite(r["target_e1"]).all(0) & np.isfinite(r["target_e2"]).all(0)
-    tgt &= (np.hypot(r["target_e1"], r["target_e2"]) < 1).all(0)
+    # the blends' targets (every galaxy of an isolated run): their own ensemble, and eq. 8's alpha
+    tgt = use & r["is_target"][0]
     if tgt.sum() >= 2:
         ts = {k: v[:, tgt] for k, v in r.items()}
         tb = np.concatenate([blocks_all[tgt]] * 2)
-        t_ones = np.ones_like(_pooled(ts["e1"]))
-        if "noiseless" in estimators:
-            est["noiseless"] = _biases(
-                *_ensemble(_pooled(ts["target_e1"]), _pooled(ts["target_e2"]), t_ones, tb), g
-            )
-            est["noiseless"]["n"] = int(tgt.sum())
         if "ensemble_targets" in estimators:
             w = _pooled(shape_weight(ts["e1_std"], ts["e2_std"]))
             est["ensemble_targets"] = _biases(
                 *_ensemble(_pooled(ts["e1"]), _pooled(ts["e2"]), w, tb, calibration(ts)), g
             )
             est["ensemble_targets"]["n"] = int(tgt.sum())
-        # eq. 8's alpha: deblended vs noiseless target at zero shear, both rotations
+        # alpha: deblended against true ellipticity (the noiseless target's) at zero shear, both rotations
         z = [0, len(SHEAR_DESIGN)]
-        a1 = _alpha(ts["e1"][z].ravel(), ts["target_e1"][z].ravel(), tb)
-        a2 = _alpha(ts["e2"][z].ravel(), ts["target_e2"][z].ravel(), tb)
+        a1 = _alpha(ts["e1"][z].ravel(), ts["true_e1"][z].ravel(), tb)
+        a2 = _alpha(ts["e2"][z].ravel(), ts["true_e2"][z].ravel(), tb)
         res["alpha"] = {
             "alpha1": a1[0],
             "alpha1_err": a1[1],
@@ -596,7 +599,8 @@ def format_summary(res: dict) -> str:
     if "alpha" in res:
         a = res["alpha"]
         lines.append(
-            f"alpha (eq. 8, targets at g=0): alpha1 = {a['alpha1']:+.4f} ± {a['alpha1_err']:.4f}, "
+            "alpha (eq. 8, targets at g=0, deblended vs true e): "
+            f"alpha1 = {a['alpha1']:+.4f} ± {a['alpha1_err']:.4f}, "
             f"alpha2 = {a['alpha2']:+.4f} ± {a['alpha2_err']:.4f} (n = {a['n']})"
         )
     return "\n".join(lines)

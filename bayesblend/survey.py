@@ -90,16 +90,12 @@ class Survey:
         Effective collecting area, m^2.
     bands : tuple of Band
         Bands in the survey's order.
-    model_psf_fwhm : float
-        FWHM (arcsec) of the narrow Gaussian *model PSF* of the decoder's model
-        frame; narrower than every band's PSF so the difference kernel exists.
     """
 
     name: str
     pixel_scale: float
     effective_area: float
     bands: tuple[Band, ...]
-    model_psf_fwhm: float
 
     @property
     def band_names(self) -> tuple[str, ...]:
@@ -172,10 +168,6 @@ class Survey:
             return galsim.Kolmogorov(fwhm=f)
         return galsim.Moffat(beta=MOFFAT_BETA, fwhm=f)
 
-    def model_psf_object(self) -> galsim.GSObject:
-        """The narrow Gaussian model PSF of the decoder's model frame."""
-        return galsim.Gaussian(fwhm=self.model_psf_fwhm)
-
     def psf_image(self, band: str, size: int = 41, fwhm: float | None = None) -> np.ndarray:
         """Centred PSF image of ``band``, pixel-convolved, summing to one.
 
@@ -206,14 +198,6 @@ class Survey:
         bands = self.band_names if bands is None else self.check_bands(bands)
         fw = [None] * len(bands) if fwhm is None else list(fwhm)
         return np.stack([self.psf_image(b, size, f) for b, f in zip(bands, fw, strict=True)])
-
-    def model_psf_image(self, size: int = 41) -> np.ndarray:
-        """The model PSF drawn like the band PSFs (pixel-convolved, unit sum), ``(size, size)``.
-
-        The difference kernel of the decoder contract is ``FFT(psf_b) / FFT(model_psf)``
-        of two images drawn the same way, so the pixel response cancels.
-        """
-        return _psf_image(self, None, size, self.model_psf_fwhm).copy()
 
     def bandpass(self, band: str) -> galsim.Bandpass:
         """GalSim bandpass (AB zeropoint) used to turn SEDs into colours."""
@@ -263,12 +247,11 @@ def poisson_variance(mean: ArrayT, sky: ArrayT) -> ArrayT:
 
 
 @functools.lru_cache(maxsize=256)
-def _psf_image(survey: Survey, band: str | None, size: int, fwhm: float) -> np.ndarray:
-    """A PSF on ``size`` pixels (pixel-convolved, unit sum): band ``band``'s, or the model PSF for None."""
+def _psf_image(survey: Survey, band: str, size: int, fwhm: float) -> np.ndarray:
+    """Band ``band``'s PSF at ``fwhm`` arcsec on ``size`` pixels (pixel-convolved, unit sum)."""
     if size % 2 == 0 or size < 3:
         raise BayesblendError(f"PSF image size must be odd and >= 3, got {size}")
-    obj = survey.model_psf_object() if band is None else survey.psf_object(band, fwhm)
-    img = obj.drawImage(nx=size, ny=size, scale=survey.pixel_scale)
+    img = survey.psf_object(band, fwhm).drawImage(nx=size, ny=size, scale=survey.pixel_scale)
     arr = img.array.astype(np.float64)
     return (arr / arr.sum()).astype(np.float32)
 
@@ -284,7 +267,7 @@ def _bandpass(survey: str, band: str) -> galsim.Bandpass:
     return bp.thin(rel_err=1e-4).withZeropoint("AB")
 
 
-def _from_codex(codex_name: str, name: str, profile: str, model_psf_fwhm: float) -> Survey:
+def _from_codex(codex_name: str, name: str, profile: str) -> Survey:
     s = surveycodex.get_survey(codex_name)
     bands = []
     for f in s.available_filters:
@@ -305,16 +288,14 @@ def _from_codex(codex_name: str, name: str, profile: str, model_psf_fwhm: float)
         pixel_scale=float(s.pixel_scale.to_value("arcsec")),
         effective_area=float(s.effective_area.to_value("m2")),
         bands=tuple(bands),
-        model_psf_fwhm=model_psf_fwhm,
     )
 
 
-#: Surveys known to bayesblend. The model PSF FWHM is ~1/3 of the narrowest
-#: observed PSF and >= ~1.2 pixels so that the model frame stays sampled.
+#: Surveys known to bayesblend, with the profile of their default PSFs.
 _FACTORIES = {
-    "lsst": lambda: _from_codex("LSST", "lsst", "kolmogorov", 0.25),
-    "euclid_vis": lambda: _from_codex("Euclid_VIS", "euclid_vis", "moffat", 0.12),
-    "euclid_nisp": lambda: _from_codex("Euclid_NISP", "euclid_nisp", "moffat", 0.36),
+    "lsst": lambda: _from_codex("LSST", "lsst", "kolmogorov"),
+    "euclid_vis": lambda: _from_codex("Euclid_VIS", "euclid_vis", "moffat"),
+    "euclid_nisp": lambda: _from_codex("Euclid_NISP", "euclid_nisp", "moffat"),
 }
 
 

@@ -17,15 +17,15 @@ With ``--twins N``, a direct test of the fit's rotation
 equivariance instead: the first N isolated galaxies of the shear harness's
 seed-5 set (max_shift 0.5, psf_jitter 0.05, no shear) are drawn *without noise*,
 as is and rotated by 90 degrees, and fitted by MAP at their true positions. A
-rotation-equivariant fit gives ``e(rotated) = -e(as is)`` exactly (the noiseless
-targets' own shapes do, to 1e-8), so ``(e(as is) + e(rotated)) / 2`` per galaxy
-is the offset the fit alone adds (decoder, latent prior, Fourier shift), free
-of the noise scatter that dominates the per-run offsets above. Printed by true
-S/N, for the galaxies resolved (R2 >= ``RESOLUTION_MIN``, 0.3) in both fits. ``--noise`` adds each
-item's noise field (the same one to both twins, as in the harness), and
-``--seed`` picks galaxies and noise independent of the harness runs' (the
-seed-5 runs of every kind share their items' noise fields, so their offsets are
-not independent).
+rotation-equivariant fit gives ``e(rotated) = -e(as is)`` exactly (the true
+ellipticities, which the fitted ellipticity parameter estimates, do), so
+``(e(as is) + e(rotated)) / 2`` per galaxy is the offset the fit alone adds
+(decoder, priors, Fourier shift), free of the noise scatter that dominates the
+per-run offsets above. Printed by true S/N, for the galaxies resolved (R2 >=
+``RESOLUTION_MIN``, 0.3) in both fits. ``--noise`` adds each item's noise
+field (the same one to both twins, as in the harness), and ``--seed`` picks
+galaxies and noise independent of the harness runs' (the seed-5 runs of every
+kind share their items' noise fields, so their offsets are not independent).
 
 Run::
 
@@ -91,11 +91,9 @@ def twins(n: int, seed: int = 5, noise: bool = False, chunk: int = 16) -> None:
     """
     import bayesblend
     from bayesblend.infer import deblend
-    from bayesblend.measure import shape_setup
     from bayesblend.simulate.scenes import simulate_isolated
 
     prior = bayesblend.load_prior()
-    setup = shape_setup(prior)
     e = np.full((2, n, 2), np.nan)  # (rotation, galaxy, component)
     target = np.full((2, n, 2), np.nan)
     res = np.full((2, n), np.nan)
@@ -117,13 +115,11 @@ def twins(n: int, seed: int = 5, noise: bool = False, chunk: int = 16) -> None:
             )
             cat = post.catalog()
             rows = np.asarray(cat["scene"])
-            morph = np.stack([s.morphology[0, setup.index] for s in sims]).astype(np.float32)
-            true_shape = setup.measure(morph)  # the true morphologies, measured as the draws are
             for k, i in enumerate(idx):
                 j = np.flatnonzero(rows == k)[0]
                 e[rot, i] = float(cat["e1"][j]), float(cat["e2"][j])
                 res[rot, i] = float(cat["resolution"][j])
-                target[rot, i] = float(true_shape["e1"][k]), float(true_shape["e2"][k])
+                target[rot, i] = float(sims[k].truth["e1"][0]), float(sims[k].truth["e2"][0])
                 snr[i] = float(sims[k].truth["snr"][0])
         print(f"fitted {min(n, start + chunk)} of {n}", flush=True)
     off = e.mean(axis=0)  # (galaxy, component)
@@ -132,7 +128,7 @@ def twins(n: int, seed: int = 5, noise: bool = False, chunk: int = 16) -> None:
     what = "noisy" if noise else "noiseless"
     print(f"{what} twins, seed {seed}: {ok.sum()} of {n} galaxies resolved in both fits")
     big = np.abs(tgt[ok]).max(axis=0)
-    print(f"  targets' own offset, largest (should be ~0): e1 {big[0]:.1e}, e2 {big[1]:.1e}")
+    print(f"  true ellipticities' own offset, largest (should be ~0): e1 {big[0]:.1e}, e2 {big[1]:.1e}")
     print("| true S/N | galaxies | e1 offset, mean ± s.e. (median) | e2 offset, mean ± s.e. (median) |")
     print("|---|---|---|---|")
     for lo, hi in ((0, 10), (10, 30), (30, np.inf), (0, np.inf)):

@@ -2,7 +2,7 @@
 
 For held-out isolated galaxies (the validation items at the end of the training shards, never
 trained on), each brightened to S/N >= 100 in r (shape, size and colour unchanged) and observed
-with fresh noise, MAP fits the v2 scene model (:func:`bayesblend.model.pose_scene_model`: pose,
+with fresh noise, MAP fits the scene model (:func:`bayesblend.model.scene_model`: pose,
 flux per band, offset and the latent code) with the run's decoder. The latent code starts at the
 VAE encoder's mean for the galaxy's true canonical morphology and the pose at the truth perturbed
 (round, 30 % larger, 20 % brighter, 0.3 px off): this measures what the decoder can represent,
@@ -37,7 +37,7 @@ from bayesblend import forward
 from bayesblend.ellipticity import to_ellipticity
 from bayesblend.infer import InferenceConfig, _map
 from bayesblend.io import atomic_path
-from bayesblend.model import PoseSceneSpec, pose_scene_model
+from bayesblend.model import SceneSpec, scene_model
 from bayesblend.prior.networks import scale_input
 from bayesblend.prior.train import CanonicalData, TrainConfig, build_networks
 from bayesblend.simulate.population import ellipticity_scale
@@ -58,7 +58,7 @@ def fit_batch(spec, decode_item, data, start, steps: int, lr: float):
 
     def one(p, d):
         def potential(q):
-            return -log_density(pose_scene_model, (spec, d, lambda z: decode_item(z, d)), {}, q)[0]
+            return -log_density(scene_model, (spec, d, lambda z: decode_item(z, d)), {}, q)[0]
 
         return _map(potential, p, cfg)[0]
 
@@ -112,7 +112,7 @@ def main() -> None:
     )
     psf = np.asarray(ds.psf(idx), np.float32)
     n_fft = 2 * stamp
-    spec = PoseSceneSpec(
+    spec = SceneSpec(
         shape=(stamp, stamp),
         n_sources=1,
         latent_dim=cfg.latent_dim,

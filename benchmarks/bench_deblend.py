@@ -199,7 +199,12 @@ def run(
                 continue
             k = true_of[j]
             q = {}
-            for name, arr in (("flux_r", d["flux"][..., 2]), ("e1", d["e1"]), ("e2", d["e2"])):
+            for name, arr in (
+                ("flux_r", d["flux"][..., 2]),
+                ("e1", d["e1"]),
+                ("e2", d["e2"]),
+                ("size", d["size"]),
+            ):
                 a = arr[:, :, j].ravel()
                 q[name] = np.percentile(a, [2.5, 16, 50, 84, 97.5]).tolist()
             rows.append(
@@ -210,6 +215,7 @@ def run(
                     "true_flux_r": float(t["flux_r"][k] * t["frac_in_image_r"][k]),
                     "true_e1": float(t["e1"][k]),
                     "true_e2": float(t["e2"][k]),
+                    "true_hlr": float(t["hlr"][k]),
                     "snr": float(t["snr"][k]),
                     "mag_r": float(t["mag_r"][k]),
                     "b_tot": float(t["b_tot"][k]),
@@ -277,85 +283,6 @@ def sep_baseline(n: int) -> list[dict]:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
-
-
-def measured_truth(n: int) -> dict[tuple[int, int], tuple[float, float]]:
-    """Each true galaxy's e1, e2 measured as the posterior draws are, keyed by (blend, source).
-
-    The truth table's e is the profile's shear-type ellipticity; the catalogue's
-    e is the adaptive-moment ellipticity of the model-frame morphology after
-    reconvolution (``measure.shape_setup``). The two differ for a noiseless,
-    isolated galaxy already (bulge and disc, weighting), so coverage of the
-    profile's e mixes deblending error with that definition. Measuring each
-    galaxy's true model-frame morphology the same way gives the e a perfect
-    deblender would report. Cached in ``truth_shapes.jsonl``.
-    """
-    import jax.numpy as jnp
-
-    import bayesblend
-    from bayesblend.measure import shape_setup
-    from bayesblend.simulate.scenes import simulate_blend
-
-    path = OUT / "truth_shapes.jsonl"
-    rows = read_rows(path)
-    have = {r["blend"] for r in rows}
-    todo = [i for i in range(n) if i not in have]
-    if todo:
-        setup = shape_setup(bayesblend.load_prior())
-        for i in todo:
-            r = simulate_blend(SEED, i, all_morphologies=True, **SIM)
-            s = setup.measure(jnp.asarray(r.morphology[:, setup.index]))
-            rows += [
-                {"blend": i, "source": k, "e1": float(s["e1"][k]), "e2": float(s["e2"][k])}
-                for k in range(len(r.truth))
-            ]
-        OUT.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
-    return {(r["blend"], r["source"]): (r["e1"], r["e2"]) for r in rows}
-
-
-def shape_report(n: int) -> None:
-    """Δe and e coverage against each galaxy's measured truth (:func:`measured_truth`)."""
-    truth = measured_truth(n)
-    print("\nAgainst the measured truth (each true model-frame morphology measured as the draws are):\n")
-    print(
-        "| method | S/N cut | sources | median Δe1 | median Δe2 | σ(Δe) | cover 68/95 e1 | cover 68/95 e2 |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for method in ("amortised", "map", "svi", "nuts"):
-        every = read_rows(OUT / f"{method}.jsonl")
-        every = [r for r in every if r["blend"] < n and (r["blend"], r["source"]) in truth]
-        for cut in SNR_CUTS:
-            rows = [r for r in every if r["snr"] > cut]
-            if not rows:
-                continue
-            cells = []
-            for c, name in enumerate(("e1", "e2")):
-                q = np.array([r["q"][name] for r in rows])
-                t = np.array([truth[(r["blend"], r["source"])][c] for r in rows])
-                cells.append((np.nanmedian(q[:, 2] - t), np.nanstd(q[:, 2] - t), coverage(q, t)))
-            print(
-                f"| {method} | > {cut} | {len(rows)} | {cells[0][0]:+.3f} | {cells[1][0]:+.3f} | "
-                f"{0.5 * (cells[0][1] + cells[1][1]):.3f} | {cells[0][2]} | {cells[1][2]} |"
-            )
-    prof = read_rows(OUT / "map.jsonl")
-    d = np.array(
-        [
-            [
-                truth[(r["blend"], r["source"])][0] - r["true_e1"],
-                truth[(r["blend"], r["source"])][1] - r["true_e2"],
-            ]
-            for r in prof
-            if r["blend"] < n and (r["blend"], r["source"]) in truth
-        ]
-    )
-    if d.size:
-        print(
-            f"\nMeasured minus profile e of the true galaxies: median {np.nanmedian(d[:, 0]):+.3f} / "
-            f"{np.nanmedian(d[:, 1]):+.3f}, σ {np.nanstd(d[:, 0]):.3f} / {np.nanstd(d[:, 1]):.3f} (e1 / e2)."
-        )
 
 
 def flux_by_blendedness(rows: list[dict]) -> None:
@@ -487,7 +414,6 @@ def report(n: int) -> None:
         flux_by_blendedness(map_rows)
     if notes:
         print("\n" + notes)
-    shape_report(n)
     print(
         f"\nMachine: {platform.machine()}, {platform.processor() or 'cpu'}; command: "
         "`.venv/bin/python benchmarks/bench_deblend.py --report`"

@@ -1,4 +1,4 @@
-"""Shapes and magnitudes of isolated galaxies through the whole pipeline, for galaxy models v1 and v2.
+"""Shapes and magnitudes of isolated galaxies through the whole pipeline, for any bundle (v1 and v2 measured).
 
 The figures of issue 22, measured on the same items for every bundle: isolated galaxies simulated
 with ``simulate_isolated`` (``--family bulge+disk``, the training population, or ``sersic``, a

@@ -77,9 +77,9 @@ def main() -> None:
 
         card = load_bundle().card
         for run in (args.calibration, *args.others):
-            # the entry for the run's own method, and only if it was measured as the run was made
+            # the entry for the run's own method, and only if it was measured under the run's scene model
             made = run_config(run)
-            applies = (made["method"], float(made.get("shape_psf_fwhm", 0.0)), made.get("scene_model", {}))
+            applies = (made["method"], made.get("scene_model", {}))
             R, _ = responsivity_from_card(card, *applies)
             table, _ = responsivity_from_card(card, *applies, binned=True)
             if not isinstance(table, ResponsivityTable):

@@ -1,18 +1,20 @@
 """Assemble a model bundle from its training runs, with a model card whose numbers are measured here.
 
-``models/lsst-v2`` (galaxy model v2; ``--vae-config configs/vae-lsst-v2-l16.toml``): the canonical
-VAE, its latent flow and the amortised pose encoder (:func:`main_v2`). ``models/lsst-v1``
-(the default arguments) as follows.
+``models/lsst-v2`` (galaxy model v2): the canonical VAE (``--vae-config``, default
+``configs/vae-lsst-v2-l8.toml``), its latent flow and the amortised pose encoder
+(``--pose-config``). Steps:
 
-Steps (each skipped when its output exists, so the script resumes):
-1. fit the latent flow to q(z|x) draws of training galaxies (``runs/vae-lsst-v1/flow.msgpack``);
-2. write the bundle (decoder, encoder, deblender, flow) with checksums;
-3. measure the decoder's XLA FLOP count per forward pass and the flow's held-out likelihood;
-4. draw galaxies from flow + decoder and compare |e|, size and colour gradient with the
-   held-out population (``benchmarks/figures/flow_vs_population.png``);
-5. merge ``benchmarks/recon_metrics.json`` (from ``benchmarks/bench_reconstruction.py``) into the card.
+1. fit the latent flow to q(z|C) draws of the training galaxies' canonical morphologies
+   (``<vae run>/flow.msgpack``; skipped when it exists, unless ``--refit-flow``);
+2. write the bundle (decoder, encoder, flow, and pose encoder when its run has a checkpoint)
+   with checksums, and a card with the training stages, the flow's held-out likelihood, the
+   latent-size comparison (``benchmarks/canonical_vae/*.json``) and the ellipticity and size priors;
+3. measure the decoder's XLA FLOP count per forward pass;
+4. decode flow and N(0, I) draws and compare half-light radius, concentration and colour gradient
+   with held-out canonical morphologies (``benchmarks/figures/canonical_flow_vs_population.png``);
+   rewrite the bundle with these numbers in the card.
 
-Run: ``.venv/bin/python scripts/build_model.py`` (after the VAE and deblender runs).
+Run: ``.venv/bin/python scripts/build_model.py`` (after the canonical VAE and pose-encoder runs).
 """
 
 from __future__ import annotations
@@ -32,10 +34,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bayesblend.evaluate import adaptive_shape  # noqa: E402
-from bayesblend.prior.bundle import bundle_from_runs, load_bundle  # noqa: E402
+from bayesblend.prior.bundle import load_bundle  # noqa: E402
 from bayesblend.prior.flow import sample, train_flow_from_run  # noqa: E402
-from bayesblend.prior.train import TrainConfig  # noqa: E402
+from bayesblend.prior.train import CanonicalData, TrainConfig, bundle_from_runs  # noqa: E402
 from bayesblend.simulate.dataset import ShardDataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,51 +49,15 @@ def decoder_flops(bundle) -> float:
     return float(cost["flops"])
 
 
-def flow_vs_population(bundle, n: int, out: Path) -> dict:
-    """|e|, size (adaptive sigma) and g/i size ratio: flow + decoder draws vs held-out morphologies."""
-    ds = ShardDataset(ROOT / "data" / "lsst-isolated-test")
-    truth = ds.truth()
-    # the true (noiseless) morphologies of the held-out population
-    idx = np.arange(min(n, len(truth)))
-    target = ds.load("morphology", idx)
-    z = sample(bundle.flow, bundle.params["flow"], jax.random.PRNGKey(0), len(idx))
-    draws = np.asarray(jax.jit(bundle.decode)(z))
-    normal = np.asarray(jax.jit(bundle.decode)(jax.random.normal(jax.random.PRNGKey(1), z.shape)))
-    g, r, i = (bundle.bands.index(b) for b in "gri")
-    stats = {}
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3))
-    sets = (
-        ("held-out galaxies (true morphology)", target),
-        ("flow + decoder draws", draws),
-        ("N(0, I) + decoder draws", normal),
-    )
-    for name, imgs in sets:
-        e_r, size = adaptive_shape(imgs[:, r])
-        e = np.hypot(*e_r.T)
-        grad = adaptive_shape(imgs[:, g])[1] / adaptive_shape(imgs[:, i])[1]
-        axes[0].hist(e[np.isfinite(e)], bins=30, range=(0, 1), histtype="step", density=True, label=name)
-        axes[1].hist(size[np.isfinite(size)], bins=30, range=(0, 1.5), histtype="step", density=True)
-        axes[2].hist(grad[np.isfinite(grad)], bins=30, range=(0.7, 1.3), histtype="step", density=True)
-        stats[name] = {
-            "median_abs_e": float(np.nanmedian(e)),
-            "median_size_arcsec": float(np.nanmedian(size)),
-            "median_size_ratio_g_over_i": float(np.nanmedian(grad)),
-        }
-    axes[0].set_xlabel("|e| (r band, model frame)")
-    axes[1].set_xlabel("adaptive size σ [arcsec] (r)")
-    axes[2].set_xlabel("size ratio g / i (colour gradient)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return stats
-
-
 def _stages(cfg: TrainConfig) -> list[dict]:
-    """Steps, time and final validation of every training stage (following init_from back)."""
+    """Steps, time, data and final validation of every training stage.
+
+    A canonical VAE's stages follow ``init_from`` back; a pose encoder's follow
+    ``encoder_init`` (its ``init_from`` is the VAE it encodes for, not a stage).
+    """
     stages = []
     run, config = Path(cfg.out), cfg
+    back = "encoder_init" if cfg.kind == "pose-encoder" else "init_from"
     while True:
         h = json.loads((run / "history.json").read_text())
         stages.insert(
@@ -103,13 +68,23 @@ def _stages(cfg: TrainConfig) -> list[dict]:
                 "seconds": h["seconds"][-1],
                 "final_val_nll_per_pixel": h["val_nll"][-1],
                 "learning_rate": config.learning_rate,
+                "data": config.data,
             },
         )
-        if not config.init_from:
+        if not getattr(config, back):
             return stages
-        run = Path(config.init_from)
+        run = Path(getattr(config, back))
         raw = json.loads((run / "config.json").read_text())
         config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def _dataset_command(path: str) -> str:
+    """The ``bayesblend simulate`` command that wrote the shard dataset at ``path`` (from its manifest)."""
+    m = json.loads(Path(path, "dataset.json").read_text())
+    return (
+        f"bayesblend simulate {m['kind']} --n {m['n']} --shards --shard-size 1000 --seed {m['seed']} "
+        f"--max-shift {m['options']['max_shift']:g} --psf-jitter {m['options']['psf_jitter']:g} --out {path}"
+    )
 
 
 def light_radii(images: np.ndarray, fracs=(0.5, 0.9)) -> np.ndarray:
@@ -131,8 +106,6 @@ def canonical_vs_population(bundle, cfg: TrainConfig, n: int, out: Path) -> dict
     de Vaucouleurs 3.5 to 4, more with larger Sersic index) and, across bands, the g / i
     half-light-radius ratio (colour gradient).
     """
-    from bayesblend.prior.train import CanonicalData
-
     data = CanonicalData(cfg.data, cfg.validation_items)
     idx = data.val_idx[:n]
     held = data.batch(idx)["canonical"]
@@ -185,7 +158,7 @@ def size_relation(cfg: TrainConfig) -> dict:
     }
 
 
-def main_v2(args: argparse.Namespace, cfg: TrainConfig) -> None:
+def build(args: argparse.Namespace, cfg: TrainConfig) -> None:
     """``models/lsst-v2``: canonical VAE + flow + pose encoder, and a card measured here."""
     from bayesblend.model import LOG_HLR_SIGMA
     from bayesblend.simulate.population import SIGMA_E, ellipticity_scale
@@ -209,10 +182,11 @@ def main_v2(args: argparse.Namespace, cfg: TrainConfig) -> None:
             f"--seed {manifest['seed']} --max-shift 0.5 --psf-jitter 0.05",
             "population": "bulge + disk with Sersic bulges, star-forming knots "
             "(bayesblend/simulate/population.py); held out: the last validation_items of each run",
+            "pose_encoder_stages": [_dataset_command(st["data"]) for st in _stages(pose_cfg)],
         },
         "training": {
             "vae_stages": _stages(cfg),
-            "pose_encoder_stages": [s for s in _stages(pose_cfg) if s["run"] == pose_cfg.out],
+            "pose_encoder_stages": _stages(pose_cfg),
             "hardware": f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU",
             "date": str(datetime.date.today()),
         },
@@ -239,69 +213,19 @@ def main_v2(args: argparse.Namespace, cfg: TrainConfig) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--vae-config", default="configs/vae-lsst-v1.toml")
-    p.add_argument("--deblender-run", default="runs/deblender-lsst-v1")
-    p.add_argument("--pose-config", default="configs/pose-encoder-lsst-v2.toml", help="v2 only")
-    p.add_argument("--out", default="models/lsst-v1")
+    p.add_argument("--vae-config", default="configs/vae-lsst-v2-l8.toml", help="the canonical VAE run")
+    p.add_argument(
+        "--pose-config",
+        default="configs/pose-encoder-lsst-v2-blends.toml",
+        help="the pose-encoder run (last stage)",
+    )
+    p.add_argument("--out", default="models/lsst-v2")
     p.add_argument("--refit-flow", action="store_true")
     args = p.parse_args()
     cfg = TrainConfig.from_toml(args.vae_config)
-    if cfg.kind == "canonical-vae":
-        main_v2(args, cfg)
-        return
-    run = Path(cfg.out)
-    if args.refit_flow or not (run / "flow.msgpack").exists():
-        train_flow_from_run(cfg)
-    history = json.loads((run / "history.json").read_text())
-    deb = Path(args.deblender_run)
-    deb_hist = json.loads((deb / "history.json").read_text()) if (deb / "history.json").exists() else None
-    manifest = json.loads(Path(cfg.data, "dataset.json").read_text())
-    card = {
-        "description": "LSST ugrizy galaxy prior: denoising beta-VAE (model-frame decoder; "
-        'README "The prior"), RealNVP latent flow, amortised deblender encoder.',
-        "training_data": {
-            "vae": f"bayesblend simulate isolated --n {manifest['n']} --shards --seed {manifest['seed']} "
-            "--max-shift 0.5 --psf-jitter 0.05",
-            "deblender": "bayesblend simulate blends --n 30000 --shards --seed 3 "
-            "--max-shift 0.5 --psf-jitter 0.05",
-            "held_out": "seeds 2 (isolated) and 4 (blends), 5000 each",
-        },
-        "training": {
-            "vae_config": str(args.vae_config),
-            "vae_steps": history["step"][-1],
-            "vae_seconds": history["seconds"][-1],
-            "vae_final_val_nll_per_pixel": history["val_nll"][-1],
-            "vae_final_val_kl_per_pixel": history["val_kl"][-1],
-            "deblender_steps": deb_hist["step"][-1] if deb_hist else None,
-            "deblender_seconds": deb_hist["seconds"][-1] if deb_hist else None,
-            "hardware": f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU",
-            "date": str(datetime.date.today()),
-            "seed": cfg.seed,
-        },
-        "flow_metrics": json.loads((run / "flow_metrics.json").read_text()),
-        "vae_stages": _stages(cfg),
-        "default_latent_prior": "flow",
-        "latent_prior_note": "The flow is fitted to q(z|x) draws of training galaxies brightened to "
-        "S/N >= 100 (informative codes for every galaxy); its decoded draws match the held-out "
-        "population's size and are as round as the decoder's own reconstructions of bright galaxies. "
-        "N(0, I) draws decode to galaxies about 4 times too large (see flow_vs_population).",
-    }
-    bundle_from_runs(args.out, run, deb if (deb / "checkpoint.msgpack").exists() else None, card)
-    bundle = load_bundle(args.out)
-    card["decoder_flops_per_forward"] = decoder_flops(bundle)
-    card["flow_vs_population"] = flow_vs_population(
-        bundle, 2000, ROOT / "benchmarks" / "figures" / "flow_vs_population.png"
-    )
-    metrics = ROOT / "benchmarks" / "recon_metrics.json"
-    if metrics.exists():
-        m = json.loads(metrics.read_text())
-        card["held_out_metrics"] = {
-            kind: {k: v for k, v in res.items() if k != "bins"}
-            | {"command": "benchmarks/bench_reconstruction.py"}
-            for kind, res in m.items()
-        }
-    bundle_from_runs(args.out, run, deb if (deb / "checkpoint.msgpack").exists() else None, card)
-    print(json.dumps({k: card[k] for k in ("decoder_flops_per_forward", "flow_vs_population")}, indent=1))
+    if cfg.kind != "canonical-vae":
+        p.error(f"{args.vae_config} configures a {cfg.kind!r} run, not a canonical VAE")
+    build(args, cfg)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ def test_shards_do_not_depend_on_workers_or_shard_size(tmp_path):
     )
     da, db = ShardDataset(a), ShardDataset(b)
     assert len(da) == len(db) == 6
-    for name in ("noisy", "noiseless", "morphology"):
+    for name in ("noisy", "noiseless", "canonical"):
         np.testing.assert_array_equal(da.load(name), db.load(name))
     # an item equals the same item simulated directly
     direct = simulate_isolated(5, 4)
@@ -36,6 +37,23 @@ def test_shards_do_not_depend_on_workers_or_shard_size(tmp_path):
     assert not np.array_equal(again.load("noisy"), before)
     np.testing.assert_array_equal(again.load("noisy", [4])[0], simulate_isolated(6, 4).scene.image)
     assert not [q.name for q in (tmp_path / "a").rglob(".*")]
+
+
+def test_format_1_datasets_with_v1_model_frame_morphologies_are_still_read(tmp_path):
+    from bayesblend.prior.train import PoseData
+
+    path = simulate_dataset("isolated", 5, tmp_path / "d", seed=3, fmt="shards", workers=1, progress=False)
+    new = json.loads((path / "dataset.json").read_text())
+    assert new["format_version"] == 2 and "model_psf_fwhm" not in new
+    assert not list(path.rglob("morphology.npy"))
+    # what format 1 also wrote: the target's model-frame morphology and the model PSF's FWHM
+    for shard in new["shards"]:
+        np.save(path / shard["dir"] / "morphology.npy", np.zeros((shard["n"], 6, 48, 48), np.float32))
+    (path / "dataset.json").write_text(json.dumps(new | {"format_version": 1, "model_psf_fwhm": 0.25}))
+    old = ShardDataset(path)
+    assert len(old) == 5 and old.load("noiseless").shape == (5, 6, 48, 48)
+    batch = PoseData(path, validation_items=1).batch(np.arange(4))
+    assert batch["canonical"].shape == (4, 6, 64, 64) and batch["clean"].shape == (4, 6, 48, 48)
 
 
 def test_blend_shards_hold_targets_and_members(tmp_path):

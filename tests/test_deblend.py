@@ -14,9 +14,8 @@ FAST = dict(num_draws=40, num_warmup=30, num_chains=2, map_steps=150, svi_steps=
 
 @pytest.fixture(scope="module")
 def bright_pair():
-    # two bright galaxies without star-forming knots, whose wings touch (blendedness 0.07): a knot moves
-    # the light centroid off the profile centre and can be redetected as a source of its own, and
-    # models/lsst-v1 never saw knots (its training population had none)
+    # two bright galaxies without star-forming knots (a knot can be redetected as a source of its own),
+    # whose wings touch (blendedness 0.07)
     return simulate_blend(21, 19, n_range=(2, 3), mag_range=(20.0, 24.0))
 
 
@@ -32,13 +31,19 @@ def test_map_recovers_fluxes_positions_and_conserves_light(map_post, bright_pair
     assert len(c) == len(t) == 2
     true_r = np.asarray(t["flux_r"] * t["frac_in_image_r"])
     np.testing.assert_allclose(c["flux_r"], true_r, rtol=0.08)
-    # positions are windowed light centroids (forward.light_centroid): within 0.5 px of the profile centre
-    assert np.all(np.hypot(c["x"] - t["x"], c["y"] - t["y"]) < 0.5)
+    # positions are profile centres: within 0.2 px of the truth at this S/N
+    assert np.all(np.hypot(c["x"] - t["x"], c["y"] - t["y"]) < 0.2)
+    # and so are the shapes: e within 0.05, the half-light radius within 10 %
+    np.testing.assert_allclose(c["e1"], t["e1"], atol=0.05)
+    np.testing.assert_allclose(c["e2"], t["e2"], atol=0.05)
+    np.testing.assert_allclose(c["size"], t["hlr"], rtol=0.1)
     # the blend data hold the flux prior's centre the fit used: the amortised joint fluxes (the default),
-    # close to the truth on this bright pair, not the 5x5 box sum prepare_blend starts from
+    # not the 5x5 box sum prepare_blend starts from; within 40 % of the truth on this bright pair (the
+    # pose encoder of models/lsst-v2 has seen isolated galaxies only: 34 % here), well inside the
+    # prior's width (a factor of 7)
     r = map_post.bands.index("r")
     centre = np.exp(np.asarray(map_post.blends[0].data["log_flux0"])[:2, r])
-    np.testing.assert_allclose(centre, true_r, rtol=0.3)
+    np.testing.assert_allclose(centre, true_r, rtol=0.4)
     # the flux errors are those of the data, not of the prior: percent level at S/N ~ 60
     assert np.all(c["flux_r_std"] / c["flux_r"] < 0.1) and np.all(c["flux_r_std"] > 0)
     # conservation: the model holds the light of the scene (sky-subtracted sum), band by band
@@ -50,10 +55,33 @@ def test_map_recovers_fluxes_positions_and_conserves_light(map_post, bright_pair
     assert np.all(np.abs(model.sum(axis=(1, 2)) - data.sum(axis=(1, 2))) < 4 * sigma_sum)
     # shapes of the draws: (chain, draw, source, ...)
     d = map_post.draws
-    assert (
-        d["u"].shape == (1, 100, 2, 16) and d["flux"].shape == (1, 100, 2, 6) and d["e1"].shape == (1, 100, 2)
-    )
+    latent = map_post.bundle.latent_dim
+    assert d["u"].shape == (1, 100, 2, latent) and d["flux"].shape == (1, 100, 2, 6)
+    assert d["eta"].shape == (1, 100, 2, 2) and d["log_hlr"].shape == d["e1"].shape == (1, 100, 2)
     assert np.isfinite(d["e1"]).all() and np.all(np.hypot(d["e1"], d["e2"]) < 1)
+
+
+def test_shapes_and_sizes_are_the_parameters_draws(map_post):
+    """e1, e2 and size are the draws of eta and log_hlr (nothing measured on images), summarised as such."""
+    import jax.numpy as jnp
+
+    from bayesblend.ellipticity import to_ellipticity
+
+    d = map_post.draws
+    e = np.asarray(to_ellipticity(jnp.asarray(d["eta"])))
+    np.testing.assert_allclose(d["e1"], e[..., 0], atol=1e-6)
+    np.testing.assert_allclose(d["e2"], e[..., 1], atol=1e-6)
+    np.testing.assert_allclose(d["size"], np.exp(d["log_hlr"]), rtol=1e-6)
+    c = map_post.catalog()
+    np.testing.assert_allclose(c["e1"], np.median(d["e1"], axis=(0, 1)), atol=1e-6)
+    np.testing.assert_allclose(c["e2_std"], np.std(d["e2"], axis=(0, 1)), rtol=1e-4)
+    np.testing.assert_allclose(c["size"], np.median(d["size"], axis=(0, 1)), rtol=1e-6)
+    # positions: the stamp anchor plus the offset parameter
+    b = map_post.blends[0]
+    centre = (map_post.bundle.stamp - 1) / 2
+    x = np.asarray(b.data["anchor"])[:2, 0] + centre + np.median(d["offset"][..., 0], axis=(0, 1))
+    np.testing.assert_allclose(c["x"], x, atol=1e-4)
+    assert map_post.to_inference_data().posterior["eta"].dims == ("chain", "draw", "source", "component")
 
 
 def test_catalogue_schema_units_and_header(map_post, tmp_path):
@@ -61,7 +89,7 @@ def test_catalogue_schema_units_and_header(map_post, tmp_path):
     names = [n for n, *_ in cat.columns(map_post.bands)]
     assert c.colnames == names
     assert str(c["flux_r"].unit) == "ct" and str(c["size"].unit) == "arcsec"
-    assert c.meta["METHOD"] == "map" and c.meta["BUNDLE"] == "lsst-v1" and "e2" in c.meta["E2SIGN"]
+    assert c.meta["METHOD"] == "map" and c.meta["BUNDLE"] == "lsst-v2" and "e2" in c.meta["E2SIGN"]
     assert np.all(c["flux_r_p16"] < c["flux_r"]) and np.all(c["flux_r"] < c["flux_r_p84"])
     assert np.isfinite(c["mag_r"]).all() and np.all(c["mag_r_std"] > 0)
     # sky positions are the scene WCS's at the fitted pixel positions
@@ -107,21 +135,24 @@ def test_headers_record_the_scene_model(map_post):
 def test_joint_flux_is_non_negative_and_exact_on_noiseless_templates(prior, map_post):
     import jax.numpy as jnp
 
+    from bayesblend.forward import paste_stamps
+    from bayesblend.infer import _unit_stamps
+    from bayesblend.prior.bundle import Networks
+
     b = map_post.blends[0]
-    nets_w = prior.params["decoder"]
-    morph = prior.decoder.apply(nets_w, jnp.zeros((2, 16)) + jnp.asarray([[0.3], [-0.5]]))
-    from bayesblend.forward import render_scene
+    nets = Networks(prior, "flow")
+    unit = _unit_stamps(nets, nets.weights(), b.spec, b.data, map_post.points[0])  # (source, band, S, S)
+
+    def scene(flux):
+        return paste_stamps(unit * flux[:, :, None, None], b.data["anchor"], b.spec.shape)
 
     true = jnp.asarray([[1e3, 5e3, 2e4, 3e4, 2e4, 1e4], [0.0, 2e3, 8e3, 1e4, 9e3, 5e3]])
-    image = render_scene(morph, true, b.data["offset0"], b.data["anchor"], b.data["kernel"], b.spec.shape)
-    data = dict(b.data, image=image)
-    flux, normal = joint_flux(morph, b.data["offset0"], data, b.spec)
+    flux, normal = joint_flux(unit, dict(b.data, image=scene(true)), b.spec)
     np.testing.assert_allclose(np.asarray(flux), np.asarray(true), rtol=2e-3, atol=5.0)
+    assert normal.shape == (6, 2, 2)
     # data that an unconstrained solve would fit with a negative flux: source 1 gets zero instead
     minus = true.at[1].set(-0.3 * true[1])
-    image2 = render_scene(morph, minus, b.data["offset0"], b.data["anchor"], b.data["kernel"], b.spec.shape)
-    flux2, _ = joint_flux(morph, b.data["offset0"], dict(b.data, image=image2), b.spec)
-    flux2 = np.asarray(flux2)
+    flux2 = np.asarray(joint_flux(unit, dict(b.data, image=scene(minus)), b.spec)[0])
     assert np.all(flux2 >= 0) and np.all(flux2[1] < 1.0) and np.all(flux2[0] > 0)
 
 
@@ -147,6 +178,8 @@ def test_gauss_newton_per_source_jacobian_equals_the_whole_scene_jacobian(prior)
     n = prep.spec.n_sources
     params = {
         "u": jnp.asarray(rng.normal(size=(n, prior.latent_dim)), jnp.float32),
+        "eta": jnp.asarray(rng.normal(scale=0.3, size=(n, 2)), jnp.float32),
+        "log_hlr": prep.data["log_hlr0"],
         "log_flux": prep.data["log_flux0"],
         "offset": prep.data["offset0"] + 0.3,
     }
@@ -166,10 +199,14 @@ def test_gauss_newton_per_source_jacobian_equals_the_whole_scene_jacobian(prior)
     assert h.shape == dense.shape == (flat.size, flat.size)
     scale = np.sqrt(np.outer(np.diag(dense), np.diag(dense)))
     np.testing.assert_allclose(h / scale, dense / scale, atol=2e-4)
-    # the edge source's columns are not empty, and the padded source's are the prior alone
+    # the edge source's flux columns are not empty, and the padded source's are the prior alone (the
+    # raveled parameters are eta, log_flux, log_hlr, offset, u: sorted keys)
+    flux_cols = 2 * n + np.arange(6 * n).reshape(n, 6)
+    prior_flux = prep.spec.log_flux_sigma**-2
+    assert np.diag(h)[flux_cols[2]].sum() - 6 * prior_flux > 0.1
+    np.testing.assert_allclose(np.diag(h)[flux_cols[3]], prior_flux, rtol=1e-5)
     d_src = prior.latent_dim
     u_cols = flat.size - n * d_src + np.arange(n * d_src).reshape(n, d_src)
-    assert np.diag(h)[u_cols[2]].sum() - d_src > 0.1
     np.testing.assert_allclose(np.diag(h)[u_cols[3]], 1.0, rtol=1e-5)
 
 
@@ -320,3 +357,14 @@ def test_the_normal_latent_prior_option_deblends(prior):
     assert abs(c["flux_r"][0] / (t["flux_r"][0] * t["frac_in_image_r"][0]) - 1) < 0.15
     with pytest.raises(BayesblendError, match="latent prior must be 'flow' or 'normal'"):
         deblend(r.scene, sources=src, method="map", prior=prior, latent_prior="gaussian")
+
+
+def test_a_bundle_without_its_pose_priors_is_refused(prior, bright_pair, tmp_path):
+    from bayesblend.errors import BundleError
+    from bayesblend.prior.bundle import load_bundle, save_bundle
+
+    card = {k: v for k, v in prior.card.items() if k not in ("size_prior", "files", "format")}
+    b = load_bundle(save_bundle(tmp_path / "b", card, prior.params))
+    t = bright_pair.truth
+    with pytest.raises(BundleError, match="pose priors"):
+        deblend(bright_pair.scene, sources=np.c_[t["x"], t["y"]], method="map", prior=b, map_steps=5)

@@ -19,7 +19,6 @@ from bayesblend.shear import (
     ensemble_shear,
     hierarchical_mode,
     hierarchical_shear,
-    interim_from_draws,
     interim_prior_from_card,
     intrinsic_log_density,
     lens,
@@ -40,9 +39,21 @@ def _intrinsic(n, seed):
     return e[:, 0] + 1j * e[:, 1]
 
 
-def _flat_interim() -> InterimPrior:
-    nodes = np.linspace(-1, 1, 41)
-    return InterimPrior(nodes, np.full((41, 41), -np.log(np.pi)), "normal", 1)
+#: The scale of the simulator's population and of the lsst-v2 card's ellipticity prior.
+S_POP = ellipticity_scale(SIGMA_E)
+
+
+def _ba_log_density(e: np.ndarray, s: float) -> np.ndarray:
+    """Bernstein & Armstrong log density per unit area at complex ``e``, normalised on the disc analytically.
+
+    ``int (1 - |e|^2)^2 exp(-|e|^2 / 2 s^2) dA = pi (1/a - 2/a^2 + 2/a^3 - 2 exp(-a)/a^3)``
+    with ``a = 1 / 2 s^2``.
+    """
+    a = 1.0 / (2.0 * s**2)
+    norm = np.pi * (1 / a - 2 / a**2 + 2 / a**3 - 2 * np.exp(-a) / a**3)
+    r2 = np.abs(e) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(r2 < 1, 2 * np.log(1 - r2) - a * r2 - np.log(norm), -np.inf)
 
 
 def test_lens_and_unlens_are_inverse_and_match_the_simulator():
@@ -176,79 +187,118 @@ def test_ensemble_groups_stay_together_and_bad_input_is_named():
         ensemble_shear(e1, e1, responsivity=0.0)
 
 
-def _noisy_posterior_draws(n, draws, g, sigma_noise, seed):
-    """Per-source draws of e under a flat interim prior: the noisy measurement plus posterior scatter."""
+def test_interim_prior_is_the_bernstein_armstrong_prior_of_the_card():
+    for sc in (0.2, S_POP, 0.6):
+        ip = interim_prior_from_card({"name": "m", "ellipticity_prior": {"s": sc}})
+        assert ip.s == pytest.approx(sc) and ip.bundle == "m"
+        e = np.array([0.0, 0.3 - 0.2j, -0.7 + 0.1j, 0.05 + 0.95j, 0.999, 1.0, 1.2j, -0.8 - 0.8j])
+        got = np.asarray(ip.log_prob(jnp.asarray(e, jnp.complex64)), float)
+        want = _ba_log_density(e, sc)
+        inside = np.abs(e) < 1
+        np.testing.assert_allclose(got[inside], want[inside], atol=1e-3)  # normalised, not just shaped
+        assert np.all(np.isneginf(got[~inside]))
+        # a density on the disc: it integrates to 1 per unit (e1, e2) area
+        t = np.linspace(-1, 1, 801)
+        x, y = np.meshgrid(t, t)
+        grid = (x + 1j * y)[np.hypot(x, y) < 1]
+        dens = np.exp(np.asarray(ip.log_prob(jnp.asarray(grid, jnp.complex64)), float))
+        assert dens.sum() * (t[1] - t[0]) ** 2 == pytest.approx(1.0, abs=0.01)
+    assert InterimPrior(S_POP).sigma_e == pytest.approx(SIGMA_E, rel=1e-3)
+
+
+def test_interim_prior_is_the_scene_models_prior_on_e(prior):
+    """The shipped bundle's interim prior is the EtaPrior the scene model samples, seen in e."""
+    from bayesblend.blends import pose_priors
+    from bayesblend.ellipticity import EtaPrior, log_jacobian, to_ellipticity
+
+    ip = interim_prior_from_card(prior.card)
+    assert ip.s == pytest.approx(pose_priors(prior)["ellipticity_scale"]) and ip.bundle == prior.card["name"]
+    assert ip.s == pytest.approx(S_POP, rel=1e-6)  # and the simulator's population
+    eta = jnp.asarray(np.random.default_rng(0).normal(0, 0.6, (50, 2)), jnp.float32)
+    e = to_ellipticity(eta)
+    # p_eta(eta) = pi(e(eta)) |de/deta|
+    from_eta = EtaPrior(ip.s).log_prob(eta) - log_jacobian(eta)
+    np.testing.assert_allclose(ip.log_prob(e[:, 0] + 1j * e[:, 1]), from_eta, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("card", "match"),
+    [
+        ({"name": "old"}, "'old' has no ellipticity_prior scale s"),
+        ({"name": "x", "ellipticity_prior": {"form": "BA"}}, "no ellipticity_prior scale s"),
+        ({"name": "x", "ellipticity_prior": {"s": "wide"}}, "no ellipticity_prior scale s"),
+        ({"name": "x", "ellipticity_prior": {"s": -0.3}}, "must be a positive number, got -0.3"),
+    ],
+)
+def test_a_card_without_a_usable_ellipticity_prior_is_a_one_line_error(card, match):
+    with pytest.raises(BayesblendError, match=match) as info:
+        interim_prior_from_card(card)
+    assert "\n" not in str(info.value)
+
+
+def _posterior_draws(n, draws, g, sigma_noise, seed, s=S_POP):
+    """Per-source posterior draws of e under the interim prior BA(s) and a Gaussian likelihood.
+
+    Each source's true e is the population's (BA(S_POP)) lensed by ``g``, measured with Gaussian
+    noise ``sigma_noise`` per component; its posterior ``∝ BA(e; s) N(obs; e, sigma_noise)`` is
+    sampled by importance resampling of proposals from the likelihood (weights: the prior).
+    """
     rng = np.random.default_rng(seed)
     e = np.asarray(lens(jnp.asarray(_intrinsic(n, seed), jnp.complex64), g))
     obs = e + sigma_noise * (rng.normal(size=n) + 1j * rng.normal(size=n))
-    d = obs[:, None] + sigma_noise * (rng.normal(size=(n, draws)) + 1j * rng.normal(size=(n, draws)))
-    d = np.where(np.abs(d) < 1, d, np.nan)
+    m = 16 * draws
+    cand = obs[:, None] + sigma_noise * (rng.normal(size=(n, m)) + 1j * rng.normal(size=(n, m)))
+    logw = _ba_log_density(cand, s)
+    w = np.exp(logw - logw.max(axis=1, keepdims=True))
+    cdf = np.cumsum(w / w.sum(axis=1, keepdims=True), axis=1)
+    rows = np.arange(n)[:, None]
+    pick = np.searchsorted((cdf + rows).ravel(), (rng.random((n, draws)) + rows).ravel()).reshape(n, draws)
+    d = cand.ravel()[np.minimum(pick, n * m - 1)]
     return d.real, d.imag
 
 
 def test_hierarchical_mode_recovers_a_known_shear():
     g = 0.04 - 0.03j
-    e1, e2 = _noisy_posterior_draws(4000, 32, g, 0.05, 5)
-    g1, g2, s = hierarchical_mode(e1, e2, _flat_interim())
+    e1, e2 = _posterior_draws(4000, 32, g, 0.05, 5)
+    interim = InterimPrior(S_POP)
+    g1, g2, s = hierarchical_mode(e1, e2, interim)
     err = SIGMA_E / np.sqrt(4000)
     assert abs(g1 - g.real) < 4 * err and abs(g2 - g.imag) < 4 * err
     assert component_sigma(float(s)) == pytest.approx(SIGMA_E, abs=0.02)
     # the jackknife form: leading axes of source weights give one fit each
     w = np.ones((2, 4000), np.float32)
     w[1, :2000] = 0
-    both = hierarchical_mode(e1, e2, _flat_interim(), w)
+    both = hierarchical_mode(e1, e2, interim, w)
     assert both.shape == (2, 3)
     np.testing.assert_allclose(both[0], [g1, g2, s], atol=1e-4)
 
 
 def test_hierarchical_nuts_recovers_a_known_shear_with_diagnostics():
     g = -0.05 + 0.02j
-    e1, e2 = _noisy_posterior_draws(1500, 24, g, 0.08, 6)
-    est = hierarchical_shear(e1, e2, _flat_interim(), num_warmup=150, num_samples=200, seed=1)
+    e1, e2 = _posterior_draws(1500, 24, g, 0.08, 6)
+    est = hierarchical_shear(e1, e2, InterimPrior(S_POP), num_warmup=150, num_samples=200, seed=1)
     assert abs(est.g1 - g.real) < 4 * est.g1_err
     assert abs(est.g2 - g.imag) < 4 * est.g2_err
     assert 0.5 * SIGMA_E / np.sqrt(1500) < est.g1_err < 3 * SIGMA_E / np.sqrt(1500)
     assert est.details["importance_ess"].shape == (1500,)
     assert np.all(est.details["importance_ess"] <= 24 + 1e-3)
+    assert est.details["interim_s"] == pytest.approx(S_POP)
     assert max(est.details["r_hat"].values()) < 1.1
 
 
-def test_interim_prior_undoes_an_anisotropic_prior_pull():
-    """Draws made under a prior that pulls e2 upwards: weighting by 1/pi removes the pull."""
-    rng = np.random.default_rng(7)
-    # an anisotropic interim prior: N((0, 0.1), 0.2^2) per component, tabulated from its own draws
-    prior_draws = rng.normal(size=(60000, 2)) * 0.2 + [0.0, 0.1]
-    interim = interim_from_draws(prior_draws[:, 0], prior_draws[:, 1], "flow", bandwidth=0.02)
-    assert interim.mean_e2 == pytest.approx(0.1, abs=0.01)
-    # sources whose likelihood is broad (sigma 0.15): the posterior is pulled towards the prior mean
-    n, draws, g = 3000, 64, 0.0 + 0.0j
-    e = np.asarray(lens(jnp.asarray(_intrinsic(n, 8), jnp.complex64), g))
-    obs = e + 0.15 * (rng.normal(size=n) + 1j * rng.normal(size=n))
-    prec_l, prec_p = 1 / 0.15**2, 1 / 0.2**2
-    mean = (prec_l * obs + prec_p * 0.1j) / (prec_l + prec_p)
-    sd = 1 / np.sqrt(prec_l + prec_p)
-    d = mean[:, None] + sd * (rng.normal(size=(n, draws)) + 1j * rng.normal(size=(n, draws)))
-    d = np.where(np.abs(d) < 1, d, np.nan)
-    naive = ensemble_shear(np.nanmean(d.real, 1), np.nanmean(d.imag, 1))
-    assert naive.g2 > 0.02  # the prior's pull is a large additive bias
-    g1, g2, _ = hierarchical_mode(d.real, d.imag, interim)
-    assert abs(g2) < 0.015 and abs(g1) < 0.015
-
-
-def test_interim_from_draws_is_a_normalised_density():
-    e = _intrinsic(20000, 9)
-    bad = np.array([1.3 + 0j, np.nan])
-    ip = interim_from_draws(np.r_[e.real, bad.real], np.r_[e.imag, bad.imag], "normal")
-    assert ip.n_draws == 20000 and ip.valid_fraction == pytest.approx(20000 / 20002)
-    t = np.linspace(-1, 1, 401)
-    x, y = np.meshgrid(t, t)
-    inside = np.hypot(x, y) < 1
-    d = np.exp(np.asarray(ip.log_prob(jnp.asarray((x + 1j * y)[inside], jnp.complex64))))
-    assert d.sum() * (t[1] - t[0]) ** 2 == pytest.approx(1.0, abs=0.05)
-    again = InterimPrior.from_dict(ip.to_dict())
-    np.testing.assert_allclose(
-        again.log_prob(jnp.complex64(0.2 + 0.1j)), ip.log_prob(jnp.complex64(0.2 + 0.1j)), rtol=1e-4
-    )
+def test_dividing_by_the_interim_prior_undoes_its_pull():
+    """Broad likelihoods: the prior shrinks each posterior towards round; reweighting by 1/pi removes it."""
+    g = 0.08 + 0.0j
+    e1, e2 = _posterior_draws(4000, 64, g, 0.25, 8)
+    naive = ensemble_shear(e1.mean(1), e2.mean(1))  # posterior means: shrunk towards e = 0
+    assert naive.g1 < 0.8 * g.real and abs(naive.g1 - g.real) > 4 * naive.g1_err
+    g1, g2, s = hierarchical_mode(e1, e2, InterimPrior(S_POP))
+    err = np.sqrt(SIGMA_E**2 + 0.25**2) / np.sqrt(4000)
+    assert abs(g1 - g.real) < 4 * err and abs(g2 - g.imag) < 4 * err
+    assert component_sigma(float(s)) == pytest.approx(SIGMA_E, abs=0.03)
+    # the same draws divided by another prior than the one they were made under: the population is wrong
+    _, _, s_wrong = hierarchical_mode(e1, e2, InterimPrior(0.6))
+    assert abs(component_sigma(float(s_wrong)) - SIGMA_E) > 0.05
 
 
 def test_shear_catalog_columns_weights_and_header():
@@ -282,57 +332,42 @@ def test_shear_catalog_columns_weights_and_header():
     assert ResponsivityTable.from_dict(json.loads(sc.meta["RESPBINS"])) == table
 
 
-def test_shipped_bundle_carries_interim_priors(prior):
-    from bayesblend.shear import interim_prior_from_card
-
-    for lp in ("flow", "normal"):
-        ip = interim_prior_from_card(prior.card, lp)
-        assert ip.n_draws > 10000 and ip.log_density.shape == (41, 41)
-    with pytest.raises(BayesblendError, match="interim-prior"):
-        interim_prior_from_card({"name": "x"}, "flow")
-
-
-def test_card_entries_must_match_the_shape_definition(prior):
-    from bayesblend.measure import shape_setup
-
-    now = shape_setup(prior).shape_psf_fwhm_arcsec
-    assert now == pytest.approx(0.81)  # LSST r-band PSF
-    assert interim_prior_from_card(prior.card, "flow", now).shape_psf_fwhm == pytest.approx(now)
-    # shapes measured at the model PSF (old catalogues: no SHAPEPSF) follow another prior
-    with pytest.raises(BayesblendError, match="reconvolved to 0.81 arcsec.*interim-prior"):
-        interim_prior_from_card(prior.card, "flow", 0.0)
-    card = {"shear_responsivity": {"map": {"R": 0.5, "shape_psf_fwhm": now, "command": "c"}}}
-    assert responsivity_from_card(card, "map", now) == (0.5, "c")
-    with pytest.warns(UserWarning, match="reconvolved to 0.81"):
-        assert responsivity_from_card(card, "map", 0.0) == (1.0, "none")
-    with pytest.warns(UserWarning, match="no shear responsivity"):
-        assert responsivity_from_card(card, "svi", now) == (1.0, "none")
+def test_card_responsivity_entries():
+    card = {"shear_responsivity": {"map": {"R": 0.5, "command": "c"}}}
+    assert responsivity_from_card(card, "map") == (0.5, "c")
+    with pytest.warns(UserWarning, match="no shear responsivity for method 'svi'.*R = 1"):
+        assert responsivity_from_card(card, "svi") == (1.0, "none")
     # binned: the entry's table when it has one, its single R when not
-    assert responsivity_from_card(card, "map", now, binned=True) == (0.5, "c")
+    assert responsivity_from_card(card, "map", binned=True) == (0.5, "c")
     table = ResponsivityTable((0.1,), (0.8, 0.3), (0.1, 0.1), (5, 5))
     card["shear_responsivity"]["map"]["R_table"] = table.to_dict()
-    assert responsivity_from_card(card, "map", now, binned=True) == (table, "c")
-    assert responsivity_from_card(card, "map", now) == (0.5, "c")
+    assert responsivity_from_card(card, "map", binned=True) == (table, "c")
+    assert responsivity_from_card(card, "map") == (0.5, "c")
+
+
+def test_shipped_bundle_has_no_responsivity_so_r_is_one(prior):
+    with pytest.warns(UserWarning, match="no shear responsivity for method 'map': using R = 1"):
+        assert responsivity_from_card(prior.card, "map", binned=True) == (1.0, "none")
 
 
 def test_card_responsivity_must_match_the_scene_model():
-    """An R measured under one flux prior / model error / centroid does not calibrate another's shapes."""
+    """An R measured under one flux prior / model error does not calibrate another's shapes."""
     from bayesblend.infer import InferenceConfig
     from bayesblend.posterior import scene_model_settings
 
     made = scene_model_settings(InferenceConfig())
     assert made["flux_prior"] == "amortised" and made["model_error"] == pytest.approx(0.03)
-    entry = {"R": 0.5, "shape_psf_fwhm": 0.81, "scene_model": made, "command": "c"}
+    entry = {"R": 0.5, "scene_model": made, "command": "c"}
     card = {"shear_responsivity": {"map": entry}}
-    assert responsivity_from_card(card, "map", 0.81, made) == (0.5, "c")
+    assert responsivity_from_card(card, "map", made) == (0.5, "c")
     other = scene_model_settings(InferenceConfig(flux_prior="detection"))
     with pytest.warns(
         UserWarning, match="with flux_prior=amortised; these shapes were made with flux_prior=detection"
     ):
-        assert responsivity_from_card(card, "map", 0.81, other) == (1.0, "none")
+        assert responsivity_from_card(card, "map", other) == (1.0, "none")
     old = {k: v for k, v in made.items() if k != "model_error"}  # a catalogue from before the header keys
     with pytest.warns(UserWarning, match="model_error=unrecorded"):
-        assert responsivity_from_card(card, "map", 0.81, old) == (1.0, "none")
+        assert responsivity_from_card(card, "map", old) == (1.0, "none")
 
 
 def test_usable_shapes_rule():

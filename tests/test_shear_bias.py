@@ -87,21 +87,27 @@ def test_harness_end_to_end_on_isolated_galaxies(tmp_path, prior):
     assert r["matched"].all()
     # the twins' truth: rotated variants have minus the intrinsic ellipticity of the unrotated ones
     np.testing.assert_allclose(r["true_e1_int"][5], -r["true_e1_int"][0], atol=1e-12)
+    assert np.all(r["true_hlr"] > 0) and not any(k.startswith("target_") for k in r)
+    # the size column is the fitted half-light radius (arcsec): within a factor 3 of the true one
+    assert np.all(np.abs(np.log(r["size"] / r["true_hlr"])) < np.log(3.0))
     assert r["resolution"].shape == (10, 2) and np.all((r["resolution"] > 0) & (r["resolution"] < 1))
     unresolved = (r["flags"] & FLAGS["UNRESOLVED"]) > 0
     np.testing.assert_array_equal(unresolved, r["resolution"] < RESOLUTION_MIN)
     recorded = json.loads((tmp_path / "config.json").read_text())
-    assert recorded["shape_psf_fwhm"] == pytest.approx(0.81)
+    assert recorded["bundle"] == prior.card["name"] and "shape_psf_fwhm" not in recorded
     assert recorded["inference"]["model_error"] == InferenceConfig().model_error  # defaults recorded too
     flagged = summarise(tmp_path, estimators=("truth",))
     assert flagged["n_used"] == int((~unresolved).all(axis=0).sum())
-    res = summarise(tmp_path, estimators=("truth", "ensemble", "noiseless"), min_resolution=0.0)
+    res = summarise(tmp_path, estimators=("truth", "ensemble", "ensemble_targets"), min_resolution=0.0)
     assert res["n_items"] == 2 and res["n_galaxies"] == 2 and res["n_used"] == 2
     t = res["estimators"]["truth"]
     assert abs(t["c1"]) < 1e-12 and abs(t["c2"]) < 1e-12  # rotated twins cancel at zero shear
     assert abs(t["m1"]) < 0.1 and abs(t["m2"]) < 0.1
     assert np.isfinite(res["estimators"]["ensemble"]["m1"])
-    assert "ensemble" in format_summary(res)
+    # isolated: every galaxy is a target, so the targets' ensemble is the ensemble
+    assert res["estimators"]["ensemble_targets"]["m1"] == pytest.approx(res["estimators"]["ensemble"]["m1"])
+    assert np.isfinite(res["alpha"]["alpha1"]) and res["alpha"]["n"] == 2
+    assert "ensemble" in format_summary(res) and "deblended vs true e" in format_summary(res)
     with pytest.raises(BayesblendError, match="another configuration"):
         run(
             HarnessConfig(kind="isolated", seed=12, method="amortised", draws=16),
@@ -175,7 +181,7 @@ def _catalog(tmp_path, n=40, seed=0):
         "flags": np.zeros(n, int),
     }
     path = tmp_path / "catalog.fits"
-    write_table(path, make_table(vals, ["r"], {"BUNDLE": "lsst-v1", "METHOD": "map"}))
+    write_table(path, make_table(vals, ["r"], {"BUNDLE": "lsst-v2", "METHOD": "map"}))
     return path
 
 
@@ -227,6 +233,34 @@ def test_cli_shear_with_a_posterior_runs_the_hierarchical_estimator(tmp_path, ca
     assert "hierarchical" in out and "importance ESS" in out
 
 
+def _posterior_nc(path, e1, e2):
+    """A posterior.nc of e1, e2 draws ``(source, draw)`` only (one chain), for ``posterior_ellipticities``."""
+    import xarray as xr
+
+    dims = ("chain", "draw", "source")
+    ds = xr.Dataset({"e1": (dims, e1.T[None]), "e2": (dims, e2.T[None])})
+    ds.to_netcdf(path, group="posterior", engine="h5netcdf")
+    return path
+
+
+def test_cli_shear_hierarchical_needs_the_cards_ellipticity_prior(tmp_path, capsys, monkeypatch):
+    import types
+
+    import bayesblend.prior.bundle
+
+    cat = _catalog(tmp_path)
+    rng = np.random.default_rng(1)
+    nc = _posterior_nc(tmp_path / "posterior.nc", rng.normal(0, 0.2, (40, 16)), rng.normal(0, 0.2, (40, 16)))
+    assert main(["shear", str(cat), "--posterior", str(nc)]) == 0  # lsst-v2: its card has the prior
+    assert "hierarchical" in capsys.readouterr().out
+    no_prior = types.SimpleNamespace(card={"name": "no-pose"}, path=tmp_path)
+    monkeypatch.setattr(bayesblend.prior.bundle, "load_bundle", lambda name=None: no_prior)
+    assert main(["shear", str(cat), "--posterior", str(nc)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1
+    assert err[0].startswith("bayesblend: error: model card 'no-pose' has no ellipticity_prior")
+
+
 def test_harness_item_with_nothing_detected(prior, monkeypatch):
     # a detector that finds nothing in any variant: the detection table's columns, no rows
     import bayesblend.detect
@@ -238,11 +272,12 @@ def test_harness_item_with_nothing_detected(prior, monkeypatch):
     assert np.isnan(r["e1"]).all() and r["e1_draws"].shape[:2] == (10, 3)
 
 
-def _fake_run(out, seed, n_items, response, e_std, shear=0.02):
+def _fake_run(out, seed, n_items, response, e_std, shear=0.02, targets=False):
     """A run directory of harness items whose galaxies respond to shear by ``response`` (per galaxy).
 
     Each item holds ``len(response)`` galaxies with intrinsic shapes from ``seed``;
-    ``e = response * (e_int + g)`` in every variant, the twins' ``e_int`` rotated.
+    ``e = response * (e_int + g)`` in every variant, the twins' ``e_int`` rotated;
+    ``targets``: every galaxy is a blend target.
     """
     from bayesblend.simulate.scenes import SHEAR_DESIGN
 
@@ -250,7 +285,7 @@ def _fake_run(out, seed, n_items, response, e_std, shear=0.02):
     (out / "items").mkdir(parents=True)
     cfg = {"kind": "blends", "seed": seed, "shear": shear, "method": "map", "detect": False}
     (out / "config.json").write_text(
-        json.dumps(cfg | {"draws": 4, "latent_prior": "flow", "bundle": "lsst-v1"})
+        json.dumps(cfg | {"draws": 4, "latent_prior": "flow", "bundle": "lsst-v2"})
     )
     n = len(response)
     design = np.array(SHEAR_DESIGN, float).T[:, :, None] * shear  # (2, shear, 1)
@@ -271,9 +306,7 @@ def _fake_run(out, seed, n_items, response, e_std, shear=0.02):
             true_e1=true[0],
             true_e2=true[1],
             true_snr=full(50.0),
-            is_target=full(False),
-            target_e1=np.full(10, np.nan),
-            target_e2=np.full(10, np.nan),
+            is_target=full(targets),
             e1_draws=np.repeat(e[0][..., None], 4, axis=-1),
             e2_draws=np.repeat(e[1][..., None], 4, axis=-1),
         )
@@ -323,7 +356,7 @@ def test_a_table_that_cannot_be_built_is_said_and_not_stored(tmp_path, monkeypat
     monkeypatch.setattr(shear, "store_responsivity", lambda *a: stored.append(a) or {"R": 1.0, "R_err": 0.0})
     argv = ["shear-bias", "--report", "--n", "10", "--out", str(tmp_path / "bad"), "--bins", "2", "--quiet"]
     assert main(argv + ["--calibrate"]) == 2 and stored == []
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the interim prior's warning
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("bayesblend: error: nothing stored: no responsivity table (responsivities must be")
     # too few galaxies: storing R alone would drop the card's table, so nothing is stored either
     few = ["shear-bias", "--report", "--n", "2", "--out", str(tmp_path / "few"), "--quiet", "--calibrate"]
@@ -333,3 +366,19 @@ def test_a_table_that_cannot_be_built_is_said_and_not_stored(tmp_path, monkeypat
     assert main(argv + pool) == 2 and "need different seeds" in capsys.readouterr().err  # both are seed 5
     assert main([a for a in argv if a != "--report"] + pool) == 2
     assert "--pool summarises runs already made" in capsys.readouterr().err
+
+
+def test_targets_ensemble_and_alpha_against_the_true_ellipticity(tmp_path):
+    """Targets that keep 0.9 of their true e (intrinsic and shear alike): m = alpha = -0.1, exactly."""
+    std = np.array([0.02, 0.04, 0.12, 0.2])
+    _fake_run(tmp_path / "t", 5, 6, np.full(4, 0.9), std, targets=True)
+    res = summarise(tmp_path / "t", estimators=("truth", "ensemble_targets"))
+    assert set(res["estimators"]) == {"truth", "ensemble_targets"}
+    assert res["estimators"]["ensemble_targets"]["m"] == pytest.approx(-0.1, abs=1e-9)
+    assert res["estimators"]["truth"]["m"] == pytest.approx(0.0, abs=1e-9)
+    a = res["alpha"]
+    assert a["alpha1"] == pytest.approx(-0.1, abs=1e-9) and a["alpha2"] == pytest.approx(-0.1, abs=1e-9)
+    assert a["n"] == 24
+    _fake_run(tmp_path / "n", 5, 6, np.full(4, 0.9), std)  # no targets: neither is defined
+    res = summarise(tmp_path / "n", estimators=("truth", "ensemble_targets"))
+    assert "alpha" not in res and set(res["estimators"]) == {"truth"}

@@ -1,1 +1,1 @@
-"""The learned prior: VAE encoder/decoder, latent flow, amortised deblender, model bundles."""
+"""The learned prior (galaxy model v2): canonical VAE, latent flow, amortised pose encoder, model bundles."""

@@ -71,11 +71,32 @@ class PoseLayout:
 def make_pose_loss(
     enc: Encoder, teacher: Encoder, layout: PoseLayout, sky: np.ndarray, canonical_sigma: float
 ) -> Callable[[dict, dict, float, jax.Array], tuple[jnp.ndarray, dict[str, jnp.ndarray]]]:
-    """Mean ``-log q(theta_true | stamp)`` per parameter (the signature of ``train.make_loss``).
+    """Mean ``-log q(theta_true | stamp)`` per parameter, and its parts.
 
-    ``params`` holds ``encoder`` (trained) and ``teacher`` (the canonical VAE's
-    encoder, frozen). The aux output reports the NLL of ``z`` and of the pose
-    separately (as ``nll`` and ``kl``, the names the training loop logs).
+    Parameters
+    ----------
+    enc : Encoder
+        The pose encoder (output size ``layout.size``).
+    teacher : Encoder
+        The canonical VAE's encoder, whose mean code of the true canonical
+        morphology is the target ``z``.
+    layout : PoseLayout
+        Where each parameter sits in the encoder's output.
+    sky : array ``(band,)``
+        Sky level per pixel, electrons.
+    canonical_sigma : float
+        The canonical VAE's input scale (its training's ``canonical_sigma``).
+
+    Returns
+    -------
+    callable
+        ``loss_fn(params, batch, beta, key) -> (loss, {"nll": ..., "kl": ...})``,
+        the signature of :func:`bayesblend.prior.train.make_canonical_loss`:
+        ``params`` holds ``encoder`` (trained) and ``teacher`` (frozen),
+        ``batch`` the arrays of :meth:`bayesblend.prior.train.PoseData.batch`,
+        ``beta`` is unused and ``key`` draws the input noise. The aux output
+        reports the NLL of ``z`` and of the pose separately (as ``nll`` and
+        ``kl``, the names the training loop logs).
     """
     sky = jnp.asarray(sky)
     sigma = jnp.sqrt(sky)

@@ -1,15 +1,16 @@
 """Model bundles: ``models/<name>/`` with safetensors weights and ``card.json``.
 
-A bundle holds the networks of a prior (``decoder``, ``encoder``, optionally
-``deblender`` and ``flow``; a galaxy model v2 bundle, whose architecture names
-its ``canonical_frame``, has the canonical VAE's ``decoder`` and ``encoder``
-and the amortised ``pose_encoder`` instead of the ``deblender``), each as
-``<net>.safetensors`` (a flat map from parameter path to float32 array: no
-code is ever unpickled), and ``card.json``
-with the architecture, the training recipe, the held-out metrics and the
-SHA-256 of every weight file. Loading checks every checksum and every
-parameter's shape against the architecture, and refuses a missing, tampered or
-incompatible bundle with a one-line :class:`~bayesblend.errors.BundleError`.
+A bundle holds the networks of a galaxy model v2 prior: the canonical VAE's
+``decoder`` and ``encoder`` (:mod:`bayesblend.canonical`), optionally the
+latent ``flow`` and the amortised ``pose_encoder``
+(:mod:`bayesblend.prior.amortised`), each as ``<net>.safetensors`` (a flat map
+from parameter path to float32 array: no code is ever unpickled), and
+``card.json`` with the architecture (which names the ``canonical_frame``), the
+training recipe, the held-out metrics and the SHA-256 of every weight file.
+Loading checks every checksum and every parameter's shape against the
+architecture, and refuses a missing, tampered or incompatible bundle (a galaxy
+model v1 bundle, with no canonical frame, included) with a one-line
+:class:`~bayesblend.errors.BundleError`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ if TYPE_CHECKING:  # the flow module is imported where it is used: types only he
     from bayesblend.prior.flow import RealNVP
 
 BUNDLE_FORMAT = 1
-DEFAULT_MODEL = "lsst-v1"
-NETWORKS = ("decoder", "encoder", "deblender", "pose_encoder", "flow")
+DEFAULT_MODEL = "lsst-v2"
+NETWORKS = ("decoder", "encoder", "pose_encoder", "flow")
 
 
 def models_dir() -> Path:
@@ -93,9 +94,13 @@ class PriorBundle:
         The bundle's ``card.json``.
     path : pathlib.Path
         Bundle directory.
-    decoder, encoder : flax module
+    decoder : Decoder
+        The canonical VAE's decoder: latent code -> canonical morphology.
+    encoder : Encoder
+        The canonical VAE's encoder: canonical morphology -> q(z | morphology).
     params : dict
-        Parameters per network name.
+        Parameters per network name (``decoder``, ``encoder``, and
+        ``pose_encoder`` and ``flow`` when shipped).
     """
 
     card: dict
@@ -111,14 +116,13 @@ class PriorBundle:
 
     @property
     def stamp(self) -> int:
-        """Side of a source's stamp on the survey grid (v1: also the decoder's morphology), pixels."""
+        """Side of a source's stamp on the survey grid (the pose encoder's input), pixels."""
         return int(self.card["architecture"]["stamp"])
 
     @property
-    def canonical_frame(self) -> CanonicalFrame | None:
-        """The decoder's canonical frame (galaxy model v2), or None for a v1 bundle."""
-        frame = self.card["architecture"].get("canonical_frame")
-        return None if frame is None else CanonicalFrame.from_dict(frame)
+    def canonical_frame(self) -> CanonicalFrame:
+        """The canonical frame of the decoder's morphologies (grid side, half-light radius)."""
+        return CanonicalFrame.from_dict(self.card["architecture"]["canonical_frame"])
 
     @property
     def latent_dim(self) -> int:
@@ -131,7 +135,7 @@ class PriorBundle:
         return str(self.card["architecture"]["survey"])
 
     def decode(self, z: jnp.ndarray) -> jnp.ndarray:
-        """Morphology ``(..., band, S, S)`` for latent codes ``(..., latent)``."""
+        """Canonical morphologies ``(..., band, N, N)``, unit sum per band, of codes ``(..., latent)``."""
         return self.decoder.apply(self.params["decoder"], z)
 
     @property
@@ -166,28 +170,27 @@ class PriorBundle:
 
         return log_prob(self.flow, self.params["flow"], z)
 
-    def encode(
-        self, image: jnp.ndarray, noise_sigma: jnp.ndarray, network: str = "encoder"
-    ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """``(mean, log_sigma)`` of q(z | image) from the VAE encoder or the ``deblender``.
+    def encode(self, canonical: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """``(mean, log_sigma)`` of q(z | C) from the canonical VAE's encoder.
 
         Parameters
         ----------
-        image : array ``(..., band, S, S)``
-            Observed stamps, electrons.
-        noise_sigma : array ``(..., band)``
-            Sky noise per band, electrons per pixel (sets the input scaling).
-        network : {"encoder", "deblender"}
-            Which encoder's weights to use.
+        canonical : array ``(..., band, N, N)``
+            Canonical morphologies ``C`` (noiseless, unit sum per band, on the
+            :attr:`canonical_frame` grid); scaled as in training,
+            ``asinh(C / (3 canonical_sigma))`` with the architecture's
+            ``canonical_sigma``.
 
         Returns
         -------
         mean, log_sigma : jax.Array
             ``(..., latent)`` each.
         """
-        if network not in self.params:
-            raise BundleError(f"{self.path}: bundle has no {network!r} network")
-        return self.encoder.apply(self.params[network], scale_input(image, noise_sigma))
+        sigma = self.card["architecture"].get("canonical_sigma")
+        if sigma is None:
+            raise BundleError(f"{self.path}: card.json has no canonical_sigma, the encoder's input scale")
+        scale = jnp.full((len(self.bands),), float(sigma), dtype=jnp.float32)
+        return self.encoder.apply(self.params["encoder"], scale_input(canonical, scale))
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,19 +226,21 @@ class Networks:
 
     @property
     def encoder_name(self) -> str:
-        """The amortised encoder: v2's pose encoder, v1's deblender when shipped, else the VAE encoder."""
-        for name in ("pose_encoder", "deblender"):
-            if name in self.bundle.params:
-                return name
-        return "encoder"
+        """The amortised encoder's network name: the pose encoder."""
+        return "pose_encoder"
 
     def weights(self) -> dict:
-        """The weights these functions use (a pytree to pass to jitted code)."""
-        names = ["decoder", self.encoder_name] + (["flow"] if self.latent_prior == "flow" else [])
+        """The weights these functions use (a pytree to pass to jitted code).
+
+        The decoder's, the pose encoder's when the bundle has one, and the
+        flow's under the flow latent prior.
+        """
+        names = ["decoder"] + [n for n in (self.encoder_name,) if n in self.bundle.params]
+        names += ["flow"] if self.latent_prior == "flow" else []
         return {k: self.bundle.params[k] for k in names}
 
     def decode(self, w: dict, z: jnp.ndarray, forward_mode: bool = False) -> jnp.ndarray:
-        """Morphologies ``(..., band, S, S)`` of latent codes ``(..., latent)``.
+        """Canonical morphologies ``(..., band, N, N)`` (unit sum per band) of latent codes ``(..., latent)``.
 
         ``forward_mode=True`` uses the plain convolutions, which support
         ``jax.jvp`` (the default ones have fast reverse-mode gradients only).
@@ -268,43 +273,46 @@ class Networks:
     def encode(
         self, w: dict, stamps: jnp.ndarray, noise_sigma: jnp.ndarray
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """``(mean, log_sigma)`` of q(z | stamps) (v2: of every parameter) from the amortised encoder.
+        """``(mean, log_sigma)`` of q(theta | stamps) from the pose encoder, theta every source parameter.
 
         Parameters
         ----------
         w : dict
             The weights (:meth:`weights`).
         stamps : array ``(..., band, S, S)``
-            Observed stamps, electrons.
+            Observed stamps centred on a source, electrons (``S``: :attr:`PriorBundle.stamp`).
         noise_sigma : array ``(..., band)``
-            Sky noise per band, electrons per pixel.
+            Sky noise per band, electrons per pixel (sets the input scaling).
 
         Returns
         -------
         mean, log_sigma : jax.Array
-            ``(..., latent)`` each.
+            ``(..., size)`` each, in the order of
+            :class:`~bayesblend.prior.amortised.PoseLayout`: latent code, eta,
+            log half-light radius (arcsec), log flux per band (electrons),
+            offset from the stamp centre (pixels).
+
+        Raises
+        ------
+        BundleError
+            The bundle has no pose encoder.
         """
         name = self.encoder_name
-        enc = pose_encoder_network(self.bundle.card["architecture"]) if name == "pose_encoder" else None
-        return (enc or self.bundle.encoder).apply(w[name], scale_input(stamps, noise_sigma))
+        if name not in w:
+            raise BundleError(f"{self.bundle.path}: bundle has no pose_encoder (amortised starts need one)")
+        enc = pose_encoder_network(self.bundle.card["architecture"])
+        return enc.apply(w[name], scale_input(stamps, noise_sigma))
 
 
-def _decoder_side(arch: dict) -> int:
-    """Side of the decoder's output: the canonical grid (v2) or the stamp (v1)."""
-    frame = arch.get("canonical_frame")
-    return int(frame["size"]) if frame else int(arch["stamp"])
-
-
-def _architecture_networks(arch: dict) -> tuple[Encoder, Decoder]:
+def _architecture_networks(arch: dict, side: int) -> tuple[Encoder, Decoder]:
+    """The canonical VAE's encoder and decoder (on a ``side`` x ``side`` canonical grid)."""
     enc = Encoder(latent_dim=int(arch["latent_dim"]), features=tuple(arch["encoder_features"]))
-    dec = Decoder(
-        bands=len(arch["bands"]), stamp=_decoder_side(arch), features=tuple(arch["decoder_features"])
-    )
+    dec = Decoder(bands=len(arch["bands"]), stamp=side, features=tuple(arch["decoder_features"]))
     return enc, dec
 
 
 def pose_encoder_network(arch: dict) -> Encoder:
-    """The amortised pose encoder of a v2 architecture (output: :class:`PoseLayout` of its latent size)."""
+    """The amortised pose encoder of an architecture (output: :class:`PoseLayout` of its latent size)."""
     from bayesblend.prior.amortised import PoseLayout
 
     layout = PoseLayout(int(arch["latent_dim"]), len(arch["bands"]))
@@ -318,7 +326,7 @@ def _flow_module(spec: dict):
     return RealNVP(dim=int(spec["dim"]), layers=int(spec["layers"]), hidden=int(spec["hidden"]))
 
 
-def _flow_template(arch: dict):
+def flow_template(arch: dict):
     """A parameter tree of the architecture's flow (the structure weights are loaded into)."""
     spec = arch.get("flow")
     if not spec:
@@ -335,10 +343,12 @@ def save_bundle(path: str | Path, card: dict, params: dict[str, Any]) -> Path:
         Bundle directory (created).
     card : dict
         Must hold ``architecture`` (``survey``, ``bands``, ``stamp``,
-        ``latent_dim``, ``encoder_features``, ``decoder_features``); anything
-        else (training recipe, metrics) is kept as given.
+        ``latent_dim``, ``encoder_features``, ``decoder_features``,
+        ``canonical_frame``; ``pose_encoder_features`` with a pose encoder,
+        ``flow`` with a flow); anything else (training recipe, metrics) is
+        kept as given.
     params : dict
-        Network name (one of decoder, encoder, deblender, flow) -> parameter tree.
+        Network name (one of :data:`NETWORKS`) -> parameter tree.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -382,6 +392,20 @@ def update_card(path: str | Path, key: str, value: Any) -> dict:
     return card
 
 
+def _canonical_side(arch: dict, path: Path) -> int:
+    """Side of the architecture's canonical grid, pixels; refuses v1 bundles and malformed frames."""
+    frame = arch.get("canonical_frame")
+    if frame is None:
+        raise BundleError(
+            f"{path}: a galaxy model v1 bundle (no canonical_frame in its architecture), which this version "
+            f"of bayesblend no longer supports; use {DEFAULT_MODEL} or another galaxy model v2 bundle"
+        )
+    try:
+        return CanonicalFrame.from_dict(frame).size
+    except (KeyError, TypeError, ValueError) as exc:  # BayesblendError is a ValueError
+        raise BundleError(f"{path}: card.json has an invalid canonical_frame ({exc})") from None
+
+
 def load_bundle(name_or_path: str | Path | None = None) -> PriorBundle:
     """Load a bundle by name (under :func:`models_dir`) or path, checking every checksum.
 
@@ -389,7 +413,8 @@ def load_bundle(name_or_path: str | Path | None = None) -> PriorBundle:
     ------
     BundleError
         Missing bundle or file, checksum mismatch (tampered), unknown format,
-        or weights that do not fit the card's architecture.
+        a galaxy model v1 bundle (no canonical frame), or weights that do not
+        fit the card's architecture.
     """
     name = DEFAULT_MODEL if name_or_path is None else name_or_path
     path = Path(name)
@@ -409,13 +434,13 @@ def load_bundle(name_or_path: str | Path | None = None) -> PriorBundle:
     arch = card.get("architecture")
     if not isinstance(arch, dict):
         raise BundleError(f"{path}: card.json has no architecture")
-    enc, dec = _architecture_networks(arch)
-    nb, side, stamp = len(arch["bands"]), _decoder_side(arch), int(arch["stamp"])
+    side = _canonical_side(arch, path)
+    enc, dec = _architecture_networks(arch, side)
+    nb, stamp = len(arch["bands"]), int(arch["stamp"])
     templates = {
         "decoder": dec.init(jax.random.PRNGKey(0), jnp.zeros((int(arch["latent_dim"]),))),
         "encoder": enc.init(jax.random.PRNGKey(0), jnp.zeros((nb, side, side))),
     }
-    templates["deblender"] = templates["encoder"]
     if "pose_encoder_features" in arch:
         templates["pose_encoder"] = pose_encoder_network(arch).init(
             jax.random.PRNGKey(0), jnp.zeros((nb, stamp, stamp))
@@ -429,7 +454,7 @@ def load_bundle(name_or_path: str | Path | None = None) -> PriorBundle:
             raise BundleError(f"{f}: SHA-256 does not match card.json (file changed or tampered with)")
         flat = load_file(str(f))
         if net == "flow":
-            params[net] = unflatten_like(_flow_template(arch), flat, str(f))
+            params[net] = unflatten_like(flow_template(arch), flat, str(f))
         elif net in templates:
             params[net] = unflatten_like(templates[net], flat, str(f))
         else:
@@ -437,77 +462,3 @@ def load_bundle(name_or_path: str | Path | None = None) -> PriorBundle:
     if "decoder" not in params:
         raise BundleError(f"{path}: bundle has no decoder")
     return PriorBundle(card=card, path=path, decoder=dec, encoder=enc, params=params)
-
-
-def bundle_from_runs(
-    out: str | Path,
-    vae_run: str | Path,
-    deblender_run: str | Path | None = None,
-    card_extra: dict | None = None,
-) -> Path:
-    """Assemble a bundle from training runs (VAE, its flow, and the amortised encoder).
-
-    Reads each run's ``config.json``, ``checkpoint.msgpack`` and (for the VAE
-    run) ``flow.msgpack`` / ``flow_metrics.json``; the data manifest gives the
-    survey, bands and stamp size. A ``canonical-vae`` run makes a galaxy model
-    v2 bundle (its canonical frame in the architecture), whose amortised run is
-    a ``pose-encoder`` run (stored as ``pose_encoder``); a ``vae`` run a v1
-    bundle with a ``deblender``. ``card_extra`` (training recipe, hardware,
-    metrics) is merged into the card.
-    """
-    from flax import serialization
-
-    from bayesblend.simulate.dataset import ShardDataset
-
-    vae_run = Path(vae_run)
-    cfg = json.loads((vae_run / "config.json").read_text())
-    canonical = cfg["kind"] == "canonical-vae"
-    data = ShardDataset(cfg["data"])
-    manifest = data.manifest
-    arch = {
-        "survey": manifest["survey"],
-        "bands": list(manifest["bands"]),
-        "stamp": data.stamp,
-        "latent_dim": int(cfg["latent_dim"]),
-        "encoder_features": list(cfg["encoder_features"]),
-        "decoder_features": list(cfg["decoder_features"]),
-        "pixel_scale": float(manifest["pixel_scale"]),
-    }
-    if canonical:
-        arch |= {
-            "galaxy_model": "explicit pose (v2)",
-            "canonical_frame": manifest["canonical_frame"],
-            "canonical_sigma": float(cfg["canonical_sigma"]),
-            "encoder_input": "asinh(C / (3 canonical_sigma)), C the canonical morphology (band, N, N)",
-            "decoder_output": "softmax over pixels per band: non-negative, unit sum, canonical frame "
-            "(round, reference-band half-light radius hlr_pixels), integrated over its pixels",
-        }
-    else:
-        arch |= {
-            "model_psf_fwhm": float(manifest["model_psf_fwhm"]),
-            "encoder_input": "asinh(x / (3 sigma_sky_b)), x in electrons, (band, y, x)",
-            "decoder_output": "softmax over pixels per band: non-negative, unit sum, model frame",
-        }
-    raw = serialization.msgpack_restore((vae_run / "checkpoint.msgpack").read_bytes())
-    params = {"decoder": raw["params"]["decoder"], "encoder": raw["params"]["encoder"]}
-    if (vae_run / "flow.msgpack").exists():
-        fm = json.loads((vae_run / "flow_metrics.json").read_text())
-        arch["flow"] = {"kind": "RealNVP", "dim": fm["dim"], "layers": fm["layers"], "hidden": fm["hidden"]}
-        params["flow"] = serialization.from_state_dict(
-            _flow_template(arch), serialization.msgpack_restore((vae_run / "flow.msgpack").read_bytes())
-        )
-    if deblender_run is not None:
-        draw = serialization.msgpack_restore((Path(deblender_run) / "checkpoint.msgpack").read_bytes())
-        if canonical:
-            pose_cfg = json.loads((Path(deblender_run) / "config.json").read_text())
-            arch["pose_encoder_features"] = list(pose_cfg["encoder_features"])
-            arch["pose_encoder_output"] = (
-                "mean and log sigma of (z, eta, log hlr [arcsec], log flux per band [electrons], "
-                "offset [pixels]) of the stamp's centred galaxy (prior/amortised.py)"
-            )
-            params["pose_encoder"] = draw["params"]["encoder"]
-        else:
-            params["deblender"] = draw["params"]["encoder"]
-    card = {"name": Path(out).name, "architecture": arch}
-    card.update(card_extra or {})
-    return save_bundle(out, card, params)

@@ -6,12 +6,12 @@ dimensions), so a handful of coupling layers with small MLPs is enough, and a
 plain Flax module is a pure function of its parameters that NumPyro can call
 inside a model (``numpyro.factor`` with :func:`log_prob`) and XLA can fuse,
 without another dependency. Following MADNESS (Biswas et al. 2025) and the
-VAE + flow poster, the flow is fitted to latent codes of isolated training
-galaxies drawn from the encoder's q(z | x), i.e. to the aggregate posterior,
-so that it is a sharper prior than N(0, I). Each galaxy is brightened to
-S/N >= 100 before encoding (see :func:`train_flow_from_run`) so that the flow
-describes the whole population's true shapes, not the round posterior of faint
-galaxies.
+VAE + flow poster, the flow is fitted to latent codes of training galaxies
+drawn from the canonical VAE encoder's q(z | C), i.e. to the aggregate
+posterior, so that it is a sharper prior than N(0, I). The encoder sees each
+galaxy's noiseless canonical morphology ``C`` (see :func:`train_flow_from_run`),
+so every code is informative and the flow describes the whole population's
+morphologies, faint galaxies included.
 """
 
 from __future__ import annotations
@@ -27,15 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bayesblend.simulate.truth import snr as truth_snr
-from bayesblend.survey import poisson_variance
-
 if TYPE_CHECKING:  # bayesblend.prior.train is imported where it is used: types only here
     from bayesblend.prior.train import TrainConfig
 
 LOG_2PI = float(np.log(2 * np.pi))
-#: Galaxies are brightened to at least this S/N before encoding for the flow's training set.
-SNR_FOR_FLOW = 100.0
 
 
 class Coupling(nn.Module):
@@ -158,39 +153,6 @@ def sample(flow: RealNVP, params: dict, key: jax.Array, n: int) -> jnp.ndarray:
     return flow.apply(params, u, method=RealNVP.sample_from_base)
 
 
-def brightened_observation(clean: np.ndarray, sky: np.ndarray, band: int, normal: np.ndarray) -> np.ndarray:
-    """Noiseless stamps brightened by ``max(1, SNR_FOR_FLOW / S/N)``, then observed with noise.
-
-    The S/N is measured before brightening; as the source's own Poisson
-    variance grows with it, the brightened S/N is a little below
-    :data:`SNR_FOR_FLOW` for galaxies bright enough to matter against the sky.
-
-    Parameters
-    ----------
-    clean : array ``(n, band, y, x)``
-        Noiseless stamps, electrons.
-    sky : array ``(band,)`` or ``(n, band)``
-        Sky level per pixel, electrons.
-    band : int
-        Index of the band whose S/N (optimal, sky plus source variance) sets the boost.
-    normal : array like ``clean``
-        Standard-normal draws for the noise.
-
-    Returns
-    -------
-    numpy.ndarray
-        Each galaxy scaled by that factor (shape, size and colour unchanged) plus
-        Gaussian noise of variance sky + signal, in ``clean``'s dtype.
-    """
-    sky = np.asarray(sky, clean.dtype)
-    sky_b = sky[..., band].reshape(-1, 1, 1)
-    snr = truth_snr(clean[:, band], sky_b)
-    boost = np.maximum(1.0, SNR_FOR_FLOW / np.maximum(snr, 1e-3)).astype(clean.dtype)
-    bright = clean * boost[:, None, None, None]
-    var = poisson_variance(bright, sky)
-    return bright + np.sqrt(var) * np.asarray(normal, clean.dtype)
-
-
 def fit_flow(
     z: np.ndarray,
     layers: int = 6,
@@ -241,21 +203,21 @@ def fit_flow(
 
 
 def train_flow_from_run(cfg: TrainConfig, progress: bool = True, n_galaxies: int = 50000) -> Path:
-    """Fit the flow to q(z | x) draws of training galaxies from a VAE run.
+    """Fit the flow to q(z | C) draws of training galaxies from a canonical VAE run.
 
-    For a canonical VAE (galaxy model v2) ``x`` is each galaxy's noiseless
-    canonical morphology; for v1's VAE the galaxy brightened to S/N >= 100.
+    ``C`` is each galaxy's noiseless canonical morphology, scaled as in
+    training (``asinh(C / (3 canonical_sigma))``).
 
     Writes ``<run>/flow.msgpack`` and ``<run>/flow_metrics.json``; returns the flow file.
 
     Parameters
     ----------
     cfg : TrainConfig
-        The VAE run's configuration (its ``out`` holds ``checkpoint.msgpack``).
+        The ``canonical-vae`` run's configuration (its ``out`` holds ``checkpoint.msgpack``).
     progress : bool
         Show a progress bar on stderr.
     n_galaxies : int
-        Training galaxies encoded (one q(z | x) draw each).
+        Training galaxies encoded (one q(z | C) draw each).
 
     Returns
     -------
@@ -269,18 +231,15 @@ def train_flow_from_run(cfg: TrainConfig, progress: bool = True, n_galaxies: int
     from bayesblend.errors import BayesblendError
     from bayesblend.io import atomic_path
     from bayesblend.prior.networks import scale_input
-    from bayesblend.prior.train import CanonicalData, TrainingData, build_networks
+    from bayesblend.prior.train import CanonicalData, build_networks
 
+    if cfg.kind != "canonical-vae":
+        raise BayesblendError(f"the flow is fitted to a canonical-vae run's codes, not a {cfg.kind!r} run's")
     checkpoint = Path(cfg.out, "checkpoint.msgpack")
     if not checkpoint.exists():
         raise BayesblendError(f"{cfg.out}: no VAE checkpoint to fit the flow to (train the VAE first)")
-    canonical = cfg.kind == "canonical-vae"
-    if canonical:
-        data = CanonicalData(cfg.data, cfg.validation_items)
-        sigma = jnp.full((len(data.bands),), cfg.canonical_sigma, dtype=jnp.float32)
-    else:
-        data = TrainingData(cfg.data, "vae", cfg.validation_items)
-        sigma = jnp.sqrt(jnp.asarray(data.sky))
+    data = CanonicalData(cfg.data, cfg.validation_items)
+    sigma = jnp.full((len(data.bands),), cfg.canonical_sigma, dtype=jnp.float32)
     enc, _ = build_networks(cfg, len(data.bands), data.stamp)
     state = serialization.msgpack_restore(checkpoint.read_bytes())
     params = state["params"]["encoder"]
@@ -289,20 +248,10 @@ def train_flow_from_run(cfg: TrainConfig, progress: bool = True, n_galaxies: int
     key = jax.random.PRNGKey(cfg.seed + 7)
     zs = []
     for chunk in np.array_split(idx, max(1, len(idx) // 256)):
-        key, k1, k2 = jax.random.split(key, 3)
-        if canonical:
-            # the canonical VAE encodes noiseless canonical morphologies: every code is informative
-            image = jnp.asarray(data.batch(chunk)["canonical"])
-        else:
-            clean = data.batch(chunk)["clean"]
-            # A population prior must describe every galaxy's true shape. Encoding the stamps as
-            # observed makes the faint majority's q(z|x) sit on the round "average galaxy", and a
-            # flow fitted to that draws galaxies far rounder than the population. So each galaxy
-            # is brightened to S/N >= 100 in the reference band (its shape and size unchanged)
-            # and observed with the matching noise before encoding: informative codes for all.
-            r = data.bands.index("r") if "r" in data.bands else 0
-            image = brightened_observation(clean, data.sky, r, jax.random.normal(k1, clean.shape))
-        mean, log_sigma = encode(params, jnp.asarray(image, dtype=jnp.float32))
+        key, _, k2 = jax.random.split(key, 3)  # three-way, as when the shipped flow was fitted
+        # noiseless canonical morphologies: every code is informative, faint galaxies' included
+        image = jnp.asarray(data.batch(chunk)["canonical"], dtype=jnp.float32)
+        mean, log_sigma = encode(params, image)
         zs.append(np.asarray(mean + jnp.exp(log_sigma) * jax.random.normal(k2, mean.shape)))
     z = np.concatenate(zs)
     flow, fparams, metrics = fit_flow(z, seed=cfg.seed, progress=progress)

@@ -1,16 +1,20 @@
 """Flax networks: the galaxy decoder (decoder contract) and the encoders.
 
-Decoder: latent ``z`` -> ``(band, S, S)`` model-frame morphology. The last layer
-is a softmax over the pixels of each band, so the output is non-negative and
-sums to one per band by construction (the decoder contract). It is sized for
-inference: every likelihood gradient calls it, so it stays around 20-40 MFLOP
-per forward pass (measured with XLA cost analysis in the model card).
+Decoder: latent ``z`` -> ``(band, N, N)`` canonical morphology
+(:mod:`bayesblend.canonical`). The last layer is a softmax over the pixels of
+each band, so the output is non-negative and sums to one per band by
+construction (the decoder contract). It is sized for inference: every
+likelihood gradient calls it, so it stays small (its XLA FLOP count per
+forward pass is measured in the model card).
 
-Encoder: an observed noisy stamp ``(band, S, S)`` in electrons, scaled by
-``asinh(x / (k sigma_b))`` with ``sigma_b`` the band's sky noise (which tames the
-dynamic range of bright galaxies while keeping faint ones linear) -> the mean
-and log standard deviation of a diagonal Gaussian q(z | x). The same class is
-the amortised deblender encoder (trained on blends with the decoder frozen).
+Encoder: an image ``(band, S, S)`` scaled by ``asinh(x / (k sigma_b))`` with
+``sigma_b`` a per-band scale (which tames the dynamic range of bright pixels
+while keeping faint ones linear) -> the mean and log standard deviation of a
+diagonal Gaussian. The canonical VAE's encoder takes canonical morphologies
+(``sigma_b`` the training's ``canonical_sigma``) to q(z | C); the amortised
+pose encoder (:mod:`bayesblend.prior.amortised`) is the same class on noisy
+survey stamps in electrons (``sigma_b`` the band's sky noise), with an output
+for every source parameter.
 
 Layers are NHWC inside (Flax convention); public inputs and outputs are
 ``(band, y, x)`` as everywhere in bayesblend.
@@ -151,14 +155,14 @@ def scale_input(image: jnp.ndarray, noise_sigma: jnp.ndarray) -> jnp.ndarray:
 
 
 class Decoder(nn.Module):
-    """Latent code -> model-frame morphology ``(band, S, S)`` with unit sum per band.
+    """Latent code -> canonical morphology ``(band, S, S)`` with unit sum per band.
 
     Attributes
     ----------
     bands : int
         Number of bands.
     stamp : int
-        Output side S (divisible by 8).
+        Output side S, pixels (divisible by 8): the canonical grid's side.
     features : tuple of int
         Channels at the 1/8, 1/4, 1/2 and full resolution stages.
     loop_friendly : bool
@@ -191,14 +195,15 @@ class Decoder(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Scaled observed stamp ``(band, S, S)`` -> ``(mean, log_sigma)`` of q(z | x).
+    """Scaled image ``(band, S, S)`` -> ``(mean, log_sigma)``, each ``(latent_dim,)``.
 
     Attributes
     ----------
     latent_dim : int
-        Dimension of z.
+        Size of the output: the latent code's dimension (canonical VAE) or
+        :attr:`PoseLayout.size <bayesblend.prior.amortised.PoseLayout.size>` (pose encoder).
     features : tuple of int
-        Channels of the stride-2 stages (48 -> 24 -> 12 -> 6).
+        Channels of the stride-2 stages (e.g. 64 -> 32 -> 16 -> 8 pixels).
     """
 
     latent_dim: int = 16

@@ -1,27 +1,23 @@
-"""Training: the denoising beta-VAE, the amortised deblender encoder, the canonical VAE (optax).
+"""Training galaxy model v2: the canonical VAE and the amortised pose encoder (optax).
 
-The reconstruction term is the survey's Gaussian likelihood through the forward
-model of the decoder contract: decoder(z) -> difference kernel to the stamp's
-PSF -> sub-pixel shift to the source's true position -> times the source's
-flux in the stamp -> compared with the *noiseless* target with the per-pixel
-variance ``sky + signal``. The encoder sees a noisy stamp drawn afresh at every
-step (noiseless + Gaussian noise of that variance), so the denoising task never
-sees the same noise twice. The KL weight is annealed linearly from 0 to
-``beta`` over ``kl_anneal_steps``.
+The canonical VAE (kind ``canonical-vae``) learns the canonical morphologies
+of :mod:`bayesblend.canonical` alone: the encoder sees the noiseless canonical
+image, and the reconstruction term is a Gaussian of fixed per-pixel width
+``canonical_sigma`` (in units of the unit-sum image) on the canonical grid.
+Pose, PSF and noise never enter, so nothing of them can leak into the latent
+code. The KL weight is annealed linearly from 0 to ``beta`` over
+``kl_anneal_steps``; loss values are per pixel (the sum over pixels and bands
+divided by their number) so that learning rates do not depend on the grid size.
 
-For the amortised deblender (Arcelin et al. 2021, sect. 3.3) the inputs are
-blends, the target is the centred galaxy's isolated noiseless image, and the
-decoder is frozen: only the encoder learns.
+The pose encoder (kind ``pose-encoder``, :mod:`bayesblend.prior.amortised`)
+learns q(z, pose | stamp) from noisy survey stamps, with the canonical VAE's
+encoder (its ``init_from`` run) frozen as the teacher of the latent targets;
+it is trained in stages (isolated galaxies, then blends), each later stage
+starting from the encoder of the one before (``encoder_init``).
+The latent flow is fitted afterwards to the canonical VAE's codes
+(:func:`bayesblend.prior.flow.train_flow_from_run`), and
+:func:`bundle_from_runs` assembles the runs into a model bundle.
 
-The canonical VAE (galaxy model v2, kind ``canonical-vae``) learns the
-canonical morphologies of :mod:`bayesblend.canonical` alone: the encoder sees
-the noiseless canonical image, and the reconstruction term is a Gaussian of
-fixed per-pixel width ``canonical_sigma`` (in units of the unit-sum image) on
-the canonical grid. Pose, PSF and noise never enter, so nothing of them can
-leak into the latent code.
-
-Loss values are per pixel (the sum over pixels and bands divided by their
-number) so that learning rates do not depend on the stamp size.
 Checkpoints (Flax msgpack, non-executable) are written atomically every
 ``checkpoint_every`` steps and a run resumes from its last checkpoint.
 """
@@ -45,25 +41,29 @@ from flax import serialization
 
 from bayesblend.canonical import CanonicalFrame
 from bayesblend.errors import BayesblendError
-from bayesblend.forward import difference_kernel, fft_size, render_source
 from bayesblend.io import atomic_path
 from bayesblend.prior.amortised import PoseLayout, make_pose_loss
+from bayesblend.prior.bundle import flow_template, save_bundle
 from bayesblend.prior.networks import Decoder, Encoder, scale_input
 from bayesblend.simulate.dataset import ShardDataset
-from bayesblend.survey import get_survey, poisson_variance
 
-#: Training kinds: v1's VAE and deblender, v2's canonical VAE.
-KINDS = ("vae", "deblender", "canonical-vae", "pose-encoder")
+#: Training kinds: the canonical VAE and the pose encoder of galaxy model v2.
+KINDS = ("canonical-vae", "pose-encoder")
+#: Training kinds of galaxy model v1, no longer supported (named in the error a config of one gets).
+V1_KINDS = ("vae", "deblender")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Everything a training run needs; read from a TOML file (``configs/*.toml``)."""
 
-    kind: str = "vae"  # one of KINDS
-    data: str = "data/lsst-isolated-train"
-    out: str = "runs/vae"
-    init_from: str = ""  # run directory whose decoder (deblender: and encoder) start this run
+    kind: str = "canonical-vae"  # one of KINDS
+    data: str = "data/lsst-v2-isolated-train"
+    out: str = "runs/canonical-vae"
+    # canonical-vae: a run whose decoder and encoder start this one; pose-encoder: the canonical VAE run
+    init_from: str = ""
+    # pose-encoder: a pose-encoder run whose encoder starts this one (a stage trained on other data)
+    encoder_init: str = ""
     latent_dim: int = 16
     decoder_features: tuple[int, ...] = (64, 48, 32, 16)
     encoder_features: tuple[int, ...] = (24, 48, 64)
@@ -107,59 +107,28 @@ class TrainConfig:
             elif not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
                 raise BayesblendError(f"{path}: {k} must be {want.__name__}, got {v!r}")
         cfg = cls(**raw)
+        if cfg.kind in V1_KINDS:
+            raise BayesblendError(
+                f"{path}: kind {cfg.kind!r} trains galaxy model v1, which this version no longer "
+                f"supports; kind must be one of {', '.join(KINDS)}"
+            )
         if cfg.kind not in KINDS:
             raise BayesblendError(f"{path}: kind must be one of {', '.join(KINDS)}, got {cfg.kind!r}")
         return cfg
 
 
 def build_networks(cfg: TrainConfig, bands: int, stamp: int) -> tuple[Encoder, Decoder]:
-    """The encoder and decoder a config describes."""
+    """The canonical VAE's encoder and decoder a config describes (``stamp``: the canonical grid side)."""
     enc = Encoder(latent_dim=cfg.latent_dim, features=tuple(cfg.encoder_features))
     dec = Decoder(bands=bands, stamp=stamp, features=tuple(cfg.decoder_features))
     return enc, dec
 
 
-class TrainingData:
-    """Batches from a shard dataset: noiseless targets, inputs, PSFs, offsets and fluxes.
-
-    For a VAE the input is the stamp itself (noise is added at each step); for
-    the deblender the input is the noiseless blend and the target the centred
-    galaxy alone. The last ``validation_items`` items are held out.
-    """
-
-    def __init__(self, path: str | Path, kind: str, validation_items: int) -> None:
-        self.ds = ShardDataset(path)
-        m = self.ds.manifest
-        if kind == "deblender" and m["kind"] != "blends":
-            raise BayesblendError(f"{path}: the deblender trains on blend shards, this is {m['kind']!r}")
-        self.kind = kind
-        self.sky = np.asarray(m["sky"], dtype=np.float32)
-        self.bands = list(m["bands"])
-        self.stamp = self.ds.stamp
-        self.offsets = self.ds.offsets(self.ds.target_truth(), self.stamp)
-        n = len(self.ds)
-        nval = min(validation_items, n // 5)
-        self.train_idx = np.arange(n - nval)
-        self.val_idx = np.arange(n - nval, n)
-
-    def batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Arrays for items ``idx``: target, clean input, psf, offset, flux (in-stamp)."""
-        idx = np.sort(idx)
-        target = self.ds.load("target" if self.kind == "deblender" else "noiseless", idx)
-        clean = target if self.kind == "vae" else self.ds.load("noiseless", idx)
-        return {
-            "target": target,
-            "clean": clean,
-            "psf": np.ascontiguousarray(self.ds.psf(idx), dtype=np.float32),
-            "offset": self.offsets[idx],
-            "flux": target.sum(axis=(-2, -1)).astype(np.float32),
-        }
-
-
 class CanonicalData:
     """Batches of canonical morphologies ``(item, band, N, N)`` from a shard dataset.
 
-    The last ``validation_items`` items are held out, as in :class:`TrainingData`.
+    The last ``validation_items`` items of the dataset (at most a fifth of
+    it) are held out: ``train_idx`` and ``val_idx``.
     """
 
     def __init__(self, path: str | Path, validation_items: int) -> None:
@@ -213,10 +182,27 @@ class PoseData(CanonicalData):
 def make_canonical_loss(
     enc: Encoder, dec: Decoder, sigma: float, bands: int
 ) -> Callable[[dict, dict, float, jax.Array], tuple[jnp.ndarray, dict[str, jnp.ndarray]]]:
-    """Per-pixel negative ELBO of canonical morphologies (same signature as :func:`make_loss`).
+    """The per-pixel negative ELBO of a batch of canonical morphologies, and its parts.
 
     The encoder input is ``asinh(C / (3 sigma))`` of the canonical image ``C``;
     the reconstruction term ``0.5 sum((decoder(z) - C)^2) / sigma^2``.
+
+    Parameters
+    ----------
+    enc, dec : Encoder, Decoder
+        The networks.
+    sigma : float
+        Per-pixel width of the reconstruction term, in units of the unit-sum image.
+    bands : int
+        Number of bands.
+
+    Returns
+    -------
+    callable
+        ``loss_fn(params, batch, beta, key) -> (loss, {"nll": ..., "kl": ...})``:
+        ``params`` holds ``encoder`` and ``decoder``, ``batch`` the arrays of
+        :meth:`CanonicalData.batch`, ``beta`` the KL weight and ``key`` a PRNG
+        key for the latent draw.
     """
     scale = jnp.full((bands,), sigma, dtype=jnp.float32)
 
@@ -229,56 +215,6 @@ def make_canonical_loss(
         nll = 0.5 * jnp.sum((pred - target) ** 2, axis=(-3, -2, -1)) / sigma**2 / npix
         kl = 0.5 * jnp.sum(mean**2 + jnp.exp(2 * log_sigma) - 1.0 - 2 * log_sigma, axis=-1) / npix
         return jnp.mean(nll + beta * kl), {"nll": jnp.mean(nll), "kl": jnp.mean(kl)}
-
-    return loss_fn
-
-
-def make_loss(
-    enc: Encoder, dec: Decoder, model_psf: np.ndarray, sky: np.ndarray, stamp: int
-) -> Callable[[dict, dict, float, jax.Array], tuple[jnp.ndarray, dict[str, jnp.ndarray]]]:
-    """The per-pixel negative ELBO of a batch, and its parts.
-
-    Parameters
-    ----------
-    enc, dec : Encoder, Decoder
-        The networks.
-    model_psf : array ``(P, P)``
-        The decoder's model PSF image (unit sum).
-    sky : array ``(band,)``
-        Sky level per pixel, electrons.
-    stamp : int
-        Stamp side, pixels.
-
-    Returns
-    -------
-    callable
-        ``loss_fn(params, batch, beta, key) -> (loss, {"nll": ..., "kl": ...})``:
-        ``params`` holds ``encoder`` and ``decoder``, ``batch`` the arrays of
-        :meth:`TrainingData.batch`, ``beta`` the KL weight and ``key`` a PRNG
-        key for the input noise and the latent draw.
-    """
-    n = fft_size(stamp)
-    sky = jnp.asarray(sky)
-    sigma = jnp.sqrt(sky)
-    render = jax.vmap(render_source)
-
-    def loss_fn(params, batch, beta, key):
-        k_noise, k_z = jax.random.split(key)
-        clean = batch["clean"]
-        var_in = poisson_variance(clean, sky)
-        noisy = clean + jnp.sqrt(var_in) * jax.random.normal(k_noise, clean.shape)
-        mean, log_sigma = enc.apply(params["encoder"], scale_input(noisy, sigma))
-        z = mean + jnp.exp(log_sigma) * jax.random.normal(k_z, mean.shape)
-        morph = dec.apply(params["decoder"], z)
-        kernel = difference_kernel(batch["psf"], model_psf, n)
-        pred = render(morph, batch["flux"], batch["offset"], kernel)
-        target = batch["target"]
-        var = poisson_variance(target, sky)
-        npix = target.shape[-3] * target.shape[-2] * target.shape[-1]
-        nll = 0.5 * jnp.sum((pred - target) ** 2 / var, axis=(-3, -2, -1)) / npix
-        kl = 0.5 * jnp.sum(mean**2 + jnp.exp(2 * log_sigma) - 1.0 - 2 * log_sigma, axis=-1) / npix
-        total = jnp.mean(nll + beta * kl)
-        return total, {"nll": jnp.mean(nll), "kl": jnp.mean(kl)}
 
     return loss_fn
 
@@ -319,14 +255,8 @@ def train(
     """
     from tqdm import tqdm
 
-    canonical = cfg.kind == "canonical-vae"
     pose = cfg.kind == "pose-encoder"
-    if canonical:
-        data = CanonicalData(cfg.data, cfg.validation_items)
-    elif pose:
-        data = PoseData(cfg.data, cfg.validation_items)
-    else:
-        data = TrainingData(cfg.data, cfg.kind, cfg.validation_items)
+    data = PoseData(cfg.data, cfg.validation_items) if pose else CanonicalData(cfg.data, cfg.validation_items)
     enc, dec = build_networks(cfg, len(data.bands), data.stamp)
     key = jax.random.PRNGKey(cfg.seed)
     k_enc, k_dec, key = jax.random.split(key, 3)
@@ -347,11 +277,18 @@ def train(
             "encoder": enc.init(k_enc, jnp.zeros((len(data.bands), data.stamp, data.stamp))),
             "decoder": dec.init(k_dec, jnp.zeros((cfg.latent_dim,))),
         }
+    if cfg.encoder_init:
+        if not pose:
+            raise BayesblendError(
+                "encoder_init starts a pose-encoder run; use init_from for a canonical-vae run"
+            )
+        src = serialization.msgpack_restore(Path(cfg.encoder_init, "checkpoint.msgpack").read_bytes())
+        params["encoder"] = serialization.from_state_dict(params["encoder"], src["params"]["encoder"])
     if cfg.init_from and not pose:
         src = serialization.msgpack_restore(Path(cfg.init_from, "checkpoint.msgpack").read_bytes())
         params["decoder"] = serialization.from_state_dict(params["decoder"], src["params"]["decoder"])
         params["encoder"] = serialization.from_state_dict(params["encoder"], src["params"]["encoder"])
-    trainable = "encoder" if cfg.kind in ("deblender", "pose-encoder") else None
+    trainable = "encoder" if pose else None
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(_lr_schedule(cfg)))
     if trainable:
         tx = optax.multi_transform(
@@ -375,14 +312,10 @@ def train(
     with atomic_path(out / "config.json") as tmp:
         tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
-    if canonical:
-        loss_fn = make_canonical_loss(enc, dec, cfg.canonical_sigma, len(data.bands))
-    elif pose:
+    if pose:
         loss_fn = make_pose_loss(enc, teacher, layout, data.sky, cfg.canonical_sigma)
     else:
-        survey = get_survey(data.ds.manifest["survey"])
-        model_psf = survey.model_psf_image(data.ds.psf([0]).shape[-1])
-        loss_fn = make_loss(enc, dec, model_psf, data.sky, data.stamp)
+        loss_fn = make_canonical_loss(enc, dec, cfg.canonical_sigma, len(data.bands))
 
     @jax.jit
     def step_fn(params, opt_state, batch, beta, key):
@@ -458,3 +391,76 @@ def train(
     finally:
         bar.close()
     return {"params": params, "step": step, "history": history, "encoder": enc, "decoder": dec, "data": data}
+
+
+def bundle_from_runs(
+    out: str | Path,
+    vae_run: str | Path,
+    pose_run: str | Path | None = None,
+    card_extra: dict | None = None,
+) -> Path:
+    """Assemble a bundle from training runs (canonical VAE, its flow, and the pose encoder).
+
+    Reads each run's ``config.json``, ``checkpoint.msgpack`` and (for the VAE
+    run) ``flow.msgpack`` / ``flow_metrics.json``; the data manifest gives the
+    survey, bands, stamp size and canonical frame.
+
+    Parameters
+    ----------
+    out : path
+        Bundle directory (written by :func:`bayesblend.prior.bundle.save_bundle`).
+    vae_run : path
+        A ``canonical-vae`` run: its decoder, encoder and (when fitted) flow.
+    pose_run : path, optional
+        A ``pose-encoder`` run, stored as the ``pose_encoder``.
+    card_extra : dict, optional
+        Merged into the card (training recipe, hardware, metrics).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+    """
+    vae_run = Path(vae_run)
+    cfg = json.loads((vae_run / "config.json").read_text())
+    if cfg["kind"] != "canonical-vae":
+        raise BayesblendError(f"{vae_run}: a {cfg['kind']!r} run; a bundle's VAE is a 'canonical-vae' run")
+    data = ShardDataset(cfg["data"])
+    manifest = data.manifest
+    arch = {
+        "survey": manifest["survey"],
+        "bands": list(manifest["bands"]),
+        "stamp": data.stamp,
+        "latent_dim": int(cfg["latent_dim"]),
+        "encoder_features": list(cfg["encoder_features"]),
+        "decoder_features": list(cfg["decoder_features"]),
+        "pixel_scale": float(manifest["pixel_scale"]),
+        "galaxy_model": "explicit pose (v2)",
+        "canonical_frame": manifest["canonical_frame"],
+        "canonical_sigma": float(cfg["canonical_sigma"]),
+        "encoder_input": "asinh(C / (3 canonical_sigma)), C the canonical morphology (band, N, N)",
+        "decoder_output": "softmax over pixels per band: non-negative, unit sum, canonical frame "
+        "(round, reference-band half-light radius hlr_pixels), integrated over its pixels",
+    }
+    raw = serialization.msgpack_restore((vae_run / "checkpoint.msgpack").read_bytes())
+    params = {"decoder": raw["params"]["decoder"], "encoder": raw["params"]["encoder"]}
+    if (vae_run / "flow.msgpack").exists():
+        fm = json.loads((vae_run / "flow_metrics.json").read_text())
+        arch["flow"] = {"kind": "RealNVP", "dim": fm["dim"], "layers": fm["layers"], "hidden": fm["hidden"]}
+        params["flow"] = serialization.from_state_dict(
+            flow_template(arch), serialization.msgpack_restore((vae_run / "flow.msgpack").read_bytes())
+        )
+    if pose_run is not None:
+        pose_cfg = json.loads((Path(pose_run) / "config.json").read_text())
+        if pose_cfg["kind"] != "pose-encoder":
+            raise BayesblendError(f"{pose_run}: a {pose_cfg['kind']!r} run, not a 'pose-encoder' run")
+        draw = serialization.msgpack_restore((Path(pose_run) / "checkpoint.msgpack").read_bytes())
+        arch["pose_encoder_features"] = list(pose_cfg["encoder_features"])
+        arch["pose_encoder_output"] = (
+            "mean and log sigma of (z, eta, log hlr [arcsec], log flux per band [electrons], "
+            "offset [pixels]) of the stamp's centred galaxy (prior/amortised.py)"
+        )
+        params["pose_encoder"] = draw["params"]["encoder"]
+    card = {"name": Path(out).name, "architecture": arch}
+    card.update(card_extra or {})
+    return save_bundle(out, card, params)

@@ -8,14 +8,28 @@ Two layouts under an output directory:
   ``blend_id`` and ``file``.
 - **shards** (``isolated``, ``blends``): for training, ``shard-NNNNN/`` holding
   ``.npy`` arrays (memory-mappable, non-executable) and ``truth.fits``, plus
-  ``dataset.json`` describing the set. Arrays, float32 ``(item, band, y, x)``:
-  ``noisy``, ``noiseless``, ``morphology`` (target's model-frame morphology),
-  ``canonical`` (target's canonical morphology, ``(item, band, N, N)`` in the
-  frame named by ``dataset.json``'s ``canonical_frame``),
-  ``psf`` ``(item, band, p, p)`` when the PSF is jittered (else one
-  ``psf.npy`` ``(band, p, p)`` beside ``dataset.json``); for blends also ``target`` (the target's
-  noiseless isolated image) and, with ``members=True``, ``members``
+  ``dataset.json`` describing the set. Arrays, float32, in electrons except
+  ``canonical`` and ``psf`` (unit sum per band): ``noisy`` and ``noiseless``
+  ``(item, band, y, x)``, ``canonical`` (target's canonical morphology,
+  ``(item, band, N, N)`` in the frame named by ``dataset.json``'s
+  ``canonical_frame``), ``psf`` ``(item, band, p, p)`` when the PSF is
+  jittered (else one ``psf.npy`` ``(band, p, p)`` beside ``dataset.json``);
+  for blends also ``target`` ``(item, band, y, x)`` (the target's noiseless
+  isolated image) and, with ``members=True``, ``members``
   ``(item, 4, band, y, x)`` (every member's noiseless image, zero-padded).
+  ``dataset.json`` holds ``format_version``, ``kind``, ``n``, ``seed``,
+  ``survey``, ``bands``, ``magzero`` (per band, AB mag of one electron),
+  ``sky`` (per band, electrons per pixel), ``pixel_scale`` (arcsec),
+  ``canonical_frame``, the simulation ``options``, ``members``, ``shards``
+  (directory and item count of each) and the run's ``seconds`` and ``workers``.
+
+  Format version 2 (this one) drops two things of galaxy model v1 that
+  version 1 wrote: the ``morphology`` array (the target's model-frame
+  morphology, ``(item, band, y, x)``) and the manifest's ``model_psf_fwhm``.
+  Version 1 datasets are still read: readers load arrays and manifest keys
+  by name and ignore those two. (Version 1 datasets simulated before galaxy
+  model v2 also lack ``canonical`` and ``canonical_frame``; the training
+  loaders refuse them.)
 
 Items are reproducible from ``(seed, index)`` alone (see
 :mod:`bayesblend.simulate.scenes`), so any number of workers and any shard size
@@ -54,7 +68,8 @@ from bayesblend.survey import get_survey
 KINDS = ("isolated", "blends", "field", "shear-pairs")
 SHARD_KINDS = ("isolated", "blends")
 MAX_MEMBERS = 4
-FORMAT_VERSION = 1
+#: 2: no ``morphology`` array or ``model_psf_fwhm`` (version 1 had them; both versions are read alike).
+FORMAT_VERSION = 2
 
 
 def _sign(v: float) -> str:
@@ -90,7 +105,7 @@ def _make_fits_chunk(job: dict) -> Table:
 def _make_shard(job: dict) -> tuple[int, int]:
     kind, seed, shard_dir = job["kind"], job["seed"], Path(job["shard_dir"])
     opts = job["options"]
-    arrays: dict[str, list[np.ndarray]] = {"noisy": [], "noiseless": [], "morphology": [], "canonical": []}
+    arrays: dict[str, list[np.ndarray]] = {"noisy": [], "noiseless": [], "canonical": []}
     if opts["sim"].get("psf_jitter", 0.0) > 0:
         arrays["psf"] = []
     if kind == "blends":
@@ -110,7 +125,6 @@ def _make_shard(job: dict) -> tuple[int, int]:
                 arrays["members"].append(m)
         arrays["noisy"].append(r.scene.image)
         arrays["noiseless"].append(r.noiseless)
-        arrays["morphology"].append(r.morphology[0])
         arrays["canonical"].append(r.canonical[0])
         if "psf" in arrays:
             arrays["psf"].append(r.scene.psf)
@@ -266,7 +280,6 @@ def simulate_dataset(
             "magzero": [s.band(b).magzero for b in bands],
             "sky": s.sky_level(bands).tolist(),
             "pixel_scale": s.pixel_scale,
-            "model_psf_fwhm": s.model_psf_fwhm,
             "canonical_frame": DEFAULT_FRAME.to_dict(),
             "options": {k: v for k, v in sim_options.items()},
             "members": members,

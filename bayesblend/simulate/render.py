@@ -17,12 +17,10 @@ transform GalSim applies to the profiles. A 90-degree rotation maps
 
 Each source is drawn with GalSim (bulge, disk and knots separately, because
 their fractions change with band; :mod:`bayesblend.simulate.galaxy`) in every
-band convolved with that band's PSF and the pixel. On request the *model-frame
-morphology* of the v1 decoder contract is drawn too (the same profile
-convolved with the survey's narrow Gaussian model PSF, normalised to unit sum
-per band), and the *canonical morphology* of the v2 galaxy model: the galaxy
-round, PSF-free, dilated to the canonical half-light radius
-(:mod:`bayesblend.canonical`), with its true pose in the truth table.
+band convolved with that band's PSF and the pixel. On request the *canonical
+morphology* of the galaxy model is drawn too: the galaxy round, PSF-free,
+dilated to the canonical half-light radius (:mod:`bayesblend.canonical`), with
+its true pose in the truth table.
 """
 
 from __future__ import annotations
@@ -63,9 +61,6 @@ class RenderedScene:
         One row per source (see :func:`render_scene`).
     sources : numpy.ndarray or None
         ``(source, band, y, x)`` each source's noiseless image alone.
-    morphology : numpy.ndarray or None
-        ``(source, band, y, x)`` model-frame morphology (unit sum per band) of
-        the requested sources, on the scene's pixel grid.
     canonical : numpy.ndarray or None
         ``(source, band, size, size)`` canonical morphology of the requested
         sources (:func:`bayesblend.simulate.galaxy.canonical_image`).
@@ -75,7 +70,6 @@ class RenderedScene:
     noiseless: np.ndarray
     truth: Table
     sources: np.ndarray | None = None
-    morphology: np.ndarray | None = None
     canonical: np.ndarray | None = None
 
 
@@ -130,7 +124,6 @@ def render_scene(
     shear_centre: tuple[float, float] | None = None,
     psf_fwhm: Sequence[float] | None = None,
     keep_sources: bool = False,
-    morphology_for: Sequence[int] = (),
     canonical_for: Sequence[int] = (),
     frame: CanonicalFrame = DEFAULT_FRAME,
     psf_size: int = 41,
@@ -164,8 +157,6 @@ def render_scene(
         PSF FWHM per band, arcsec (default: each band's median).
     keep_sources : bool
         Return each source's noiseless image in ``RenderedScene.sources``.
-    morphology_for : sequence of int
-        Rows whose model-frame morphology is returned.
     canonical_for : sequence of int
         Rows whose canonical morphology is returned (in ``frame``).
     frame : CanonicalFrame
@@ -241,8 +232,6 @@ def render_scene(
 
     noiseless = np.zeros((len(bands), ny, nx), dtype=np.float64)
     sources = np.zeros((n, len(bands), ny, nx), dtype=np.float32) if keep_sources else None
-    morph_rows = list(morphology_for)
-    morphology = np.zeros((len(morph_rows), len(bands), ny, nx), dtype=np.float32)
     ref = bands.index(reference_band) if reference_band in bands else 0
     bulge_n = np.asarray(layout["bulge_n"], float) if n and "bulge_n" in layout.colnames else np.full(n, 4.0)
     hlr = (
@@ -254,7 +243,6 @@ def render_scene(
         canonical[j] = canonical_image(layout[i], bt[i], float(hlr[i]), frame)
     ref_stamps: list[tuple[tuple[int, int, int, int], np.ndarray] | None] = []
     in_image = np.zeros((n, len(bands)))
-    model_psf = survey.model_psf_object()
     for i in range(n):
         row = layout[i]
         shape_i = galsim.Shear(g1=e1i[i], g2=e2i[i])
@@ -279,15 +267,6 @@ def render_scene(
         ref_stamps.append((bounds, stamp[ref]))
         if sources is not None:
             sources[i, :, y0:y1, x0:x1] = stamp
-        if i in morph_rows:
-            unit = {k: _draw(galsim.Convolve(c, model_psf), bounds, xs[i], ys[i], scale) for k, c in comps}
-            m = np.zeros_like(stamp)
-            for b in range(len(bands)):
-                for kind, arr in unit.items():
-                    m[b] += w_i[kind][b] * arr
-            m = np.clip(m, 0.0, None)
-            m /= np.maximum(m.sum(axis=(1, 2), keepdims=True), 1e-30)
-            morphology[morph_rows.index(i), :, y0:y1, x0:x1] = m
 
     sky = survey.sky_level(bands)
     variance = poisson_variance(noiseless, sky).astype(np.float32)
@@ -356,6 +335,5 @@ def render_scene(
         noiseless=noiseless.astype(np.float32),
         truth=truth,
         sources=sources,
-        morphology=morphology if morph_rows else None,
         canonical=canonical if canon_rows else None,
     )

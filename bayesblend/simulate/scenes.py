@@ -163,7 +163,7 @@ def simulate_isolated(
     family: str = "bulge+disk",
     canonical: bool = False,
 ) -> RenderedScene:
-    """An isolated galaxy stamp: noisy and noiseless observed images and its model-frame morphology.
+    """An isolated galaxy stamp: its noisy and noiseless observed images and its truth.
 
     ``family`` picks the population (:func:`bayesblend.simulate.population.draw_catalog`);
     ``canonical=True`` also draws the galaxy's canonical morphology (``RenderedScene.canonical``).
@@ -182,7 +182,6 @@ def simulate_isolated(
         shear=shear,
         rotate=rotate,
         psf_fwhm=fwhm,
-        morphology_for=[0],
         canonical_for=[0] if canonical else (),
     )
     out.truth["blend_id"] = np.full(len(out.truth), index, dtype=np.int64)
@@ -204,17 +203,13 @@ def simulate_blend(
     rotate: bool = False,
     noise: bool = True,
     mag_range: tuple[float, float] = (MAG_MIN, MAG_MAX),
-    all_morphologies: bool = False,
     family: str = "bulge+disk",
     canonical: bool = False,
 ) -> RenderedScene:
-    """A blend stamp with each member's noiseless image and the target's morphology (row 0).
+    """A blend stamp with each member's noiseless image (``RenderedScene.sources``) and its truth.
 
-    ``all_morphologies=True`` returns every member's model-frame morphology
-    (row order of the truth table), for measuring each galaxy's shape as the
-    posterior draws are measured; the image and truth do not change.
-    ``family`` and ``canonical`` (the target's canonical morphology) as in
-    :func:`simulate_isolated`.
+    Row 0 is the target. ``family`` and ``canonical`` (the target's canonical
+    morphology) as in :func:`simulate_isolated`.
     """
     s = _survey(survey)
     check_stamp(s, stamp_size, max_shift)
@@ -240,7 +235,6 @@ def simulate_blend(
         rotate=rotate,
         psf_fwhm=fwhm,
         keep_sources=True,
-        morphology_for=range(len(layout)) if all_morphologies else [0],
         canonical_for=[0] if canonical else (),
     )
     out.truth["is_target"] = np.asarray(layout["is_target"])
