@@ -8,11 +8,11 @@ from bayesblend.infer import deblend
 from bayesblend.simulate.scenes import simulate_blend, simulate_isolated
 
 # Tolerances on medians over 16 bright galaxies (r 20-23), for the amortised posterior (the pose
-# encoder alone, no optimisation). Measured with models/lsst-v2: isolated median |de| 0.03 and
-# |dmag_r| 0.02; the centred galaxy of a blend 0.05 and 0.06 (the encoder was trained on isolated
-# galaxies only). An untrained encoder gives |de| ~ 0.3 and |dmag_r| ~ 1.
-ISO_E_TOL, ISO_MAG_TOL = 0.06, 0.06
-BLEND_E_TOL, BLEND_MAG_TOL = 0.10, 0.15
+# encoder alone, no optimisation). Measured with models/lsst-v2 (stage 2): isolated median |de| 0.043
+# and |dmag_r| 0.041; the centred galaxy of a blend 0.14 and 0.07. An ellipticity drawn from the prior,
+# ignoring the data, is off by a median 0.43.
+ISO_E_TOL, ISO_MAG_TOL = 0.07, 0.07
+BLEND_E_TOL, BLEND_MAG_TOL = 0.2, 0.12
 
 
 def test_default_prior_is_lsst_v2_and_draws_round_unit_sum_canonical_morphologies(prior):
