@@ -107,6 +107,26 @@ def test_canonical_vae_then_pose_encoder_learn_and_the_teacher_stays_frozen(tiny
     assert all(np.array_equal(a, b) for a, b in zip(teacher, original, strict=True))
     with pytest.raises(BayesblendError, match="init_from"):
         train(_tiny_config(tiny_data, tmp_path / "orphan", kind="pose-encoder", steps=2), progress=False)
+    # a later stage starts from the earlier stage's encoder (encoder_init), not from a fresh one
+    stage2 = train(
+        _tiny_config(
+            tiny_data,
+            tmp_path / "pose2",
+            kind="pose-encoder",
+            init_from=str(tmp_path / "canon"),
+            encoder_init=str(tmp_path / "pose"),
+            teacher_features=(4, 8, 8),
+            steps=1,
+            learning_rate=1e-9,
+        ),
+        progress=False,
+    )
+    before = jax.tree_util.tree_leaves(pose["params"]["encoder"])
+    after = jax.tree_util.tree_leaves(stage2["params"]["encoder"])
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(before, after, strict=True))
+    with pytest.raises(BayesblendError, match="encoder_init starts a pose-encoder run"):
+        cfg = _tiny_config(tiny_data, tmp_path / "c2", kind="canonical-vae", encoder_init="x")
+        train(cfg, progress=False)
     # the flow is fitted to the canonical VAE's codes (a short fit here), never to a pose encoder's
     monkeypatch.setattr(flow_module, "fit_flow", functools.partial(fit_flow, layers=2, hidden=8, steps=20))
     canon_cfg = _tiny_config(tiny_data, tmp_path / "canon", kind="canonical-vae")
