@@ -309,8 +309,8 @@ def _amortised(nets: Networks, w: dict, spec, data: dict, stamp: int):
     stamps = cutouts(data["image"], data["anchor"], stamp)
     mean, log_sigma = nets.encode(w, stamps, jnp.sqrt(data["sky"]))
     # the survey's noise alone: a model-error term down-weights a bright galaxy's core, and its
-    # neighbours' templates then take more of the residual there (53x and 79x too bright for the
-    # r = 27 neighbours of held-out blend 149, against 3.3x and 7.4x without; the 5x5 box sum gives
+    # neighbours' templates then take more of the residual there (46x and 88x too bright for the
+    # r = 27 neighbours of held-out blend 149, against 21x and 7.4x without; the 5x5 box sum gives
     # 66x and 148x: benchmarks/flux_prior_check.py --items 149)
     survey_noise = dataclasses.replace(spec, model_error=0.0)
     floor = jnp.exp(data["log_flux0"]) * 0.05

@@ -40,7 +40,7 @@ def _amortised_errors(prior, sims):
         sources=[np.c_[s.truth["x"], s.truth["y"]] for s in sims],
         method="amortised",
         prior=prior,
-        num_draws=50,
+        num_draws=20,
     )
     c = post.catalog()
     first = np.array([np.flatnonzero(c["scene"] == i)[0] for i in range(len(sims))])
