@@ -5,7 +5,7 @@ their truth ``truth.fits``, a figure of the blends ``blends.png``, and the
 deblending outputs in ``out/deblended/``: ``catalog.fits``, ``posterior.nc``
 (ArviZ) and ``figures/blend_*.png`` (data, model, residuals, posteriors of e
 and magnitude per source). NUTS runs with a short configuration (2 chains,
-100 warm-up steps, 150 draws): the demo takes about 30 minutes on 2 CPU cores
+100 warm-up steps, 150 draws): the demo takes about 25 minutes on 2 CPU cores
 with galaxy model v2 (benchmarks/RESULTS.md, "make demo").
 """
 
