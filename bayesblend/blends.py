@@ -275,7 +275,7 @@ def pose_priors(bundle: PriorBundle) -> dict:
             "ln_hlr_at_r23": float(size["ln_hlr_at_r23"]),
             "slope_per_mag": float(size["slope_per_mag"]),
             "log_hlr_sigma": float(size["sigma"]),
-            "size_band": str(size.get("band", "r")),
+            "size_band": bundle.size_band,
         }
     except (KeyError, TypeError) as exc:
         raise BundleError(f"{bundle.path}: card.json lacks the pose priors ({exc})") from None

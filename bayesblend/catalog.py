@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import astropy.units as u
 import numpy as np
 from astropy.table import Table
+from scipy.ndimage import minimum_filter
 
 #: Flag bits of the ``flags`` column.
 FLAGS = {
@@ -50,7 +51,7 @@ BLENDEDNESS_MAX = 0.9
 RESOLUTION_MIN = 0.3
 
 #: Header keywords of the scene-model settings that change fitted shapes
-#: (:func:`bayesblend.posterior.scene_model_settings`).
+#: (:meth:`bayesblend.settings.InferenceConfig.scene_model_settings`).
 SCENE_HEADER = {"flux_prior": "FLUXPRIR", "model_error": "MODELERR"}
 
 ELLIPTICITY_CONVENTION = "shear-type g=(a-b)/(a+b); +e2 along +45 deg CCW from +x (GalSim g1,g2)"
@@ -138,3 +139,70 @@ def header(bands: Sequence[str], meta: dict) -> dict:
 def empty(bands: Sequence[str], meta: dict) -> Table:
     """A catalogue with no rows and the full schema (no sources were found)."""
     return make_table({}, bands, meta)
+
+
+# ------------------------------------------------------------------ the flag policy
+
+
+def near_edge(x: np.ndarray, y: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Whether each position (scene pixels, 0-based) is within :data:`EDGE_PIXELS` of the scene's edge.
+
+    ``shape`` is the scene's ``(ny, nx)``; the input of flag ``EDGE``.
+    """
+    ny, nx = shape
+    x, y, e = np.asarray(x, float), np.asarray(y, float), EDGE_PIXELS
+    return (x < e) | (y < e) | (x > nx - 1 - e) | (y > ny - 1 - e)
+
+
+def masked_centre(valid: np.ndarray, x: np.ndarray, y: np.ndarray, half: int = 2) -> np.ndarray:
+    """Whether any band has a masked pixel within ``half`` pixels of each position (or it is outside).
+
+    ``valid`` ``(band, y, x)`` bool; ``x``, ``y`` ``(source,)`` pixels. The
+    ``(2 half + 1)``-square minimum filter of the all-band valid map, read at
+    the rounded positions: the input of flag ``MASKED_CENTRE``.
+    """
+    ok = minimum_filter(valid.all(axis=0), size=2 * half + 1, mode="constant", cval=True)
+    xi = np.rint(np.asarray(x, float)).astype(int)
+    yi = np.rint(np.asarray(y, float)).astype(int)
+    inside = (xi >= 0) & (yi >= 0) & (xi < ok.shape[1]) & (yi < ok.shape[0])
+    return ~inside | ~ok[np.clip(yi, 0, ok.shape[0] - 1), np.clip(xi, 0, ok.shape[1] - 1)]
+
+
+def flag_sources(values: dict[str, np.ndarray], sources: Table, shape_band: str) -> np.ndarray:
+    """The ``flags`` column (bits of :data:`FLAGS`) from a catalogue's summary values.
+
+    Parameters
+    ----------
+    values : dict of numpy.ndarray
+        Per-source columns of :func:`columns`: ``x``, ``y``, ``x_det``,
+        ``y_det`` (pixels), ``flux_{shape_band}`` and its ``_std``
+        (electrons), ``resolution``, ``blendedness``, ``r_hat_max``,
+        ``ess_bulk_min`` (NaN when not NUTS) and ``n_divergent``.
+    sources : astropy.table.Table
+        The Posterior's source table: boolean ``edge``, ``masked`` and ``split``.
+    shape_band : str
+        The band whose S/N sets ``LOW_SNR``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(source,)`` int64 bit mask.
+    """
+    flags = np.zeros(len(sources), np.int64)
+
+    def flag(name: str, where: np.ndarray) -> None:
+        nonlocal flags
+        flags |= np.where(np.asarray(where, bool), FLAGS[name], 0)
+
+    flag("EDGE", sources["edge"])
+    flag("MASKED_CENTRE", sources["masked"])
+    flag("SPLIT_BLEND", sources["split"])
+    flag("NOT_CONVERGED", values["r_hat_max"] > R_HAT_MAX)
+    flag("LOW_ESS", values["ess_bulk_min"] < ESS_MIN)
+    flag("DIVERGENT", values["n_divergent"] > 0)
+    snr = values[f"flux_{shape_band}"] / np.maximum(values[f"flux_{shape_band}_std"], 1e-30)
+    flag("LOW_SNR", snr < SNR_MIN)
+    flag("MOVED", np.hypot(values["x"] - values["x_det"], values["y"] - values["y_det"]) > MOVED_PIXELS)
+    flag("UNRESOLVED", ~(values["resolution"] >= RESOLUTION_MIN))
+    flag("BLENDED", values["blendedness"] > BLENDEDNESS_MAX)
+    return flags

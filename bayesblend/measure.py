@@ -10,8 +10,6 @@ shear catalogue cuts on: how much of a source's light is its neighbours'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax.numpy as jnp
 
 FWHM_TO_SIGMA = 1.0 / 2.354820045
@@ -47,8 +45,3 @@ def blendedness(images: jnp.ndarray) -> jnp.ndarray:
     self_dot = (images * images).sum(axis=(-2, -1))
     cross = (images * total).sum(axis=(-2, -1))
     return jnp.where(cross > 0, 1.0 - self_dot / jnp.where(cross > 0, cross, 1.0), 0.0)
-
-
-def shape_band(bands: Sequence[str]) -> str:
-    """The band of the catalogue's ``size`` and ``resolution``: r when present, else the middle band."""
-    return "r" if "r" in bands else bands[len(bands) // 2]

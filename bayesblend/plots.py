@@ -21,7 +21,6 @@ from astropy.visualization import make_lupton_rgb  # noqa: E402
 
 from bayesblend.detect import match_sources  # noqa: E402
 from bayesblend.io import atomic_path  # noqa: E402
-from bayesblend.measure import shape_band  # noqa: E402
 from bayesblend.model import pixel_variance  # noqa: E402
 from bayesblend.scene import Scene  # noqa: E402
 
@@ -193,7 +192,7 @@ def plot_blend(
     ax.set_yticks([])
     colors = plt.cm.tab10(np.arange(len(sel)) % 10)
     ax = axes[3, 1]
-    sb = shape_band(bands)
+    sb = posterior.shape_band
     ib = bands.index(sb)
     tmatch = _match_truth(cat, truth)
     for i, s in enumerate(sel):

@@ -30,49 +30,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from astropy.table import Table
-from scipy.ndimage import minimum_filter
 
 from bayesblend import catalog as cat
 from bayesblend.ellipticity import to_ellipticity
 from bayesblend.forward import paste_stamps
 from bayesblend.io import atomic_path, write_table
-from bayesblend.measure import blendedness, resolution, shape_band
-from bayesblend.model import source_stamps
+from bayesblend.measure import blendedness, resolution
+from bayesblend.model import scene_mean, source_stamps
 from bayesblend.prior.bundle import Networks, PriorBundle
+from bayesblend.settings import InferenceConfig
 from bayesblend.survey import flux_to_mag, get_survey
 
 #: Half-light radius of a Gaussian in units of its sigma, ``sqrt(2 ln 2)``.
 HLR_PER_SIGMA = float(np.sqrt(2.0 * np.log(2.0)))
 
-if TYPE_CHECKING:  # bayesblend.infer imports this module: types only, no import at run time
+if TYPE_CHECKING:  # types only: ArviZ is imported on first use
     import arviz
-
-    from bayesblend.infer import InferenceConfig
 
 #: Sampled parameters and derived quantities kept per source.
 SAMPLED = ("u", "eta", "log_hlr", "log_flux", "offset")
 DERIVED = ("z", "flux", "mag", "x", "y", "e1", "e2", "size")
-
-
-def scene_model_settings(config: InferenceConfig) -> dict:
-    """The scene-model settings that change fitted shapes.
-
-    ``flux_prior`` and ``model_error`` of an :class:`~bayesblend.infer.InferenceConfig`.
-    A shear responsivity measured under one set of them does not hold
-    under another; they go to catalogue headers (:data:`bayesblend.catalog.SCENE_HEADER`),
-    shear-bias run configurations and the card's responsivity entries.
-
-    Parameters
-    ----------
-    config : InferenceConfig
-        The inference settings of the fit.
-
-    Returns
-    -------
-    dict
-        ``{"flux_prior": str, "model_error": float}``.
-    """
-    return {"flux_prior": str(config.flux_prior), "model_error": float(config.model_error)}
 
 
 class Posterior:
@@ -88,7 +65,8 @@ class Posterior:
     latent_prior : str
     bands : tuple of str
     shape_band : str
-        The band of ``size`` and of the catalogue's ``resolution`` and S/N (r for LSST).
+        The band of ``size`` and of the catalogue's ``resolution`` and S/N: the
+        card's ``size_prior.band`` (:attr:`~bayesblend.prior.bundle.PriorBundle.size_band`; r for LSST).
     shape_psf_fwhm : float
         The survey's PSF FWHM in that band, arcsec (``resolution`` compares sizes with it).
     draws : dict of numpy.ndarray
@@ -132,7 +110,7 @@ class Posterior:
         self.bundle = bundle
         self.scenes = list(scenes)
         self.bands = tuple(bundle.bands)
-        self.shape_band = shape_band(self.bands)
+        self.shape_band = bundle.size_band
         self.shape_psf_fwhm = float(get_survey(bundle.survey).band(self.shape_band).psf_fwhm)
         self.draws = draws
         self.sources = sources
@@ -210,11 +188,10 @@ class Posterior:
             rows["x_det"] += list(b.x + b.origin[0])
             rows["y_det"] += list(b.y + b.origin[1])
             rows["split"] += [m["split"]] * k
-            rows["masked"] += list(_masked_centre(np.asarray(b.data["valid"]), b.x, b.y))
-            sny, snx = scenes[m["scene"]].shape
-            xd, yd = b.x + b.origin[0], b.y + b.origin[1]
-            e = cat.EDGE_PIXELS
-            rows["edge"] += list((xd < e) | (yd < e) | (xd > snx - 1 - e) | (yd > sny - 1 - e))
+            rows["masked"] += list(cat.masked_centre(np.asarray(b.data["valid"]), b.x, b.y))
+            rows["edge"] += list(
+                cat.near_edge(b.x + b.origin[0], b.y + b.origin[1], scenes[m["scene"]].shape)
+            )
             magzero += [b.magzero] * k
         if parts["u"]:
             draws = {k: np.concatenate(v, axis=2) for k, v in parts.items()}
@@ -403,7 +380,7 @@ class Posterior:
             "NDRAW": int(d),
             "SHAPEBND": self.shape_band,
             "SHAPEPSF": self.shape_psf_fwhm,
-        } | {cat.SCENE_HEADER[k]: v for k, v in scene_model_settings(self.config).items()}
+        } | {cat.SCENE_HEADER[k]: v for k, v in self.config.scene_model_settings().items()}
 
     def catalog(self) -> Table:
         """The posterior catalogue (columns of :func:`bayesblend.catalog.columns`), a fresh copy.
@@ -457,22 +434,7 @@ class Posterior:
         v["blendedness"] = self.blendedness()
         diag = self.diagnostics()
         v.update(diag)
-        flags = np.zeros(self.n_sources, np.int64)
-        src = self.sources
-        flags |= np.where(np.asarray(src["edge"]), cat.FLAGS["EDGE"], 0)
-        flags |= np.where(np.asarray(src["masked"]), cat.FLAGS["MASKED_CENTRE"], 0)
-        flags |= np.where(np.asarray(src["split"]), cat.FLAGS["SPLIT_BLEND"], 0)
-        flags |= np.where(diag["r_hat_max"] > cat.R_HAT_MAX, cat.FLAGS["NOT_CONVERGED"], 0)
-        flags |= np.where(diag["ess_bulk_min"] < cat.ESS_MIN, cat.FLAGS["LOW_ESS"], 0)
-        flags |= np.where(diag["n_divergent"] > 0, cat.FLAGS["DIVERGENT"], 0)
-        sb = self.shape_band
-        snr = v[f"flux_{sb}"] / np.maximum(v[f"flux_{sb}_std"], 1e-30)
-        flags |= np.where(snr < cat.SNR_MIN, cat.FLAGS["LOW_SNR"], 0)
-        moved = np.hypot(v["x"] - v["x_det"], v["y"] - v["y_det"]) > cat.MOVED_PIXELS
-        flags |= np.where(moved, cat.FLAGS["MOVED"], 0)
-        flags |= np.where(~(v["resolution"] >= cat.RESOLUTION_MIN), cat.FLAGS["UNRESOLVED"], 0)
-        flags |= np.where(v["blendedness"] > cat.BLENDEDNESS_MAX, cat.FLAGS["BLENDED"], 0)
-        v["flags"] = flags
+        v["flags"] = cat.flag_sources(v, self.sources, self.shape_band)
         return cat.make_table(v, self.bands, self.meta())
 
     def write_catalog(self, path: str | Path) -> Path:
@@ -541,20 +503,6 @@ class Posterior:
         return out
 
 
-def _masked_centre(valid: np.ndarray, x: np.ndarray, y: np.ndarray, half: int = 2) -> np.ndarray:
-    """Whether any band has a masked pixel within ``half`` pixels of each position (or it is outside).
-
-    ``valid`` ``(band, y, x)`` bool; ``x``, ``y`` ``(source,)`` pixels. The
-    ``(2 half + 1)``-square minimum filter of the all-band valid map, read at
-    the rounded positions (flag ``MASKED_CENTRE``).
-    """
-    ok = minimum_filter(valid.all(axis=0), size=2 * half + 1, mode="constant", cval=True)
-    xi = np.rint(np.asarray(x, float)).astype(int)
-    yi = np.rint(np.asarray(y, float)).astype(int)
-    inside = (xi >= 0) & (yi >= 0) & (xi < ok.shape[1]) & (yi < ok.shape[0])
-    return ~inside | ~ok[np.clip(yi, 0, ok.shape[0] - 1), np.clip(xi, 0, ok.shape[1] - 1)]
-
-
 @partial(jax.jit, static_argnums=0)
 def _latent(nets: Networks, w: dict, u: jnp.ndarray) -> jnp.ndarray:
     """Latent codes of base draws ``u`` ``(..., latent)``."""
@@ -569,7 +517,8 @@ def _source_stamps(nets: Networks, w: dict, spec, params: dict, data: dict) -> j
 
 @partial(jax.jit, static_argnums=(0, 2))
 def _render(nets: Networks, w: dict, spec, params: dict, data: dict) -> jnp.ndarray:
-    return paste_stamps(_source_stamps(nets, w, spec, params, data), data["anchor"], spec.shape)
+    """The blend's expected image ``(band, H, W)``: :func:`bayesblend.model.scene_mean` itself."""
+    return scene_mean(spec, data, partial(nets.decode, w), nets.to_latent(w), params)
 
 
 @partial(jax.jit, static_argnums=(0, 2))

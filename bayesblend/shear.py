@@ -367,7 +367,7 @@ def responsivity_from_card(
 
     Returns ``(1.0, "none")`` with a warning when the card holds none for that
     method, or none that applies: when ``scene_model``
-    (:func:`bayesblend.posterior.scene_model_settings`, e.g. read back from a
+    (:meth:`bayesblend.settings.InferenceConfig.scene_model_settings`, e.g. read back from a
     catalogue header with :func:`scene_model_from_header`) is given, it must
     equal the settings R was measured under. R is the mean response of the
     shapes a scene model produces: a change of flux prior or model error

@@ -219,9 +219,8 @@ def run(
     made before a default changed is not resumed under the new one); a run in
     a directory made with another configuration is refused (results would mix).
     """
-    from bayesblend.infer import InferenceConfig
-    from bayesblend.posterior import scene_model_settings
     from bayesblend.prior.bundle import load_bundle
+    from bayesblend.settings import InferenceConfig
 
     out = Path(out)
     (out / "items").mkdir(parents=True, exist_ok=True)
@@ -230,7 +229,7 @@ def run(
     key = cfg.key() | {
         "bundle": str(bundle.card.get("name", bundle.path)),
         "inference": asdict(inference),
-        "scene_model": scene_model_settings(inference),
+        "scene_model": inference.scene_model_settings(),
     }
     if cfg.detect:  # a run detecting with another detector is another run
         key["detector"] = DETECTOR

@@ -35,8 +35,9 @@ from numpyro.infer.util import log_density
 
 from bayesblend import forward
 from bayesblend.ellipticity import to_ellipticity
-from bayesblend.infer import InferenceConfig, _map
+from bayesblend.infer import InferenceConfig
 from bayesblend.io import atomic_path
+from bayesblend.methods import adam_map
 from bayesblend.model import SceneSpec, scene_model
 from bayesblend.prior.networks import scale_input
 from bayesblend.prior.train import CanonicalData, TrainConfig, build_networks
@@ -60,7 +61,7 @@ def fit_batch(spec, decode_item, data, start, steps: int, lr: float):
         def potential(q):
             return -log_density(scene_model, (spec, d, lambda z: decode_item(z, d)), {}, q)[0]
 
-        return _map(potential, p, cfg)[0]
+        return adam_map(potential, p, cfg)[0]
 
     return jax.jit(jax.vmap(one))(start, data)
 

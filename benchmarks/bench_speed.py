@@ -43,16 +43,16 @@ def matmul_rate(n: int = 2048) -> float:
 
 
 def gradient_rate(prior, blend, rate_ref: float) -> dict:
-    from bayesblend.infer import _amortised, _potential
+    from bayesblend.methods import amortised_start, scene_potential
     from bayesblend.prior.bundle import Networks
 
     nets = Networks(prior, "flow")
     w = nets.weights()
     spec, data = blend.spec, blend.data
-    _, _, start = jax.jit(lambda d: _amortised(nets, w, spec, d, prior.stamp))(data)
+    _, _, start = jax.jit(lambda d: amortised_start(nets, w, spec, d, prior.stamp))(data)
 
     def pot(p, d, w):
-        return _potential(nets, w, spec, d)(p)
+        return scene_potential(nets, w, spec, d)(p)
 
     g = jax.jit(jax.value_and_grad(pot))
     flops = g.lower(start, data, w).compile().cost_analysis()

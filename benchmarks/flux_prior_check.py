@@ -24,8 +24,9 @@ import numpy as np
 
 def main() -> None:
     import bayesblend
+    from bayesblend import methods
     from bayesblend.blends import prepare_blend
-    from bayesblend.infer import _amortised, _unit_stamps, joint_flux
+    from bayesblend.methods import joint_flux
     from bayesblend.prior.bundle import Networks
     from bayesblend.simulate.scenes import simulate_blend
 
@@ -34,8 +35,8 @@ def main() -> None:
     args = p.parse_args()
     prior = bayesblend.load_prior()
     nets = Networks(prior, "flow")
-    amortised = jax.jit(_amortised, static_argnums=(0, 2, 4))
-    unit_stamps = jax.jit(_unit_stamps, static_argnums=(0, 2))
+    amortised = jax.jit(methods.amortised_start, static_argnums=(0, 2, 4))
+    unit_stamps = jax.jit(methods.unit_stamps, static_argnums=(0, 2))
     w = nets.weights()
     r = prior.bands.index("r")
     print(

@@ -34,19 +34,19 @@ def check_blend(nets, w, prior, cfg, spec, data, rng, n_draws: int) -> tuple[int
     """``(d, H/GN ratios, potential rises of the Laplace draws, IS ESS fraction)`` of one blend."""
     from jax.flatten_util import ravel_pytree
 
-    from bayesblend.infer import _amortised, _map, _newton_laplace, _potential
+    from bayesblend.methods import adam_map, amortised_start, newton_laplace, scene_potential
 
     def fit(data):
-        _, _, start = _amortised(nets, w, spec, data, prior.stamp)
+        _, _, start = amortised_start(nets, w, spec, data, prior.stamp)
         data = dict(data, log_flux0=start["log_flux"])
-        potential = _potential(nets, w, spec, data)
-        point, _ = _map(potential, start, cfg)
-        flat, _, _, root, _ = _newton_laplace(nets, w, spec, data, potential, point, cfg)
+        potential = scene_potential(nets, w, spec, data)
+        point, _ = adam_map(potential, start, cfg)
+        flat, _, _, root, _ = newton_laplace(nets, w, spec, data, potential, point, cfg)
         return data, point, flat, root
 
     data, point, flat, root = jax.jit(fit)(data)
     _, unravel = ravel_pytree(point)
-    potential = _potential(nets, w, spec, data)
+    potential = scene_potential(nets, w, spec, data)
     pot = jax.jit(jax.vmap(lambda f: potential(unravel(f))))
     grad = jax.jit(jax.grad(lambda f: potential(unravel(f))))
     d = flat.shape[0]

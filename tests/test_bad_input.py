@@ -5,7 +5,7 @@ import pytest
 from astropy.table import Table
 
 from bayesblend import catalog as cat
-from bayesblend import infer
+from bayesblend import methods
 from bayesblend.cli import main, truth_per_scene
 from bayesblend.errors import BayesblendError, MaskedBlendWarning
 from bayesblend.infer import deblend
@@ -63,10 +63,10 @@ def test_sources_outside_the_scene_are_dropped_with_a_warning(prior, galaxy, tmp
     assert post.n_sources == 1
     # the user's own source list as a FITS table (any case of x, y), by path
     Table({"X": [23.2], "Y": [23.9]}).write(tmp_path / "mine.fits")
-    compiled = len(infer._COMPILED)
+    compiled = len(methods._COMPILED)
     post = deblend(galaxy.scene, sources=tmp_path / "mine.fits", prior=prior, **QUICK)
     assert post.n_sources == 1
-    assert len(infer._COMPILED) == compiled  # same padded source count and settings: not compiled again
+    assert len(methods._COMPILED) == compiled  # same padded source count and settings: not compiled again
     c = post.catalog()
     assert c["x_det"][0] == pytest.approx(23.2) and c["y_det"][0] == pytest.approx(23.9)
     with pytest.raises(BayesblendError, match="columns x and y"):

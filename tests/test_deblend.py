@@ -6,7 +6,8 @@ from astropy.table import Table
 
 from bayesblend import catalog as cat
 from bayesblend.errors import BayesblendError
-from bayesblend.infer import InferenceConfig, deblend, joint_flux
+from bayesblend.infer import InferenceConfig, deblend
+from bayesblend.methods import joint_flux
 from bayesblend.simulate.scenes import simulate_blend, simulate_isolated
 
 FAST = dict(num_draws=40, num_warmup=30, num_chains=2, map_steps=150, svi_steps=40, max_tree_depth=4)
@@ -122,11 +123,10 @@ def test_blendedness_of_the_fit_matches_the_truth(map_post, bright_pair):
 
 def test_headers_record_the_scene_model(map_post):
     """Catalogue and shear-catalogue headers say which scene model made the shapes (checked against R)."""
-    from bayesblend.posterior import scene_model_settings
     from bayesblend.shear import scene_model_from_header, shear_catalog
 
     c = map_post.catalog()
-    made = scene_model_settings(map_post.config)
+    made = map_post.config.scene_model_settings()
     assert c.meta["FLUXPRIR"] == "amortised" and c.meta["MODELERR"] == map_post.config.model_error
     assert scene_model_from_header(c.meta) == made
     assert scene_model_from_header(shear_catalog(c).meta) == made
@@ -136,12 +136,12 @@ def test_joint_flux_is_non_negative_and_exact_on_noiseless_templates(prior, map_
     import jax.numpy as jnp
 
     from bayesblend.forward import paste_stamps
-    from bayesblend.infer import _unit_stamps
+    from bayesblend.methods import unit_stamps
     from bayesblend.prior.bundle import Networks
 
     b = map_post.blends[0]
     nets = Networks(prior, "flow")
-    unit = _unit_stamps(nets, nets.weights(), b.spec, b.data, map_post.points[0])  # (source, band, S, S)
+    unit = unit_stamps(nets, nets.weights(), b.spec, b.data, map_post.points[0])  # (source, band, S, S)
 
     def scene(flux):
         return paste_stamps(unit * flux[:, :, None, None], b.data["anchor"], b.spec.shape)
@@ -164,7 +164,7 @@ def test_gauss_newton_per_source_jacobian_equals_the_whole_scene_jacobian(prior)
     from jax.flatten_util import ravel_pytree
 
     from bayesblend.blends import prepare_blend
-    from bayesblend.infer import _gauss_newton
+    from bayesblend.methods import gauss_newton_precision
     from bayesblend.model import inverse_variance, prior_precision, scene_mean
     from bayesblend.prior.bundle import Networks
 
@@ -184,7 +184,7 @@ def test_gauss_newton_per_source_jacobian_equals_the_whole_scene_jacobian(prior)
         "offset": prep.data["offset0"] + 0.3,
     }
     flat, unravel = ravel_pytree(params)
-    h = np.asarray(_gauss_newton(nets, w, prep.spec, prep.data, flat, unravel))
+    h = np.asarray(gauss_newton_precision(nets, w, prep.spec, prep.data, flat, unravel))
 
     decode = lambda z: nets.decode(w, z, forward_mode=True)  # noqa: E731
     to_latent = nets.to_latent(w)
@@ -296,7 +296,7 @@ def test_amortised_flux_prior_shares_a_bright_neighbours_light(prior):
     import jax
 
     from bayesblend.blends import prepare_blend
-    from bayesblend.infer import _amortised
+    from bayesblend.methods import amortised_start
     from bayesblend.prior.bundle import Networks
 
     s = simulate_blend(4, 149, max_shift=0.5, psf_jitter=0.05)  # held-out blend set, item 149
@@ -304,7 +304,7 @@ def test_amortised_flux_prior_shares_a_bright_neighbours_light(prior):
     assert t["mag_r"][0] < 19 and np.all(t["mag_r"][1:] > 26.5)
     prep = prepare_blend(s.scene, t["x"], t["y"], prior)
     nets = Networks(prior, "flow")
-    _, _, start = jax.jit(_amortised, static_argnums=(0, 2, 4))(
+    _, _, start = jax.jit(amortised_start, static_argnums=(0, 2, 4))(
         nets, nets.weights(), prep.spec, prep.data, prior.stamp
     )
     true = np.log(t["flux_r"] * t["frac_in_image_r"])
@@ -318,14 +318,14 @@ def test_amortised_flux_prior_shares_a_bright_neighbours_light(prior):
 
 
 def test_masked_centre_flags_a_masked_pixel_within_two_pixels_in_any_band():
-    from bayesblend.posterior import _masked_centre
+    from bayesblend.catalog import masked_centre
 
     valid = np.ones((3, 20, 30), bool)
     valid[1, 10, 15] = False  # one bad pixel in one band
     x = np.array([15.0, 17.4, 17.6, 15.0, 0.0, 29.0])
     y = np.array([10.0, 12.0, 10.0, 13.0, 0.0, 19.0])
     # within 2 px (after rounding) of (15, 10): the first two; 18 and 13 are 3 px away; edges are fine
-    assert list(_masked_centre(valid, x, y)) == [True, True, False, False, False, False]
+    assert list(masked_centre(valid, x, y)) == [True, True, False, False, False, False]
 
 
 def test_demo_writes_every_output_and_says_where(tmp_path, capsys):

@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from bayesblend.measure import FWHM_TO_SIGMA, blendedness, resolution, shape_band
+from bayesblend.measure import FWHM_TO_SIGMA, blendedness, resolution
 
 
 def test_resolution_factor():
@@ -19,7 +19,3 @@ def test_blendedness_of_separate_overlapping_and_empty_sources():
     # source 1: <I1,I1> = 9, <I1,I_total> = 9 + 0.5; source 2: 0.25 / (0.25 + 0.5)
     np.testing.assert_allclose(out[1:], [1 - 9 / 9.5, 1 - 0.25 / 0.75], rtol=1e-6)
     assert float(blendedness(jnp.zeros((2, 4, 4)))[0]) == 0.0  # no light: 0, not NaN
-
-
-def test_shape_band_is_r_or_the_middle_band():
-    assert shape_band(tuple("ugrizy")) == "r" and shape_band(("g", "i", "z")) == "i"

@@ -311,3 +311,16 @@ def test_update_card_sets_nested_entries_and_keeps_the_rest(tmp_path):
         update_card(tmp_path, "name.x", 1)
     with pytest.raises(BundleError, match="no card.json"):
         update_card(tmp_path / "missing", "a", 1)
+
+
+def test_size_band_comes_from_the_card():
+    from pathlib import Path
+
+    from bayesblend.prior.bundle import PriorBundle
+
+    arch = {"architecture": {"bands": list("ugrizy")}}
+    card = arch | {"size_prior": {"band": "i"}}
+    assert PriorBundle(card, Path("."), None, None).size_band == "i"
+    assert PriorBundle(arch, Path("."), None, None).size_band == "r"  # no size prior: r when modelled
+    gz = {"architecture": {"bands": ["g", "i", "z"]}}
+    assert PriorBundle(gz, Path("."), None, None).size_band == "i"  # else the middle band

@@ -353,14 +353,13 @@ def test_shipped_bundle_has_no_responsivity_so_r_is_one(prior):
 def test_card_responsivity_must_match_the_scene_model():
     """An R measured under one flux prior / model error does not calibrate another's shapes."""
     from bayesblend.infer import InferenceConfig
-    from bayesblend.posterior import scene_model_settings
 
-    made = scene_model_settings(InferenceConfig())
+    made = InferenceConfig().scene_model_settings()
     assert made["flux_prior"] == "amortised" and made["model_error"] == pytest.approx(0.03)
     entry = {"R": 0.5, "scene_model": made, "command": "c"}
     card = {"shear_responsivity": {"map": entry}}
     assert responsivity_from_card(card, "map", made) == (0.5, "c")
-    other = scene_model_settings(InferenceConfig(flux_prior="detection"))
+    other = InferenceConfig(flux_prior="detection").scene_model_settings()
     with pytest.warns(
         UserWarning, match="with flux_prior=amortised; these shapes were made with flux_prior=detection"
     ):

@@ -134,6 +134,18 @@ class PriorBundle:
         """Survey the prior was trained for."""
         return str(self.card["architecture"]["survey"])
 
+    @property
+    def size_band(self) -> str:
+        """The band the half-light radius is defined in: the card's ``size_prior.band``.
+
+        The band of the scene model's ``log_hlr`` and its size-magnitude
+        prior, and of the catalogue's ``size``, ``resolution`` and S/N. Cards
+        without it get r when the bundle models r, else its middle band.
+        """
+        size = self.card.get("size_prior") or {}
+        bands = self.bands
+        return str(size.get("band", "r" if "r" in bands else bands[len(bands) // 2]))
+
     def decode(self, z: jnp.ndarray) -> jnp.ndarray:
         """Canonical morphologies ``(..., band, N, N)``, unit sum per band, of codes ``(..., latent)``."""
         return self.decoder.apply(self.params["decoder"], z)
