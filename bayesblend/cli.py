@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     dbl = sub.add_parser("deblend", help="deblend scene-FITS files: catalogue, posterior samples, figures")
     dbl.add_argument("scenes", nargs="+", metavar="SCENE.fits")
-    dbl.add_argument("--sources", default=None, help="FITS/Parquet table with x, y (one scene only)")
+    dbl.add_argument(
+        "--sources",
+        default=None,
+        help="FITS/Parquet table of x, y (pixels); for several scenes a 'scene' column (file stem)",
+    )
     dbl.add_argument("--method", choices=["amortised", "map", "svi", "nuts"], default="nuts")
     dbl.add_argument("--out", default="deblended", help="output directory")
     dbl.add_argument("--prior", default=None, help="model bundle name or path (default: lsst-v2)")
@@ -195,67 +199,18 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def truth_per_scene(truth, scene_paths: Sequence[str], label: str) -> list:
-    """Split a truth table (``--truth``) into one table per scene, checked before any fitting.
-
-    Rows go to a scene by the ``file`` column (the scene's file name, as
-    ``bayesblend simulate`` writes it) or else by a ``scene`` column (the
-    scene's index on the command line); a table with neither serves a single
-    scene only.
-
-    Parameters
-    ----------
-    truth : astropy.table.Table
-        Needs columns ``x`` and ``y`` (pixels).
-    scene_paths : sequence of str
-        The scene files, in command-line order.
-    label : str
-        The table's name for error messages.
-
-    Returns
-    -------
-    list of astropy.table.Table
-        One table per scene (possibly empty).
-    """
-    import warnings
-    from pathlib import Path
-
-    import numpy as np
-
-    if not {"x", "y"} <= set(truth.colnames):
-        raise BayesblendError(f"{label}: a truth table needs columns x and y (pixels)")
-    if "file" in truth.colnames:
-        names = np.char.strip(np.asarray(truth["file"]).astype(str))
-        per_scene = [truth[names == Path(p).name] for p in scene_paths]
-        unmatched = [Path(p).name for p, t in zip(scene_paths, per_scene, strict=True) if len(t) == 0]
-        if unmatched and len(truth):
-            warnings.warn(
-                f"{label}: no truth rows for {', '.join(unmatched)} (by its 'file' column)", stacklevel=2
-            )
-        return per_scene
-    if "scene" in truth.colnames:
-        index = np.asarray(truth["scene"])
-        return [truth[index == i] for i in range(len(scene_paths))]
-    if len(scene_paths) == 1:
-        return [truth]
-    raise BayesblendError(
-        f"{label}: a truth table for several scenes needs a 'file' column (the scene's file name) "
-        "or a 'scene' column (its index on the command line)"
-    )
-
-
 def _deblend(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bayesblend.infer import deblend
-    from bayesblend.io import read_scene, read_table
+    from bayesblend.io import read_scene, read_table, rows_per_scene
 
-    if args.sources is not None and len(args.scenes) != 1:
-        raise BayesblendError("--sources goes with exactly one scene")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise BayesblendError(f"--out {args.out} is a file, not a directory")
+    sources = None
+    if args.sources is not None:  # checked before any scene is read
+        sources = rows_per_scene(read_table(args.sources), args.scenes, args.sources, "source")
     scenes = [read_scene(p) for p in args.scenes]
-    sources = None if args.sources is None else read_table(args.sources)
     settings = {
         k: v
         for k, v in (("num_chains", args.chains), ("num_draws", args.draws), ("num_warmup", args.warmup))
@@ -263,9 +218,9 @@ def _deblend(args: argparse.Namespace) -> int:
     }
     truths = None
     if args.truth and not args.no_figures:  # the truth is only drawn in the figures
-        truths = truth_per_scene(read_table(args.truth), args.scenes, args.truth)
+        truths = rows_per_scene(read_table(args.truth), args.scenes, args.truth, "truth")
     post = deblend(
-        scenes if len(scenes) > 1 else scenes[0],
+        scenes,
         sources=sources,
         method=args.method,
         prior=args.prior,

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,70 @@ def read_table(path: str | os.PathLike) -> Table:
         return Table.read(path, format=fmt)
     except Exception as exc:
         raise BayesblendError(f"{path}: cannot read as a {fmt} table ({exc.__class__.__name__})") from None
+
+
+def rows_per_scene(table: Table, scene_paths: Sequence[str], label: str, kind: str = "source") -> list[Table]:
+    """Split a table of positions (a source list or a truth table) into one table per scene file.
+
+    Rows go to a scene by their ``scene`` column, the scene file's name
+    without its directory and ``.fits`` (``blends_000001``; the file name
+    with ``.fits`` is accepted too); else by a ``file`` column (the file
+    name, as ``bayesblend simulate`` writes truth tables); else by an
+    integer ``scene`` column, the scene's index on the command line (as the
+    posterior catalogue writes it). A table with none of them serves a
+    single scene only. Checked before any fitting.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Needs columns ``x`` and ``y`` (pixels, 0-based).
+    scene_paths : sequence of str
+        The scene files, in command-line order.
+    label : str
+        The table's name for messages (its path).
+    kind : str
+        What a row is (``"source"`` or ``"truth"``), for messages.
+
+    Returns
+    -------
+    list of astropy.table.Table
+        One table per scene, in the order of ``scene_paths`` (possibly empty:
+        a warning names the scenes without rows, and another the rows that
+        name no given scene).
+    """
+    names = {c.lower(): c for c in table.colnames}
+    if not {"x", "y"} <= set(names):
+        raise BayesblendError(f"{label}: a {kind} table needs columns x and y (pixels)")
+    if "scene" not in names and "file" not in names:
+        if len(scene_paths) == 1:
+            return [table]
+        raise BayesblendError(
+            f"{label}: a {kind} table for several scenes needs a 'scene' column (the scene file's name "
+            "without .fits) or a 'file' column (its file name)"
+        )
+    by_name = "scene" in names and np.asarray(table[names["scene"]]).dtype.kind in "US"
+    column = names["scene"] if by_name or "file" not in names else names["file"]
+    values = np.asarray(table[column])
+    if values.dtype.kind in "iu":
+        keys = [str(i) for i in range(len(scene_paths))]
+        values = values.astype(str)
+        how = f"by its '{column}' column, the scene's index"
+    else:
+        values = np.char.strip(values.astype(str))
+        values = np.array([v[: -len(".fits")] if v.endswith(".fits") else v for v in values], dtype=str)
+        keys = [Path(p).name.removesuffix(".fits") for p in scene_paths]
+        how = f"by its '{column}' column"
+    per_scene = [table[values == k] for k in keys]
+    unmatched = [Path(p).name for p, t in zip(scene_paths, per_scene, strict=True) if len(t) == 0]
+    if unmatched and len(table):
+        more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
+        warnings.warn(f"{label}: no {kind} rows for {', '.join(unmatched[:5])}{more} ({how})", stacklevel=2)
+    orphans = sorted(set(values.tolist()) - set(keys))
+    if orphans:
+        n = int(np.isin(values, orphans).sum())
+        more = f" and {len(orphans) - 5} more" if len(orphans) > 5 else ""
+        warnings.warn(
+            f"{label}: {n} {kind} row(s) name scenes not given ({', '.join(orphans[:5])}{more}): left out",
+            stacklevel=2,
+        )
+    return per_scene

@@ -6,10 +6,10 @@ from astropy.table import Table
 
 from bayesblend import catalog as cat
 from bayesblend import methods
-from bayesblend.cli import main, truth_per_scene
+from bayesblend.cli import main
 from bayesblend.errors import BayesblendError, MaskedBlendWarning
 from bayesblend.infer import deblend
-from bayesblend.io import write_scene
+from bayesblend.io import rows_per_scene, write_scene
 from bayesblend.scene import Scene
 from bayesblend.simulate.scenes import simulate_blend, simulate_isolated
 
@@ -236,16 +236,29 @@ def test_truth_rows_go_to_their_own_scene(tmp_path):
     files = ["blends_000000.fits", "blends_000001.fits", "blends_000001.fits"]
     Table({"x": [1.0, 2.0, 3.0], "y": [0.0, 0.0, 0.0], "file": files}).write(tmp_path / "truth.fits")
     truth = Table.read(tmp_path / "truth.fits")  # FITS strings, as `bayesblend simulate` writes them
-    a, b = truth_per_scene(truth, ["sims/blends_000001.fits", "blends_000000.fits"], "truth.fits")
+    a, b = rows_per_scene(truth, ["sims/blends_000001.fits", "blends_000000.fits"], "truth.fits", "truth")
     assert list(a["x"]) == [2.0, 3.0] and list(b["x"]) == [1.0]
-    by_index = truth_per_scene(Table({"x": [1.0, 2.0], "y": [0.0, 0.0], "scene": [1, 0]}), ["a", "b"], "t")
+    by_index = rows_per_scene(Table({"x": [1.0, 2.0], "y": [0.0, 0.0], "scene": [1, 0]}), ["a", "b"], "t")
     assert [list(t["x"]) for t in by_index] == [[2.0], [1.0]]
-    assert len(truth_per_scene(Table({"x": [1.0], "y": [1.0]}), ["a.fits"], "t")[0]) == 1
-    with pytest.raises(BayesblendError, match="several scenes needs a 'file' column"):
-        truth_per_scene(Table({"x": [1.0], "y": [1.0]}), ["a.fits", "b.fits"], "t")
+    assert len(rows_per_scene(Table({"x": [1.0], "y": [1.0]}), ["a.fits"], "t")[0]) == 1
+    with pytest.raises(BayesblendError, match="several scenes needs a 'scene' column"):
+        rows_per_scene(Table({"x": [1.0], "y": [1.0]}), ["a.fits", "b.fits"], "t")
     with pytest.warns(UserWarning, match="no truth rows for renamed.fits"):
-        a, b = truth_per_scene(truth, ["renamed.fits", "blends_000000.fits"], "truth.fits")
+        a, b = rows_per_scene(truth, ["renamed.fits", "blends_000000.fits"], "truth.fits", "truth")
     assert len(a) == 0 and len(b) == 1
+
+
+def test_source_rows_go_to_the_scene_they_name(tmp_path):
+    """--sources for many scenes: the 'scene' column is the file name without .fits; it wins over an index."""
+    t = Table({"x": [1.0, 2.0, 3.0, 4.0], "y": [0.0] * 4, "scene": ["b", "a", "b.fits", "c"]})
+    t.write(tmp_path / "src.fits")
+    t = Table.read(tmp_path / "src.fits")
+    with pytest.warns(UserWarning, match="1 source row.s. name scenes not given .c.: left out"):
+        a, b = rows_per_scene(t, ["dir/a.fits", "b.fits"], "src.fits")
+    assert list(a["x"]) == [2.0] and list(b["x"]) == [1.0, 3.0]
+    both = Table({"x": [1.0, 2.0], "y": [0.0, 0.0], "scene": [0, 0], "file": ["b.fits", "a.fits"]})
+    a, b = rows_per_scene(both, ["a.fits", "b.fits"], "t")  # the file name, not the index, decides
+    assert list(a["x"]) == [2.0] and list(b["x"]) == [1.0]
 
 
 def test_bayesblend_deblend_is_the_inference_entry_point():
@@ -254,3 +267,28 @@ def test_bayesblend_deblend_is_the_inference_entry_point():
     assert bayesblend.deblend is deblend and "deblend" in bayesblend.__all__
     with pytest.raises(AttributeError, match="no attribute 'deblender'"):
         bayesblend.deblender  # noqa: B018
+
+
+def test_cli_sources_for_many_scenes_deblend_in_one_process_compiled_once(tmp_path, capsys):
+    """One source list for three scene files: rows go to the scene they name, one compilation for all."""
+    sims = [simulate_isolated(8, i, mag_range=(20.0 + i, 20.3 + i)) for i in range(3)]  # 1 mag apart
+    paths = [str(write_scene(tmp_path / f"field_{i}.fits", s.scene)) for i, s in enumerate(sims)]
+    order = [2, 0, 1]  # rows in another order than the files
+    Table(
+        {
+            "x": [float(sims[k].truth["x"][0]) for k in order],
+            "y": [float(sims[k].truth["y"][0]) for k in order],
+            "scene": [f"field_{k}" for k in order],
+        }
+    ).write(tmp_path / "src.fits")
+    compiled = len(methods._COMPILED)
+    args = ["deblend", *paths, "--sources", str(tmp_path / "src.fits"), "--method", "amortised"]
+    assert main([*args, "--draws", "8", "--no-figures", "--quiet", "--out", str(tmp_path / "o")]) == 0
+    assert len(methods._COMPILED) <= compiled + 1  # three scenes, one padded size: one program
+    assert "3 sources in 3 blends from 3 scene(s)" in capsys.readouterr().out
+    c = Table.read(tmp_path / "o" / "catalog.fits")
+    assert sorted(c["scene"]) == [0, 1, 2]
+    for row in c:  # each scene fitted at its own galaxy: its position, and its magnitude (1 mag apart)
+        truth = sims[int(row["scene"])].truth[0]
+        assert row["x_det"] == pytest.approx(truth["x"]) and row["y_det"] == pytest.approx(truth["y"])
+        assert abs(row["mag_r"] - truth["mag_r"]) < 0.3
