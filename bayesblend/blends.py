@@ -172,10 +172,13 @@ def prepare_blend(
     bundle: PriorBundle,
     log_flux_sigma: float = LOG_FLUX_SIGMA,
     position_sigma: float = POSITION_SIGMA,
-    model_error: float = MODEL_ERROR,
+    model_error: float | Sequence[float] | None = None,
     origin: tuple[int, int] = (0, 0),
 ) -> PreparedBlend:
     """Arrays of the scene model for sources at ``(x, y)`` in ``scene`` (bands in the bundle's order).
+
+    ``model_error`` is the fractional misfit per band (:func:`model_error_of`:
+    None takes the bundle's measured one).
 
     Bad pixels (a non-finite value, or a non-finite or non-positive variance)
     are masked with a warning; a missing PSF is
@@ -254,9 +257,26 @@ def prepare_blend(
         log_hlr_sigma=priors["log_hlr_sigma"],
         position_sigma=position_sigma,
         has_variance=sc.variance is not None,
-        model_error=model_error,
+        model_error=model_error_of(bundle, model_error),
     )
     return PreparedBlend(spec, data, k, x, y, tuple(bundle.bands), np.asarray(sc.magzero), sc, origin)
+
+
+def model_error_of(bundle: PriorBundle, model_error: float | Sequence[float] | None) -> tuple[float, ...]:
+    """The fractional misfit per band a fit uses: ``model_error``, or the bundle's when None.
+
+    A number serves every band; None gives the card's measured misfit
+    (:attr:`~bayesblend.prior.bundle.PriorBundle.misfit`), or
+    :data:`~bayesblend.model.MODEL_ERROR` in every band for a card without one.
+    """
+    if model_error is None:
+        return bundle.misfit or (MODEL_ERROR,) * len(bundle.bands)
+    values = np.atleast_1d(np.asarray(model_error, float))
+    if values.size == 1:
+        values = np.repeat(values, len(bundle.bands))
+    if values.size != len(bundle.bands) or not (values >= 0).all():
+        raise BayesblendError(f"model_error needs one value >= 0 or one per band, got {model_error!r}")
+    return tuple(float(v) for v in values)
 
 
 def pose_priors(bundle: PriorBundle) -> dict:

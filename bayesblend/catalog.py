@@ -11,7 +11,8 @@ morphology's size is defined in); ``resolution`` compares it with the survey
 PSF of FWHM ``SHAPEPSF`` (arcsec) in that band (:func:`bayesblend.measure.resolution`,
 with the half-light radius turned into the sigma of a Gaussian of the same
 half-light radius). Convergence columns (``r_hat_max``,
-``ess_bulk_min``) are filled for NUTS only (NaN otherwise): the other methods
+``ess_bulk_min``, over every band's flux, e1, e2 and size) are filled for
+NUTS only (NaN otherwise): the other methods
 give independent draws from an approximation, which those statistics do not
 test.
 """
@@ -93,8 +94,8 @@ def columns(bands: Sequence[str]) -> list[tuple[str, type, u.UnitBase | None, st
         ("size_std", np.float64, u.arcsec, "posterior std of size"),
         ("resolution", np.float64, None, "s^2/(s^2+sigma^2), s = size/1.1774, sigma of SHAPEPSF"),
         ("blendedness", np.float64, None, "1 - <I,I>/<I,I_total> of the fitted model, shape band"),
-        ("r_hat_max", np.float64, None, "largest split r-hat over the source's parameters (NUTS)"),
-        ("ess_bulk_min", np.float64, None, "smallest bulk ESS over the source's parameters (NUTS)"),
+        ("r_hat_max", np.float64, None, "largest split r-hat over the flux per band, e1, e2 and size (NUTS)"),
+        ("ess_bulk_min", np.float64, None, "smallest bulk ESS over the flux per band, e1, e2, size (NUTS)"),
         ("n_divergent", np.int64, None, "divergent transitions in the source's blend (NUTS)"),
         ("flags", np.int64, None, "bitmask: header keyword FLAG_<bit> names each bit"),
     ]

@@ -30,6 +30,7 @@ peaks, on the noise-whitened residual of the fitted model
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import sep
@@ -280,7 +281,7 @@ def residual_sources(
     model: np.ndarray,
     x: np.ndarray,
     y: np.ndarray,
-    model_error: float = 0.0,
+    model_error: float | Sequence[float] = 0.0,
     survey: str | None = None,
     threshold: float = THRESHOLD,
     radius: float = RESIDUAL_RADIUS,
@@ -304,8 +305,8 @@ def residual_sources(
         The fitted model of the scene in its bands, electrons.
     x, y : numpy.ndarray
         Positions of the fitted sources, pixels.
-    model_error : float
-        Fractional model error of the fit (dimensionless).
+    model_error : float or sequence of float
+        Fractional model error of the fit (dimensionless), one value or one per band.
     survey : str, optional
         Survey giving the sky level and PSF when the scene has none.
     threshold : float
@@ -328,7 +329,7 @@ def residual_sources(
         var = np.asarray(scene.variance, np.float64)
     else:
         var = poisson_variance(model, sky)
-    var = var + (model_error * model) ** 2
+    var = var + (np.reshape(np.asarray(model_error, np.float64), (-1, 1, 1)) * model) ** 2
     residual = np.asarray(scene.image, np.float64) - model
     det, no_weight = _unit_noise_sum(residual, var, bad | ~(var > 0))
     t = _peaks(_snr_map(det, detection_psf(scene, 1.0 / sky, survey)), no_weight, threshold)

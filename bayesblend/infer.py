@@ -20,7 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bayesblend.blends import PreparedBlend, blend_region, check_scene, group_sources, prepare_blend
+from bayesblend.blends import (
+    PreparedBlend,
+    blend_region,
+    check_scene,
+    group_sources,
+    model_error_of,
+    prepare_blend,
+)
 from bayesblend.errors import BayesblendError, MaskedBlendError, MaskedBlendWarning
 from bayesblend.methods import batch_function, joint_flux
 from bayesblend.model import SceneSpec
@@ -271,7 +278,12 @@ def deblend(
             x, y = positions[si]
             model = pilot.scene_model(si)
             new = residual_sources(
-                scenes[si].select_bands(bundle.bands), model, x, y, cfg.model_error, bundle.survey
+                scenes[si].select_bands(bundle.bands),
+                model,
+                x,
+                y,
+                model_error_of(bundle, cfg.model_error),
+                bundle.survey,
             )
             positions[si] = (np.r_[x, np.asarray(new["x"], float)], np.r_[y, np.asarray(new["y"], float)])
             added += len(new)

@@ -28,9 +28,10 @@ Scene mean = the sum of the sources' stamps pasted at their anchors
 (:func:`scene_mean`). Likelihood: an independent Gaussian per pixel, written
 with NumPyro's own ``Normal(...).mask(...).to_event(3)``. The variance is the
 data's variance plane when given, else ``sky + max(mean, 0)`` (sky plus the
-model's Poisson term), plus ``(model_error * max(data, 0))**2`` for the
-decoder's own error (``SceneSpec.model_error``; 0 gives the survey's noise
-alone). Masked pixels carry no weight. Padded sources have zero flux, so they
+model's Poisson term), plus ``(alpha_b * max(data, 0))**2`` for the
+galaxy model's own misfit in band b (``SceneSpec.model_error``, the bundle's
+measured misfit by default: :mod:`bayesblend.misfit`; 0 gives the survey's
+noise alone). Masked pixels carry no weight. Padded sources have zero flux, so they
 add nothing to the scene; their parameters keep their (proper, normalised)
 priors and are independent of everything else, so they leave the posterior of
 the real sources unchanged. (Masking their priors instead leaves them flat and
@@ -53,8 +54,9 @@ from bayesblend.forward import canonical_spectrum, paste_stamps, render_pose
 from bayesblend.survey import poisson_variance
 
 #: Defaults of the scene model's priors and variance, the one source of them (``prepare_blend`` and
-#: :class:`bayesblend.infer.InferenceConfig` use them too): log-flux prior sigma (natural log),
-#: position prior sigma (pixels), fractional model error.
+#: :class:`bayesblend.settings.InferenceConfig` use them too): log-flux prior sigma (natural log),
+#: position prior sigma (pixels), and the fractional model error of a bundle whose card records no
+#: measured misfit (``misfit``).
 LOG_FLUX_SIGMA = 2.0
 POSITION_SIGMA = 0.5
 MODEL_ERROR = 0.03
@@ -88,11 +90,12 @@ class SceneSpec:
         Width of the position prior, pixels.
     has_variance : bool
         Whether the data carry a variance plane (else sky + model Poisson term).
-    model_error : float
-        Fractional error of the model itself (dimensionless): adds
-        ``(model_error * max(data, 0))**2`` to every pixel's variance (the
-        data stand in for the true scene, so the term does not depend on the
-        parameters). 0 is the survey's noise alone.
+    model_error : tuple of float
+        Fractional misfit of the galaxy model per band (dimensionless; one
+        value serves every band): adds ``(alpha_b * max(data, 0))**2`` to
+        every pixel's variance in band b (the data stand in for the true
+        scene, so the term does not depend on the parameters). 0 is the
+        survey's noise alone. A float is taken as one value for every band.
     """
 
     shape: tuple[int, int]
@@ -106,7 +109,12 @@ class SceneSpec:
     log_hlr_sigma: float = LOG_HLR_SIGMA
     position_sigma: float = POSITION_SIGMA
     has_variance: bool = True
-    model_error: float = MODEL_ERROR
+    model_error: tuple[float, ...] = (MODEL_ERROR,)
+
+    def __post_init__(self) -> None:
+        me = self.model_error
+        me = (me,) if isinstance(me, int | float) else me
+        object.__setattr__(self, "model_error", tuple(float(v) for v in me))
 
 
 def pixel_variance(spec: SceneSpec, data: dict[str, jnp.ndarray], mean: jnp.ndarray) -> jnp.ndarray:
@@ -121,8 +129,9 @@ def pixel_variance(spec: SceneSpec, data: dict[str, jnp.ndarray], mean: jnp.ndar
         var = data["variance"]
     else:
         var = poisson_variance(mean, data["sky"])
-    if spec.model_error > 0:
-        var = var + (spec.model_error * jnp.clip(data["image"], 0.0, None)) ** 2
+    if any(a > 0 for a in spec.model_error):
+        alpha = jnp.asarray(spec.model_error, jnp.float32).reshape(-1, 1, 1)
+        var = var + (alpha * jnp.clip(data["image"], 0.0, None)) ** 2
     return jnp.where(data["valid"], var, 1.0)
 
 

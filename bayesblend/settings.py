@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bayesblend.errors import BayesblendError
-from bayesblend.model import LOG_FLUX_SIGMA, MODEL_ERROR, POSITION_SIGMA
+from bayesblend.model import LOG_FLUX_SIGMA, POSITION_SIGMA
 
 #: The inference methods, fastest first.
 METHODS = ("amortised", "map", "svi", "nuts")
@@ -75,10 +75,13 @@ class InferenceConfig:
         neighbour's light in the box) or ``"amortised"`` (the joint
         non-negative least-squares fluxes of the encoder's morphologies, which
         shares the light between neighbours).
-    model_error : float
-        Fractional error of the model (dimensionless): ``(model_error *
-        data)**2`` is added to every pixel's variance. 0 is the survey's noise
-        alone.
+    model_error : float or None
+        Fractional misfit of the galaxy model (dimensionless): ``(alpha_b *
+        data)**2`` is added to every pixel's variance in band b. None (the
+        default) takes ``alpha_b`` per band from the bundle's card (measured
+        on held-out galaxies: :attr:`~bayesblend.prior.bundle.PriorBundle.misfit`;
+        :data:`~bayesblend.model.MODEL_ERROR` for a card without it); a
+        number sets one value for every band; 0 is the survey's noise alone.
     """
 
     num_chains: int = 2
@@ -103,7 +106,7 @@ class InferenceConfig:
     log_flux_sigma: float = LOG_FLUX_SIGMA
     position_sigma: float = POSITION_SIGMA
     flux_prior: str = "amortised"
-    model_error: float = MODEL_ERROR
+    model_error: float | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -122,7 +125,8 @@ class InferenceConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise BayesblendError(f"inference setting {name} must be positive, got {getattr(self, name)}")
-        if min(self.num_warmup, self.region_margin, self.linking_length, self.model_error) < 0:
+        model_error = 0.0 if self.model_error is None else self.model_error
+        if min(self.num_warmup, self.region_margin, self.linking_length, model_error) < 0:
             raise BayesblendError("num_warmup, region_margin, linking_length and model_error must be >= 0")
         if not 0 < self.target_accept < 1:
             raise BayesblendError(f"target_accept must be in (0, 1), got {self.target_accept}")
@@ -139,7 +143,7 @@ class InferenceConfig:
             name, sep, value = kv.partition("=")
             if not sep or not hasattr(defaults, name):
                 raise BayesblendError(f"expected an inference setting as name=value, got {kv!r}")
-            kind = type(getattr(defaults, name))
+            kind = float if getattr(defaults, name) is None else type(getattr(defaults, name))
             try:
                 out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
             except ValueError:
@@ -177,6 +181,9 @@ class InferenceConfig:
         Returns
         -------
         dict
-            ``{"flux_prior": str, "model_error": float}``.
+            ``{"flux_prior": str, "model_error": float or "card"}`` ("card":
+            the bundle's measured misfit, which the catalogue header's
+            ``BUNDLE`` names).
         """
-        return {"flux_prior": str(self.flux_prior), "model_error": float(self.model_error)}
+        model_error = "card" if self.model_error is None else float(self.model_error)
+        return {"flux_prior": str(self.flux_prior), "model_error": model_error}

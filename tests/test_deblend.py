@@ -127,7 +127,7 @@ def test_headers_record_the_scene_model(map_post):
 
     c = map_post.catalog()
     made = map_post.config.scene_model_settings()
-    assert c.meta["FLUXPRIR"] == "amortised" and c.meta["MODELERR"] == map_post.config.model_error
+    assert c.meta["FLUXPRIR"] == "amortised" and c.meta["MODELERR"] == "card"  # the bundle's misfit
     assert scene_model_from_header(c.meta) == made
     assert scene_model_from_header(shear_catalog(c).meta) == made
 
@@ -282,8 +282,10 @@ def test_config_errors():
         InferenceConfig(flux_prior="box")
     with pytest.raises(BayesblendError, match="model_error"):
         InferenceConfig(model_error=-0.1)
-    parsed = InferenceConfig.parse_settings(["map_steps=100", "position_sigma=1", "adapt_mass_matrix=yes"])
-    assert parsed == {"map_steps": 100, "position_sigma": 1.0, "adapt_mass_matrix": True}
+    parsed = InferenceConfig.parse_settings(
+        ["map_steps=100", "position_sigma=1", "adapt_mass_matrix=yes", "model_error=0.05"]
+    )
+    assert parsed == {"map_steps": 100, "position_sigma": 1.0, "adapt_mass_matrix": True, "model_error": 0.05}
     assert type(parsed["map_steps"]) is int and InferenceConfig().replace(**parsed).map_steps == 100
     with pytest.raises(BayesblendError, match="name=value"):
         InferenceConfig.parse_settings(["map_stepz=3"])

@@ -161,3 +161,21 @@ def test_pasting_places_stamps_at_their_anchors_and_clips_at_the_edges():
     assert anchor[1][0] < 0 and anchor[2][1] + s > 30  # sources across the left and the top edge
     np.testing.assert_allclose(scene, ref, rtol=1e-6)
     assert scene.sum() < stamps.sum()  # the sources across the edges lost light
+
+
+def test_the_model_error_enters_each_band_s_variance_with_its_own_alpha():
+    from bayesblend.model import pixel_variance
+
+    data = {
+        "image": jnp.full((2, 4, 4), 100.0),
+        "variance": jnp.full((2, 4, 4), 10.0),
+        "valid": jnp.ones((2, 4, 4), bool).at[1, 0, 0].set(False),
+    }
+    var = np.asarray(pixel_variance(_spec(1, model_error=(0.0, 0.1)), data, data["image"]))
+    np.testing.assert_allclose(var[0], 10.0)  # alpha 0: the survey's noise alone
+    np.testing.assert_allclose(var[1].ravel()[1:], 10.0 + (0.1 * 100.0) ** 2)
+    assert var[1, 0, 0] == 1.0  # masked
+    one = _spec(1, model_error=0.05)  # a number serves every band
+    assert one.model_error == (0.05,)
+    np.testing.assert_allclose(np.asarray(pixel_variance(one, data, data["image"]))[0], 10.0 + 25.0)
+    assert hash(one) == hash(_spec(1, model_error=(0.05,)))  # hashable: one compilation per spec

@@ -46,7 +46,7 @@ def test_prior_drawn_blend_has_the_model_noise_and_its_truth(prior):
     nets = Networks(prior, "flow")
     zp = np.asarray(layout.magzero, float)
     b, t = sbc.draw_from_prior(nets, layout, jax.random.PRNGKey(0), 0.4 * np.log(10) * (zp - 22.0), 0.5)
-    assert b.spec.model_error == 0.0 and b.spec.log_flux_sigma == 0.5 and b.spec.has_variance
+    assert b.spec.model_error == (0.0,) and b.spec.log_flux_sigma == 0.5 and b.spec.has_variance
     assert t["eta"].shape == (2, 2) and t["flux_r"].shape == (2,) and (t["snr"] > 0).all()
     w = nets.weights()
     stamps = source_stamps(b.spec, b.data, lambda z: nets.decode(w, z), nets.to_latent(w), t)

@@ -135,6 +135,22 @@ class PriorBundle:
         return str(self.card["architecture"]["survey"])
 
     @property
+    def misfit(self) -> tuple[float, ...] | None:
+        """The galaxy model's measured fractional misfit per band (the card's ``misfit.alpha``), or None.
+
+        Measured on held-out galaxies by ``scripts/measure_misfit.py``
+        (:func:`bayesblend.misfit.fit_misfit`); the scene model's default
+        model-error term.
+        """
+        alpha = (self.card.get("misfit") or {}).get("alpha")
+        if not alpha:
+            return None
+        missing = [b for b in self.bands if b not in alpha]
+        if missing:
+            raise BundleError(f"{self.path}: card.json misfit lacks band(s) {', '.join(missing)}")
+        return tuple(float(alpha[b]) for b in self.bands)
+
+    @property
     def size_band(self) -> str:
         """The band the half-light radius is defined in: the card's ``size_prior.band``.
 
