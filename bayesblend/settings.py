@@ -42,7 +42,8 @@ class InferenceConfig:
     target_accept : float
         NUTS target acceptance probability.
     adapt_mass_matrix : bool
-        Adapt the (dense, Laplace-initialised) mass matrix during warm-up.
+        Adapt the (dense, Laplace-initialised) mass matrix during warm-up
+        (default; False keeps the Laplace covariance and tunes the step size only).
     init_spread : float
         Chains start at MAP plus this many Laplace standard deviations of scatter.
     map_steps : int
@@ -89,7 +90,7 @@ class InferenceConfig:
     num_warmup: int = 150
     max_tree_depth: int = 6
     target_accept: float = 0.8
-    adapt_mass_matrix: bool = False
+    adapt_mass_matrix: bool = True
     init_spread: float = 0.5
     map_steps: int = 300
     map_learning_rate: float = 0.05
