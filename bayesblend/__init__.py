@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # types only: importing the bundle layer here would slow ``import bayesblend``
     from bayesblend.infer import deblend
     from bayesblend.prior.bundle import PriorBundle
+    from bayesblend.settings import InferenceConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "deblend", "load_prior"]
+__all__ = ["InferenceConfig", "__version__", "deblend", "load_prior"]
 
 
 def load_prior(name_or_path: str | None = None) -> PriorBundle:
@@ -41,9 +42,14 @@ def load_prior(name_or_path: str | None = None) -> PriorBundle:
 
 
 def __getattr__(name: str):
-    """``bayesblend.deblend`` is :func:`bayesblend.infer.deblend`, imported (with JAX) on first use."""
+    """``bayesblend.deblend`` (:func:`bayesblend.infer.deblend`) and ``bayesblend.InferenceConfig``
+    (:class:`bayesblend.settings.InferenceConfig`), imported (with JAX) on first use."""
     if name == "deblend":
         from bayesblend.infer import deblend
 
         return deblend
+    if name == "InferenceConfig":
+        from bayesblend.settings import InferenceConfig
+
+        return InferenceConfig
     raise AttributeError(f"module 'bayesblend' has no attribute {name!r}")
