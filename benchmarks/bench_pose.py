@@ -35,7 +35,9 @@ SNR_BINS = ((10, 20), (20, 50), (50, 100), (100, 300), (300, np.inf))
 SEED = 505  # scenes are simulate_isolated(SEED, i): the same items for every bundle
 
 
-def rows_for(bundle, family: str, index: int, min_snr: float, mag_range, method: str) -> dict | None:
+def rows_for(
+    bundle, family: str, index: int, min_snr: float, mag_range, method: str, settings: dict | None = None
+) -> dict | None:
     """Deblend item ``index`` and return its row (None when below ``min_snr``)."""
     from bayesblend import deblend
     from bayesblend.simulate.scenes import simulate_isolated
@@ -46,7 +48,14 @@ def rows_for(bundle, family: str, index: int, min_snr: float, mag_range, method:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        post = deblend(r.scene, sources=np.array([[t["x"], t["y"]]]), method=method, prior=bundle, seed=index)
+        post = deblend(
+            r.scene,
+            sources=np.array([[t["x"], t["y"]]]),
+            method=method,
+            prior=bundle,
+            seed=index,
+            **(settings or {}),
+        )
     c = post.catalog()[0]
     return {
         "index": index,
@@ -114,8 +123,12 @@ def main() -> None:
     p.add_argument("--method", default="map")
     p.add_argument("--label", default=None, help="file name (default <bundle>-<family>-snr<min>)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (rows kept) after this long")
+    p.add_argument("--set", action="append", default=[], help="inference setting name=value")
     args = p.parse_args()
     from bayesblend.prior.bundle import load_bundle
+    from bayesblend.settings import InferenceConfig
+
+    settings = InferenceConfig.parse_settings(args.set)
 
     bundle = load_bundle(args.bundle)
     mag_range = tuple(float(v) for v in args.mag_range.split(","))
@@ -130,7 +143,7 @@ def main() -> None:
     while len(kept) < args.n:
         if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
             break
-        row = rows_for(bundle, args.family, index, args.min_snr, mag_range, args.method)
+        row = rows_for(bundle, args.family, index, args.min_snr, mag_range, args.method, settings)
         index += 1
         if row is None:
             continue
@@ -145,7 +158,8 @@ def main() -> None:
         "min_snr": args.min_snr,
         "mag_range": list(mag_range),
         "command": f"benchmarks/bench_pose.py --bundle {args.bundle} --family {args.family} --n {args.n} "
-        f"--min-snr {args.min_snr:g} --mag-range {args.mag_range} --method {args.method}",
+        f"--min-snr {args.min_snr:g} --mag-range {args.mag_range} --method {args.method}"
+        + "".join(f" --set {kv}" for kv in args.set),
         "commit": commit.stdout.strip(),
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, CPU",
