@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+#: Columns of the per-band bin rows of :func:`fit_misfit`.
+BIN_COLUMNS = ("lo", "hi", "pixels", "alpha", "gamma")
 #: Bin edges of the model's intensity over the sky's noise, per pixel.
 SNR_EDGES = (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, np.inf)
 
@@ -39,25 +41,34 @@ def fit_misfit(
     -------
     dict
         ``alpha``: per band, ``sqrt(sum(r^2) / sum(m^2))`` over pixels
-        brighter than 3 sky sigma (dimensionless; r = truth - model);
-        ``bins``: per band, rows ``[lo, hi, pixels, alpha]`` in the
-        intensity bins :data:`SNR_EDGES` (sky sigma), which show whether the
-        misfit is fractional (alpha flat across bins); ``form``: the
-        variance term it enters.
+        brighter than 3 sky sigma (dimensionless; r = truth - model), the
+        scene model's term; ``gamma``: the same residual over the survey's
+        noise, ``sqrt(sum(r^2) / sum(sky + m))``; ``bins``: per band, rows
+        of :data:`BIN_COLUMNS` in the intensity bins :data:`SNR_EDGES` (sky
+        sigma); ``form``: the variance term alpha enters.
     """
     if not (len(model) == len(truth) == len(bands) == len(sky)):
         raise ValueError("model, truth, sky and bands need one entry per band")
-    alpha, bins = {}, {}
+    alpha, gamma, bins = {}, {}, {}
     for b, m, t, s in zip(bands, model, truth, np.asarray(sky, float), strict=True):
         m, t = np.asarray(m, float), np.asarray(t, float)
         level = m / np.sqrt(s)
         r2 = (t - m) ** 2
+        noise = s + np.maximum(m, 0.0)  # the survey's variance of each pixel
         bright = level > SNR_EDGES[0]
         alpha[b] = float(np.sqrt(r2[bright].sum() / max((m[bright] ** 2).sum(), 1e-30)))
+        gamma[b] = float(np.sqrt(r2[bright].sum() / max(noise[bright].sum(), 1e-30)))
         rows = []
         for lo, hi in zip(SNR_EDGES[:-1], SNR_EDGES[1:], strict=True):
             sel = (level > lo) & (level <= hi)
             if sel.sum():
-                rows.append([lo, hi, int(sel.sum()), float(np.sqrt(r2[sel].sum() / (m[sel] ** 2).sum()))])
+                a = float(np.sqrt(r2[sel].sum() / (m[sel] ** 2).sum()))
+                rows.append([lo, hi, int(sel.sum()), a, float(np.sqrt(r2[sel].sum() / noise[sel].sum()))])
         bins[b] = rows
-    return {"alpha": alpha, "bins": bins, "form": "variance += (alpha_b * intensity)^2 per pixel"}
+    return {
+        "alpha": alpha,
+        "gamma": gamma,
+        "bins": bins,
+        "bin_columns": list(BIN_COLUMNS),
+        "form": "variance += (alpha_b * intensity)^2 per pixel",
+    }
