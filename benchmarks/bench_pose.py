@@ -108,6 +108,7 @@ def summarise(rows: list[dict]) -> dict:
         "median_d_abs_e": float(np.median(dabs[ok])),
         "median_dmag_r": float(np.median(dmag)),
         "e1_coverage_68": float(np.mean(np.abs(a["e1"] - a["e1_true"]) < a["e1_std"])),
+        "e2_coverage_68": float(np.mean(np.abs(a["e2"] - a["e2_true"]) < a["e2_std"])),
         "flux_r_coverage_68": float(np.mean(np.abs(a["flux_r"] - a["flux_r_true"]) < a["flux_r_std"])),
     }
     return out

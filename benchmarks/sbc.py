@@ -11,8 +11,8 @@ e2, size) the rank of the truth among the draws (thinned by ``--thin``) and
 whether the 68 / 95 % intervals hold it.
 
 Output in ``--out``: ``rows.jsonl`` (one line per item and method, so a rerun
-resumes), ``summary.json`` (per method and quantity: chi-square p-value of
-rank uniformity in 10 bins, coverage at 68 / 95 %) and ``sbc.png`` (rank
+resumes), ``summary.json`` (per method, source count and quantity: chi-square
+p-value of rank uniformity in 10 bins, coverage at ten levels) and ``sbc.png`` (rank
 histograms and coverage against nominal level).
 
 Run::
@@ -91,8 +91,9 @@ def summarise(out: Path) -> dict:
 
     rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines() if x.strip()]
     summary: dict = {}
-    for method in sorted({r["method"] for r in rows}):
-        mine = [r for r in rows if r["method"] == method]
+    groups = sorted({(r["method"], r["k"]) for r in rows})
+    for method, k in groups:
+        mine = [r for r in rows if r["method"] == method and r["k"] == k]
         s: dict = {"items": len(mine), "sources": sum(r["k"] for r in mine)}
         s["seconds_per_blend"] = float(np.mean([r["seconds"] for r in mine]))
         for name in sbc.QUANTITIES:
@@ -105,7 +106,7 @@ def summarise(out: Path) -> dict:
             }
             hist, _ = np.histogram(ranks, bins=np.linspace(0, n_draws + 1, 11))
             s[name] = {"chi2": chi2, "p": p, "coverage": cov, "hist": hist.tolist(), "n_draws": n_draws}
-        summary[method] = s
+        summary[f"{method}, {k} source(s)"] = s
     return summary
 
 
