@@ -47,7 +47,7 @@ from bayesblend.catalog import ESS_MIN, R_HAT_MAX
 from bayesblend.io import atomic_path
 
 OUT = Path(__file__).parent / "deblend"  # --out changes it
-SIM = dict(max_shift=0.5, psf_jitter=0.05)
+SIM = dict(max_shift=0.5, psf_jitter=0.05)  # --family adds the population
 SEED = 4
 #: The inference seed of every fit.
 FIT_SEED = 11
@@ -446,7 +446,15 @@ def main() -> None:
     p.add_argument(
         "--redetect", action="store_true", help="with --detect: refit with the residual's new sources"
     )
+    p.add_argument(
+        "--family",
+        default="bulge+disk",
+        choices=["bulge+disk", "sersic"],
+        help="galaxy population of the blends (sersic: single Sersic, no knots, never trained on)",
+    )
     args = p.parse_args()
+    if args.family != "bulge+disk":  # recorded in <method>.settings.json; the default left out, as before
+        SIM["family"] = args.family
     if args.redetect and not args.detect:
         p.error("--redetect needs --detect")
     OUT = args.out
