@@ -8,12 +8,15 @@ Every method starts from the one before it:
   are the joint non-negative least-squares amplitudes of all sources' stamps
   rendered at that draw (:func:`joint_flux`) plus their Gaussian (Fisher)
   error. Fastest, and the start of the others.
-- ``map``: Adam on the joint log posterior from the amortised start (every
-  parameter is an unconstrained real), polished by damped Gauss-Newton steps.
-  The result carries the Laplace approximation around the optimum as its
-  draws, with the Gauss-Newton precision ``J^T W J`` plus the prior's, which is
-  positive definite everywhere (the exact Hessian at an Adam optimum had
-  negative eigenvalues, and flooring them inflated the flux errors).
+- ``map``: Levenberg-Marquardt on the joint log posterior from the amortised
+  start (every parameter is an unconstrained real), with the Gauss-Newton
+  precision ``J^T W J`` plus the prior's as its curvature, which is positive
+  definite everywhere (the exact Hessian at an optimum had negative
+  eigenvalues, and flooring them inflated the flux errors). The result
+  carries the Laplace approximation around the optimum as its draws, with
+  the same precision. Twenty iterations reach the optimum that 300 Adam
+  steps and four Gauss-Newton steps reached before, or a better one, in a
+  third of the time (RESULTS "Speed of MAP").
 - ``svi``: NumPyro SVI with a full-covariance (``AutoMultivariateNormal``) or
   low-rank (``AutoLowRankMultivariateNormal``) guide, started at MAP (the full
   guide with the Laplace covariance).
@@ -43,7 +46,15 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from bayesblend.forward import paste_stamps
-from bayesblend.model import SceneSpec, inverse_variance, prior_precision, scene_model, source_stamps
+from bayesblend.model import (
+    SceneSpec,
+    inverse_variance,
+    prior_precision,
+    render_sources,
+    scene_model,
+    source_spectra,
+    source_stamps,
+)
 from bayesblend.prior.amortised import PoseLayout
 from bayesblend.prior.bundle import Networks
 from bayesblend.settings import InferenceConfig
@@ -159,20 +170,6 @@ def amortised_start(nets: Networks, w: dict, spec, data: dict, stamp: int):
     return m, sd, start | {"log_flux": jnp.log(jnp.maximum(flux, floor))}
 
 
-def adam_map(potential: Callable, start: dict, cfg: InferenceConfig) -> tuple[dict, jnp.ndarray]:
-    """Adam on ``potential`` from ``start`` (``cfg.map_steps``, cosine-decayed rate): end point, trace."""
-    tx = optax.adam(optax.cosine_decay_schedule(cfg.map_learning_rate, cfg.map_steps, alpha=0.1))
-
-    def step(carry, _):
-        p, o = carry
-        loss, g = jax.value_and_grad(potential)(p)
-        upd, o = tx.update(g, o, p)
-        return (optax.apply_updates(p, upd), o), loss
-
-    (p, _), trace = jax.lax.scan(step, (start, tx.init(start)), None, length=cfg.map_steps)
-    return p, jnp.append(trace, potential(p))
-
-
 def gauss_newton_precision(
     nets: Networks, w: dict, spec: SceneSpec, data: dict, flat, unravel
 ) -> jnp.ndarray:
@@ -195,12 +192,33 @@ def gauss_newton_precision(
     params = unravel(flat)
     nb = data["image"].shape[0]
 
-    def stamp(p, valid):  # the stamp twice: as the output to differentiate and as the aux value
-        one = {"source_valid": valid[None], "psf_ft": data["psf_ft"]}
-        out = source_stamps(spec, one, decode, to_latent, jax.tree_util.tree_map(lambda a: a[None], p))[0]
-        return out, out
+    def source_jacobian(p, valid):
+        """One source's stamp ``(band, S, S)`` and its Jacobian, ``(band, S, S, k)`` per parameter.
 
-    jac, stamps = jax.vmap(jax.jacfwd(stamp, has_aux=True))(params, data["source_valid"])
+        Each parameter takes the cheapest derivative: the latent code's
+        ``latent_dim`` tangents go through the flow, the decoder and the
+        renderer; the pose's five through the renderer alone, at the decoded
+        spectrum; the fluxes' through nothing (the stamp is linear in each
+        band's flux: the column of ``log_flux_b`` is band b of the stamp).
+        Differentiating the whole stamp with respect to all parameters at once
+        carried the pose and flux tangents through the decoder too.
+        """
+        one = {"source_valid": valid[None], "psf_ft": data["psf_ft"]}
+        p = jax.tree_util.tree_map(lambda a: a[None], p)
+
+        def pose_stamp(spectrum, pose):
+            return render_sources(spec, one, spectrum, p | pose)[0]
+
+        pose = {k: p[k] for k in ("eta", "log_hlr", "offset")}
+        spectrum = source_spectra(decode, to_latent, p["u"])
+        out = pose_stamp(spectrum, pose)
+        j_u = jax.jacfwd(lambda u: pose_stamp(source_spectra(decode, to_latent, u), pose))(p["u"])
+        j_pose = jax.jacfwd(lambda q: pose_stamp(spectrum, q))(pose)
+        j_flux = out[..., None] * jnp.eye(nb)[:, None, None, :]  # (band, S, S, band)
+        jac = j_pose | {"log_flux": j_flux, "u": j_u}
+        return jax.tree_util.tree_map(lambda j: j.reshape(out.shape + (-1,)), jac), out
+
+    jac, stamps = jax.vmap(source_jacobian)(params, data["source_valid"])
 
     def canvas_columns(j):  # (source, band, S, S, k) -> (source * k, band, H, W), parameters in ravel order
         cols = jnp.moveaxis(j.reshape(j.shape[:4] + (-1,)), -1, 1)  # a scalar per source: k = 1
@@ -214,40 +232,98 @@ def gauss_newton_precision(
     return 0.5 * (h + h.T)
 
 
-def newton_laplace(
+def laplace(
+    nets: Networks, w: dict, spec: SceneSpec, data: dict, flat, unravel, cfg: InferenceConfig
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The Laplace approximation at ``flat``: its covariance and a square root of it.
+
+    The precision is the Gauss-Newton one (:func:`gauss_newton_precision`),
+    its eigenvalues floored at ``cfg.laplace_min_precision``.
+    """
+    h = gauss_newton_precision(nets, w, spec, data, flat, unravel)
+    lam, vec = jnp.linalg.eigh(h)
+    lam = jnp.maximum(lam, cfg.laplace_min_precision)
+    cov = (vec / lam) @ vec.T
+    return 0.5 * (cov + cov.T), vec / jnp.sqrt(lam)
+
+
+#: Damping factors tried at every Levenberg-Marquardt iteration, relative to the current one.
+LM_FACTORS = (0.1, 1.0, 10.0, 100.0)
+
+
+def levenberg_marquardt(
     nets: Networks,
     w: dict,
     spec: SceneSpec,
     data: dict,
     potential: Callable,
-    params: dict,
-    cfg: InferenceConfig,
-) -> tuple:
-    """Polish MAP by damped Gauss-Newton steps, then the Laplace covariance there.
+    start: dict,
+    iterations: int,
+    damping: float = 10.0,
+) -> tuple[jnp.ndarray, Callable, jnp.ndarray]:
+    """MAP by Levenberg-Marquardt steps on the potential, with the Gauss-Newton precision.
 
-    Returns the flat optimum, ``unravel``, the covariance and a square root of it.
+    Each iteration solves ``(H + lam diag(H)) step = grad`` for the damping
+    values ``lam * LM_FACTORS`` (H: :func:`gauss_newton_precision`), evaluates
+    the potential at every candidate (one vmapped forward pass) and keeps the
+    best if it improves; ``lam`` then becomes the damping that won, or is
+    multiplied by 1000 when no candidate improved. Start with ``damping``
+    large enough (10) that the first steps are short: from an amortised start
+    far in the latent prior's tail, long first steps led a bright galaxy into
+    a worse optimum (held-out blend 7: 77 nats above Adam's with
+    ``damping=1``). Marquardt's scaling by ``diag(H)`` makes the damping
+    independent of the parameters' units (log flux against latent code
+    against pixels).
+
+    Returns the flat optimum, ``unravel`` and the potential after each iteration.
     """
-    flat, unravel = ravel_pytree(params)
+    flat, unravel = ravel_pytree(start)
 
     def pot(f):
-        return potential(unravel(f))
+        v = potential(unravel(f))
+        return jnp.where(jnp.isfinite(v), v, jnp.inf)
 
-    scales = jnp.array([1.0, 0.5, 0.25, 0.0])
+    factors = jnp.asarray(LM_FACTORS, flat.dtype)
 
-    def newton(f, _):
+    def iteration(carry, _):
+        f, value, lam = carry
         g = jax.grad(pot)(f)
-        step = jnp.linalg.solve(gauss_newton_precision(nets, w, spec, data, f, unravel), g)
-        cands = f[None] - scales[:, None] * step[None]
-        vals = jax.vmap(pot)(cands)
-        vals = jnp.where(jnp.isfinite(vals), vals, jnp.inf)
-        return cands[jnp.argmin(vals)], jnp.min(vals)
+        h = gauss_newton_precision(nets, w, spec, data, f, unravel)
+        d = jnp.diagonal(h)
+        lams = lam * factors
+        steps = jax.vmap(lambda lm: jnp.linalg.solve(h + jnp.diag(lm * d), g))(lams)
+        vals = jax.vmap(pot)(f[None] - steps)
+        best = jnp.argmin(vals)
+        better = vals[best] < value
+        f = jnp.where(better, f - steps[best], f)
+        value = jnp.where(better, vals[best], value)
+        lam = jnp.where(better, lams[best], 1000.0 * lam)
+        return (f, value, jnp.clip(lam, 1e-6, 1e6)), value
 
-    flat, trace = jax.lax.scan(newton, flat, None, length=cfg.newton_steps)
-    h = gauss_newton_precision(nets, w, spec, data, flat, unravel)
-    lam, vec = jnp.linalg.eigh(h)
-    lam = jnp.maximum(lam, cfg.laplace_min_precision)
-    cov = (vec / lam) @ vec.T
-    return flat, unravel, 0.5 * (cov + cov.T), vec / jnp.sqrt(lam), trace
+    init = (flat, pot(flat), jnp.asarray(damping, flat.dtype))
+    (flat, _, _), trace = jax.lax.scan(iteration, init, None, length=iterations)
+    return flat, unravel, trace
+
+
+def map_laplace(
+    nets: Networks,
+    w: dict,
+    spec: SceneSpec,
+    data: dict,
+    potential: Callable,
+    start: dict,
+    cfg: InferenceConfig,
+) -> tuple:
+    """MAP from ``start`` (:func:`levenberg_marquardt`) and the Laplace approximation there (:func:`laplace`).
+
+    Returns the flat optimum, ``unravel``, the covariance, a square root of it
+    and the potential after each iteration.
+    """
+    flat, unravel, trace = levenberg_marquardt(
+        nets, w, spec, data, potential, start, cfg.map_steps, cfg.map_damping
+    )
+    cov, root = laplace(nets, w, spec, data, flat, unravel, cfg)
+    return flat, unravel, cov, root, trace
 
 
 def _gaussian_draws(flat, root, unravel, n: int, key):
@@ -282,10 +358,9 @@ def _fit_method(nets, method, cfg, w, spec, data, mean, sigma, start, k_draw, k_
     if method == "amortised":
         return _amortised_draws(nets, cfg, w, spec, data, mean, sigma, start, k_draw, k_svi)
     potential = scene_potential(nets, w, spec, data)
-    point, trace = adam_map(potential, start, cfg)
-    flat, unravel, cov, root, newton_trace = newton_laplace(nets, w, spec, data, potential, point, cfg)
+    flat, unravel, cov, root, trace = map_laplace(nets, w, spec, data, potential, start, cfg)
     point = unravel(flat)
-    out = {"point": point, "map_trace": jnp.concatenate([trace, newton_trace])}
+    out = {"point": point, "map_trace": trace}
     if method == "map":
         out["draws"] = _with_chain(_gaussian_draws(flat, root, unravel, cfg.num_draws, k_draw))
         out["stats"] = {}

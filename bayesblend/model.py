@@ -171,6 +171,38 @@ def prior_precision(spec: SceneSpec, n_bands: int) -> dict[str, jnp.ndarray]:
     }
 
 
+def source_spectra(
+    decode: Callable[[jnp.ndarray], jnp.ndarray],
+    to_latent: Callable[[jnp.ndarray], jnp.ndarray] | None,
+    u: jnp.ndarray,
+) -> jnp.ndarray:
+    """Canonical spectra ``(source, band, P, P)`` of base draws ``u`` ``(source, latent)``.
+
+    The flow (``to_latent``; None for the identity), the decoder, then
+    :func:`~bayesblend.forward.canonical_spectrum`.
+    """
+    z = u if to_latent is None else to_latent(u)
+    return canonical_spectrum(decode(z))
+
+
+def render_sources(
+    spec: SceneSpec, data: dict[str, jnp.ndarray], spectrum: jnp.ndarray, pose: dict[str, jnp.ndarray]
+) -> jnp.ndarray:
+    """Stamps ``(source, band, S, S)``, electrons, of canonical spectra at their pose and flux.
+
+    ``pose``: ``eta``, ``log_hlr``, ``log_flux`` and ``offset`` as in
+    :func:`source_stamps` (other keys are ignored).
+    """
+    flux = jnp.exp(pose["log_flux"]) * data["source_valid"][:, None]
+    render = functools.partial(
+        render_pose, stamp=spec.stamp, pixel_scale=spec.pixel_scale, hlr_pixels=spec.hlr_pixels
+    )
+    e = to_ellipticity(pose["eta"])
+    hlr = jnp.exp(pose["log_hlr"])
+    offset = pose["offset"]
+    return jax.vmap(render, in_axes=(0, 0, 0, 0, 0, None))(spectrum, flux, e, hlr, offset, data["psf_ft"])
+
+
 def source_stamps(
     spec: SceneSpec,
     data: dict[str, jnp.ndarray],
@@ -184,20 +216,11 @@ def source_stamps(
     ``log_hlr`` ``(source,)`` (arcsec), ``log_flux`` ``(source, band)``,
     ``offset`` ``(source, 2)`` (pixels of the profile centre from the stamp
     centre). Reads ``data["source_valid"]`` and ``data["psf_ft"]`` only, so it
-    also serves one source at a time.
+    also serves one source at a time. The composition of
+    :func:`source_spectra` (the morphology) and :func:`render_sources` (the
+    pose), which the Gauss-Newton Jacobian differentiates separately.
     """
-    u = params["u"]
-    z = u if to_latent is None else to_latent(u)
-    spectrum = canonical_spectrum(decode(z))
-    flux = jnp.exp(params["log_flux"]) * data["source_valid"][:, None]
-    render = functools.partial(
-        render_pose, stamp=spec.stamp, pixel_scale=spec.pixel_scale, hlr_pixels=spec.hlr_pixels
-    )
-    e = to_ellipticity(params["eta"])
-    hlr = jnp.exp(params["log_hlr"])
-    return jax.vmap(render, in_axes=(0, 0, 0, 0, 0, None))(
-        spectrum, flux, e, hlr, params["offset"], data["psf_ft"]
-    )
+    return render_sources(spec, data, source_spectra(decode, to_latent, params["u"]), params)
 
 
 def scene_mean(

@@ -47,11 +47,11 @@ class InferenceConfig:
     init_spread : float
         Chains start at MAP plus this many Laplace standard deviations of scatter.
     map_steps : int
-        Adam steps of MAP.
-    map_learning_rate : float
-        Initial Adam learning rate (cosine-decayed to a tenth).
-    newton_steps : int
-        Damped Gauss-Newton steps polishing the Adam optimum.
+        Levenberg-Marquardt iterations of MAP (each one Gauss-Newton
+        precision, one gradient and four trial points).
+    map_damping : float
+        Initial Levenberg-Marquardt damping, relative to the diagonal of the
+        Gauss-Newton precision (dimensionless).
     laplace_min_precision : float
         Floor of the precision's eigenvalues (a guard; the Gauss-Newton
         precision is already at least the prior's).
@@ -92,9 +92,8 @@ class InferenceConfig:
     target_accept: float = 0.8
     adapt_mass_matrix: bool = True
     init_spread: float = 0.5
-    map_steps: int = 300
-    map_learning_rate: float = 0.05
-    newton_steps: int = 4
+    map_steps: int = 20
+    map_damping: float = 10.0
     laplace_min_precision: float = 0.1
     svi_guide: str = "full"
     svi_rank: int = 8
@@ -115,6 +114,7 @@ class InferenceConfig:
             "num_draws",
             "max_tree_depth",
             "map_steps",
+            "map_damping",
             "svi_steps",
             "svi_particles",
             "svi_rank",

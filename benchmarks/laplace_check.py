@@ -34,15 +34,14 @@ def check_blend(nets, w, prior, cfg, spec, data, rng, n_draws: int) -> tuple[int
     """``(d, H/GN ratios, potential rises of the Laplace draws, IS ESS fraction)`` of one blend."""
     from jax.flatten_util import ravel_pytree
 
-    from bayesblend.methods import adam_map, amortised_start, newton_laplace, scene_potential
+    from bayesblend.methods import amortised_start, map_laplace, scene_potential
 
     def fit(data):
         _, _, start = amortised_start(nets, w, spec, data, prior.stamp)
         data = dict(data, log_flux0=start["log_flux"])
         potential = scene_potential(nets, w, spec, data)
-        point, _ = adam_map(potential, start, cfg)
-        flat, _, _, root, _ = newton_laplace(nets, w, spec, data, potential, point, cfg)
-        return data, point, flat, root
+        flat, unravel, _, root, _ = map_laplace(nets, w, spec, data, potential, start, cfg)
+        return data, unravel(flat), flat, root
 
     data, point, flat, root = jax.jit(fit)(data)
     _, unravel = ravel_pytree(point)

@@ -41,7 +41,7 @@ def main() -> None:
 
     import bayesblend
     from bayesblend.infer import InferenceConfig, prepare_scene
-    from bayesblend.methods import adam_map, amortised_start, newton_laplace, scene_potential
+    from bayesblend.methods import amortised_start, map_laplace, scene_potential
     from bayesblend.prior.bundle import Networks
     from bayesblend.simulate.scenes import simulate_blend
 
@@ -61,9 +61,8 @@ def main() -> None:
         _, _, start = amortised_start(nets, w, spec, data, prior.stamp)
         data = dict(data, log_flux0=start["log_flux"])
         pot = scene_potential(nets, w, spec, data)
-        point, _ = adam_map(pot, start, cfg)
-        flat, _, cov, root, _ = newton_laplace(nets, w, spec, data, pot, point, cfg)
-        return data, flat, cov, root, point
+        flat, unravel, cov, root, _ = map_laplace(nets, w, spec, data, pot, start, cfg)
+        return data, flat, cov, root, unravel(flat)
 
     data, flat, cov, root, point = laplace(w, blend.data)
     _, unravel = ravel_pytree(point)

@@ -13,7 +13,7 @@ from bayesblend.io import rows_per_scene, write_scene
 from bayesblend.scene import Scene
 from bayesblend.simulate.scenes import simulate_blend, simulate_isolated
 
-QUICK = dict(method="map", map_steps=60, num_draws=20)
+QUICK = dict(method="map", map_steps=6, num_draws=20)
 
 
 @pytest.fixture(scope="module")
