@@ -260,6 +260,7 @@ def levenberg_marquardt(
     start: dict,
     iterations: int,
     damping: float = 10.0,
+    tolerance: float = 0.01,
 ) -> tuple[jnp.ndarray, Callable, jnp.ndarray]:
     """MAP by Levenberg-Marquardt steps on the potential, with the Gauss-Newton precision.
 
@@ -275,7 +276,13 @@ def levenberg_marquardt(
     independent of the parameters' units (log flux against latent code
     against pixels).
 
-    Returns the flat optimum, ``unravel`` and the potential after each iteration.
+    It stops after ``iterations``, or earlier once two iterations in a row
+    have lowered the potential by less than ``tolerance`` (nats): one-galaxy
+    blends converge in about five iterations, 3-4-galaxy blends can take
+    twenty. (Under ``vmap`` a batch runs until its last blend stops.)
+
+    Returns the flat optimum, ``unravel`` and the potential after each
+    iteration (its final value repeated after an early stop).
     """
     flat, unravel = ravel_pytree(start)
 
@@ -285,8 +292,12 @@ def levenberg_marquardt(
 
     factors = jnp.asarray(LM_FACTORS, flat.dtype)
 
-    def iteration(carry, _):
-        f, value, lam = carry
+    def unfinished(carry):
+        i, _, _, _, stalled, _ = carry
+        return (i < iterations) & (stalled < 2)
+
+    def iteration(carry):
+        i, f, value, lam, stalled, trace = carry
         g = jax.grad(pot)(f)
         h = gauss_newton_precision(nets, w, spec, data, f, unravel)
         d = jnp.diagonal(h)
@@ -295,13 +306,18 @@ def levenberg_marquardt(
         vals = jax.vmap(pot)(f[None] - steps)
         best = jnp.argmin(vals)
         better = vals[best] < value
+        gain = jnp.where(better, value - vals[best], 0.0)
         f = jnp.where(better, f - steps[best], f)
         value = jnp.where(better, vals[best], value)
-        lam = jnp.where(better, lams[best], 1000.0 * lam)
-        return (f, value, jnp.clip(lam, 1e-6, 1e6)), value
+        lam = jnp.clip(jnp.where(better, lams[best], 1000.0 * lam), 1e-6, 1e6)
+        stalled = jnp.where(gain < tolerance, stalled + 1, 0)
+        return i + 1, f, value, lam, stalled, trace.at[i].set(value)
 
-    init = (flat, pot(flat), jnp.asarray(damping, flat.dtype))
-    (flat, _, _), trace = jax.lax.scan(iteration, init, None, length=iterations)
+    value0 = pot(flat)
+    trace = jnp.full((iterations,), value0)
+    init = (0, flat, value0, jnp.asarray(damping, flat.dtype), 0, trace)
+    done, flat, value, _, _, trace = jax.lax.while_loop(unfinished, iteration, init)
+    trace = jnp.where(jnp.arange(iterations) < done, trace, value)
     return flat, unravel, trace
 
 
@@ -320,7 +336,7 @@ def map_laplace(
     and the potential after each iteration.
     """
     flat, unravel, trace = levenberg_marquardt(
-        nets, w, spec, data, potential, start, cfg.map_steps, cfg.map_damping
+        nets, w, spec, data, potential, start, cfg.map_steps, cfg.map_damping, cfg.map_tolerance
     )
     cov, root = laplace(nets, w, spec, data, flat, unravel, cfg)
     return flat, unravel, cov, root, trace

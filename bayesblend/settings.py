@@ -47,11 +47,14 @@ class InferenceConfig:
     init_spread : float
         Chains start at MAP plus this many Laplace standard deviations of scatter.
     map_steps : int
-        Levenberg-Marquardt iterations of MAP (each one Gauss-Newton
+        Levenberg-Marquardt iterations of MAP, at most (each one Gauss-Newton
         precision, one gradient and four trial points).
     map_damping : float
         Initial Levenberg-Marquardt damping, relative to the diagonal of the
         Gauss-Newton precision (dimensionless).
+    map_tolerance : float
+        MAP stops early once two iterations in a row lower ``-log p`` by less
+        than this (natural log units).
     laplace_min_precision : float
         Floor of the precision's eigenvalues (a guard; the Gauss-Newton
         precision is already at least the prior's).
@@ -94,6 +97,7 @@ class InferenceConfig:
     init_spread: float = 0.5
     map_steps: int = 20
     map_damping: float = 10.0
+    map_tolerance: float = 0.01
     laplace_min_precision: float = 0.1
     svi_guide: str = "full"
     svi_rank: int = 8
@@ -115,6 +119,7 @@ class InferenceConfig:
             "max_tree_depth",
             "map_steps",
             "map_damping",
+            "map_tolerance",
             "svi_steps",
             "svi_particles",
             "svi_rank",

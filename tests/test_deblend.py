@@ -214,7 +214,6 @@ def test_levenberg_marquardt_reaches_a_long_adam_runs_optimum(prior):
     """MAP's Levenberg-Marquardt never goes uphill and, in 20 iterations from the amortised start, ends no
     higher than 300 Adam steps from the same start (the optimiser it replaced)."""
     import jax
-    import jax.numpy as jnp
     import optax
 
     from bayesblend.blends import prepare_blend
