@@ -14,9 +14,9 @@ Every method starts from the one before it:
   definite everywhere (the exact Hessian at an optimum had negative
   eigenvalues, and flooring them inflated the flux errors). The result
   carries the Laplace approximation around the optimum as its draws, with
-  the same precision. Twenty iterations reach the optimum that 300 Adam
-  steps and four Gauss-Newton steps reached before, or a better one, in a
-  third of the time (RESULTS "Speed of MAP").
+  the same precision. At most twenty iterations reach the optimum that 300
+  Adam steps and four Gauss-Newton steps reached before, or a better one, in
+  30-50 % of the time (RESULTS "Speed of MAP").
 - ``svi``: NumPyro SVI with a full-covariance (``AutoMultivariateNormal``) or
   low-rank (``AutoLowRankMultivariateNormal``) guide, started at MAP (the full
   guide with the Laplace covariance).
