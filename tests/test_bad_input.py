@@ -243,8 +243,11 @@ def test_truth_rows_go_to_their_own_scene(tmp_path):
     assert len(rows_per_scene(Table({"x": [1.0], "y": [1.0]}), ["a.fits"], "t")[0]) == 1
     with pytest.raises(BayesblendError, match="several scenes needs a 'scene' column"):
         rows_per_scene(Table({"x": [1.0], "y": [1.0]}), ["a.fits", "b.fits"], "t")
-    with pytest.warns(UserWarning, match="no truth rows for renamed.fits"):
+    with pytest.warns(UserWarning) as caught:
         a, b = rows_per_scene(truth, ["renamed.fits", "blends_000000.fits"], "truth.fits", "truth")
+    said = [str(w.message) for w in caught]
+    assert any("no truth rows for renamed.fits" in m for m in said)
+    assert any("2 truth row(s) name scenes not given (blends_000001)" in m for m in said)
     assert len(a) == 0 and len(b) == 1
 
 
