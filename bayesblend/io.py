@@ -79,6 +79,47 @@ def write_scene(path: str | os.PathLike, scene: Scene) -> Path:
     return Path(path)
 
 
+#: A FITS file is a whole number of these blocks, bytes.
+FITS_BLOCK = 2880
+
+
+def open_fits(path: Path) -> fits.HDUList:
+    """Every HDU of a FITS file, read into memory, or a one-line :class:`SceneFormatError`.
+
+    A file cut short (an interrupted copy or write) is reported as truncated,
+    with its size: its length is not a whole number of 2880-byte blocks, or
+    astropy finds less data than its headers announce. Without this check a
+    truncated scene surfaced as whatever its first missing piece broke (a
+    missing band's extension, or a reshape error from deep inside astropy).
+    Astropy's other warnings pass through.
+    """
+    size = path.stat().st_size
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(path, memmap=False)
+            for hdu in hdul:
+                _ = hdu.data  # read now: a truncated data unit fails here, not later
+            failure = None
+        except Exception as exc:  # astropy raises OSError, TypeError, ValueError...
+            hdul, failure = None, exc
+    said_truncated = [w for w in caught if "truncated" in str(w.message)]
+    with open(path, "rb") as fh:
+        looks_fits = fh.read(9) == b"SIMPLE  ="
+    if looks_fits and (size % FITS_BLOCK or said_truncated):
+        if hdul is not None:
+            hdul.close()
+        raise SceneFormatError(
+            f"{path}: truncated FITS file ({size} bytes; a complete one is a multiple of {FITS_BLOCK} "
+            "and holds every data unit its headers announce)"
+        )
+    if failure is not None:
+        raise SceneFormatError(f"{path}: not a FITS file ({failure.__class__.__name__})")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return hdul
+
+
 def read_scene(path: str | os.PathLike) -> Scene:
     """Read a scene-FITS file.
 
@@ -92,11 +133,7 @@ def read_scene(path: str | os.PathLike) -> Scene:
     path = Path(path)
     if not path.exists():
         raise SceneFormatError(f"{path}: no such file")
-    try:
-        hdul = fits.open(path, memmap=False)
-    except Exception as exc:  # astropy raises OSError/TypeError for non-FITS
-        raise SceneFormatError(f"{path}: not a FITS file ({exc.__class__.__name__})") from None
-    with hdul:
+    with open_fits(path) as hdul:
         ext = {h.name.upper(): h for h in hdul[1:]}
         primary = hdul[0].header
         if "BANDS" in primary:

@@ -156,6 +156,28 @@ def test_cli_malformed_scene_is_exit_2_with_one_line(tmp_path, capsys, content, 
     assert not (tmp_path / "o" / "catalog.fits").exists()
 
 
+def test_truncated_scene_files_are_reported_as_truncated(tmp_path, capsys, galaxy):
+    """A scene file cut anywhere (inside a header, inside a data unit, at most of its length) is one
+    'truncated FITS file' line, from Python and as exit 2 from the CLI; the whole file still reads."""
+    from bayesblend.errors import SceneFormatError
+    from bayesblend.io import read_scene
+
+    whole = write_scene(tmp_path / "whole.fits", galaxy.scene).read_bytes()
+    assert read_scene(tmp_path / "whole.fits").image.shape == galaxy.scene.image.shape
+    for fraction in (0.001, 0.05, 0.3, 0.5, 0.9):
+        cut = tmp_path / f"cut{fraction}.fits"
+        cut.write_bytes(whole[: int(len(whole) * fraction)])
+        with pytest.raises(SceneFormatError, match=f"truncated FITS file \\({cut.stat().st_size} bytes"):
+            read_scene(cut)
+    assert main(["deblend", str(cut), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "truncated FITS file" in err and len(err.splitlines()) == 1
+    # cut at a block boundary inside a data unit: astropy's warning is the evidence
+    cut.write_bytes(whole[: 2880 * (len(whole) // 2880 // 2)])
+    with pytest.raises(SceneFormatError, match="truncated FITS file"):
+        read_scene(cut)
+
+
 def test_cli_sources_file_needs_x_y(tmp_path, capsys, galaxy):
     scene = write_scene(tmp_path / "s.fits", galaxy.scene)
     Table({"ra": [1.0], "dec": [2.0]}).write(tmp_path / "src.fits")
