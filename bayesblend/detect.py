@@ -89,10 +89,16 @@ def _bad_pixels_and_sky(scene: Scene, survey: str | None) -> tuple[np.ndarray, n
     bad = ~np.isfinite(np.asarray(scene.image, np.float64))
     if scene.mask is not None:
         bad |= scene.mask
+    empty = bad.all(axis=(1, 2))  # a band with no usable pixel has no weight: its noise level is moot
+    if empty.all():
+        raise BayesblendError("cannot build a detection image: no band has a finite, unmasked pixel")
     if scene.variance is not None:
-        var = np.array([np.nanmedian(np.where(bad[i], np.nan, v)) for i, v in enumerate(scene.variance)])
+        var = np.array(
+            [1.0 if e else np.median(v[~b]) for e, v, b in zip(empty, scene.variance, bad, strict=True)]
+        )
     else:
         var = np.array([sv.sky_counts(b) if b in sv.band_names else np.nan for b in scene.bands])
+    var = np.where(empty, 1.0, var)
     if not np.all(np.isfinite(var) & (var > 0)):
         raise BayesblendError("cannot build a detection image: unknown noise level in some band")
     return bad, var

@@ -207,16 +207,28 @@ def read_scene(path: str | os.PathLike) -> Scene:
             raise SceneFormatError(f"{path}: no PIXSCALE, WCS or known survey to give the pixel scale")
         reserved = {"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "SURVEY", "BANDS", "PIXSCALE", "BUNIT"}
         meta = {k: primary[k] for k in primary if k and k not in reserved and k != "COMMENT"}
+    image = np.stack(images)
+    mask = None if mask is None else mask != 0
+    usable = np.isfinite(image) & (True if mask is None else ~mask)
+    empty = [i for i, b in enumerate(bands) if not usable[i].any()]
+    if empty and len(empty) < len(bands):
+        # a band with no usable pixel is masked whole, once here, naming the file: the others deblend
+        names = ", ".join(repr(bands[i]) for i in empty)
+        some = "bands" if len(empty) > 1 else "band"
+        warnings.warn(f"{path}: {some} {names} without a finite, unmasked pixel: masked", stacklevel=2)
+        mask = np.zeros(image.shape, bool) if mask is None else mask
+        mask[empty] = True
+        image[empty] = 0.0
     try:
         return Scene(
-            image=np.stack(images),
+            image=image,
             bands=bands,
             magzero=np.array(magzero),
             survey=survey_name,
             pixel_scale=pixel_scale,
             psf=psf,
             variance=variance,
-            mask=None if mask is None else mask != 0,
+            mask=mask,
             wcs=wcs,
             meta=meta,
         )

@@ -178,6 +178,30 @@ def test_truncated_scene_files_are_reported_as_truncated(tmp_path, capsys, galax
         read_scene(cut)
 
 
+def test_a_band_of_nans_is_masked_once_with_the_file_named_and_detection_uses_the_others(tmp_path, galaxy):
+    import warnings
+
+    from bayesblend.detect import detect_sources
+    from bayesblend.io import read_scene
+
+    sc = galaxy.scene
+    bad = Scene(sc.image.copy(), sc.bands, sc.magzero, psf=sc.psf, variance=sc.variance)
+    bad.image[0] = np.nan
+    path = write_scene(tmp_path / "nan_u.fits", bad)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read = read_scene(path)
+        found = detect_sources(read)
+    said = [str(w.message) for w in caught]
+    assert said == [f"{path}: band 'u' without a finite, unmasked pixel: masked"], said
+    assert read.mask[0].all() and not read.mask[1:].any() and np.isfinite(read.image).all()
+    t = galaxy.truth
+    assert len(found) >= 1 and np.hypot(found["x"] - t["x"][0], found["y"] - t["y"][0]).min() < 1.5
+    nothing = Scene(np.full_like(sc.image, np.nan), sc.bands, sc.magzero, psf=sc.psf)
+    with pytest.raises(BayesblendError, match="no band has a finite, unmasked pixel"):
+        detect_sources(nothing)
+
+
 def test_cli_sources_file_needs_x_y(tmp_path, capsys, galaxy):
     scene = write_scene(tmp_path / "s.fits", galaxy.scene)
     Table({"ra": [1.0], "dec": [2.0]}).write(tmp_path / "src.fits")
