@@ -127,9 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sb.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    sh = sub.add_parser("shear", help="the field's shear from a posterior catalogue (or posterior.nc)")
-    sh.add_argument("catalog", metavar="CATALOG.fits", help="posterior catalogue (ensemble estimator)")
-    sh.add_argument("--posterior", default=None, help="posterior.nc: also run the hierarchical estimator")
+    sh = sub.add_parser("shear", help="the field's shear from a posterior catalogue and its posterior draws")
+    sh.add_argument("catalog", metavar="CATALOG.fits", help="posterior catalogue (bayesblend deblend's)")
+    sh.add_argument(
+        "--posterior",
+        default=None,
+        help="posterior draws for the hierarchical estimator (default: posterior.nc beside the catalogue)",
+    )
+    sh.add_argument(
+        "--no-posterior", action="store_true", help="ensemble estimate only, even if posterior.nc exists"
+    )
+    sh.add_argument("--json", default=None, help="write {estimator: {g1, g2, g1_err, g2_err, n}} here")
     sh.add_argument("--prior", default=None, help="model bundle (default: the catalogue's BUNDLE)")
     sh.add_argument("--sigma-e", type=float, default=None, help="shape-noise term of the weights")
     sh.add_argument("--out", default=None, help="write the shear catalogue (FITS) here")
@@ -256,7 +264,8 @@ def _shear_bias(args: argparse.Namespace) -> int:
 
     from bayesblend.prior.bundle import load_bundle
     from bayesblend.shear import ResponsivityTable, interim_prior_from_card, responsivity_from_card
-    from bayesblend.shear_bias import HarnessConfig, format_summary, pooled_config, run, summarise
+    from bayesblend.shear.bias import format_summary, summarise
+    from bayesblend.shear.harness import HarnessConfig, pooled_config, run
 
     if args.calibrate and args.calibrated:
         raise BayesblendError("--calibrate measures R; it cannot also divide by it (--calibrated)")
@@ -340,60 +349,32 @@ def _shear_bias(args: argparse.Namespace) -> int:
 
 
 def _shear(args: argparse.Namespace) -> int:
-    import numpy as np
+    from bayesblend.io import write_table
+    from bayesblend.shear import IS_ESS_MIN, field_shear
 
-    from bayesblend.io import read_table, write_table
-    from bayesblend.prior.bundle import load_bundle
-    from bayesblend.shear import (
-        IS_ESS_MIN,
-        SIGMA_E,
-        ResponsivityTable,
-        ensemble_shear,
-        hierarchical_shear,
-        interim_prior_from_card,
-        posterior_ellipticities,
-        responsivity_from_card,
-        scene_model_from_header,
-        shear_catalog,
+    res = field_shear(
+        args.catalog,
+        posterior=args.posterior,
+        bundle=args.prior,
+        sigma_e=args.sigma_e,
+        seed=args.seed,
+        find_posterior=not args.no_posterior,
     )
-
-    catalog = read_table(args.catalog)
-    needed = ("id", "blend_id", "x", "y", "ra", "dec", "e1", "e2", "e1_std", "e2_std", "flags")
-    missing = [c for c in needed if c not in catalog.colnames]
-    if missing:
-        raise BayesblendError(
-            f"{args.catalog}: not a bayesblend posterior catalogue (no {', '.join(missing)})"
-        )
-    bundle = load_bundle(args.prior or catalog.meta.get("BUNDLE"))
-    method = str(catalog.meta.get("METHOD", "map")).lower()
-    # a catalogue made before these settings were recorded has none: no stored R applies to it
-    R, source = responsivity_from_card(
-        bundle.card, method, scene_model_from_header(catalog.meta), binned=True
-    )
-    sigma_e = SIGMA_E if args.sigma_e is None else args.sigma_e
-    shear_cat = shear_catalog(catalog, R, sigma_e, source)
-    est = ensemble_shear(
-        shear_cat["e1"],
-        shear_cat["e2"],
-        shear_cat["weight"],
-        np.asarray(shear_cat["responsivity"]),
-        groups=np.asarray(catalog["blend_id"]),
-    )
-    how = "weighted mean of per-source R" if isinstance(R, ResponsivityTable) else "R"
-    print(f"{args.catalog}: {est}  [{how} = {est.details['responsivity']:.4f}, jackknife over blends]")
-    if args.posterior:
-        e1, e2, _ = posterior_ellipticities(args.posterior)
-        if e1.shape[0] != len(catalog):
-            raise BayesblendError(f"{args.posterior} has {e1.shape[0]} sources, the catalogue {len(catalog)}")
-        interim = interim_prior_from_card(bundle.card)
-        ok = np.asarray(shear_cat["weight"]) > 0
-        h = hierarchical_shear(e1[ok], e2[ok], interim, seed=args.seed)
-        print(
-            f"{args.posterior}: {h}  [sigma_e = {h.details['sigma_e']:.3f}, "
-            f"{h.details['n_low_ess']} sources with importance ESS < {IS_ESS_MIN:g}]"
-        )
+    for name, est in res.estimates.items():
+        d = est.details
+        if name == "hierarchical":
+            extra = (
+                f"{res.posterior}; sigma_e = {d['sigma_e']:.3f}, "
+                f"{d['n_low_ess']} sources with importance ESS < {IS_ESS_MIN:g}"
+            )
+        else:
+            how = "uncalibrated, R = 1" if not d["calibrated"] else f"mean R = {d['responsivity']:.4f}"
+            extra = f"{args.catalog}; {how}, jackknife over blends"
+        print(f"{name:12s} {est}  [{extra}]")
+    if args.json:
+        print(f"  {res.write_json(args.json)}")
     if args.out:
-        write_table(args.out, shear_cat)
+        write_table(args.out, res.shear_catalog)
         print(f"  {args.out}")
     return 0
 

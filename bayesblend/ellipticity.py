@@ -1,4 +1,4 @@
-"""Shear-type ellipticity as a model parameter: the unit-disk map and the intrinsic-shape prior.
+"""Shear-type ellipticity as a model parameter: the unit-disk map, the intrinsic-shape prior, lensing.
 
 A source's ellipticity ``e = (e1, e2)``, ``|e| = (a - b) / (a + b) < 1``, is
 sampled through an unconstrained ``eta`` in the plane: ``e = tanh(|eta|)
@@ -9,6 +9,11 @@ MNRAS 438, 1880, eq. 24) form, ``p(e) ~ (1 - |e|^2)^2 exp(-|e|^2 / 2 s^2)``
 per unit area of the e-plane (its ``|e|`` distribution carries the extra
 factor ``|e|``), normalised on the disk; the simulator draws from the same
 form (:func:`bayesblend.simulate.population.draw_ellipticities`).
+
+A reduced shear ``g`` acts on a shear-type ellipticity exactly as
+``e ⊕ g = (e + g) / (1 + conj(g) e)`` (Seitz & Schneider 1997;
+:func:`lens`, :func:`unlens`): the one lensing formula of the package, used by
+the simulator and by the shear estimators.
 
 Pure JAX, jit/vmap/grad-friendly; NumPy inputs are accepted. :class:`EtaPrior`
 wraps the prior as a NumPyro distribution for the scene model.
@@ -57,6 +62,21 @@ def log_jacobian(eta: jnp.ndarray) -> jnp.ndarray:
     log_ratio = jnp.log(jnp.tanh(r) / r)
     small = -r2 - r2 / 3.0  # log sech^2 ~ -r^2, log(tanh r / r) ~ -r^2/3
     return jnp.where(r2 > _SMALL**2, log_sech2 + log_ratio, small)
+
+
+def lens(e: jnp.ndarray, g: jnp.ndarray | complex) -> jnp.ndarray:
+    """Lensed shear-type ellipticity ``(e + g) / (1 + conj(g) e)``.
+
+    ``e`` and ``g`` are complex (``e1 + i e2``): JAX or NumPy arrays or Python
+    numbers, broadcast together; NumPy in, NumPy out (the simulator keeps
+    float64), JAX in, JAX out (traceable).
+    """
+    return (e + g) / (1.0 + g.conjugate() * e)
+
+
+def unlens(e: jnp.ndarray, g: jnp.ndarray | complex) -> jnp.ndarray:
+    """Intrinsic ellipticity ``(e - g) / (1 - conj(g) e)`` of an observed one (inverse of :func:`lens`)."""
+    return (e - g) / (1.0 - g.conjugate() * e)
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,7 +1,7 @@
 """The additive shear bias c, galaxy by galaxy: where the c2 of RESULTS.md "Shear bias" comes from.
 
 For each shear-bias run directory given, over the usable galaxies (the shear
-catalogue's rule, :func:`bayesblend.shear_bias._usable`):
+catalogue's rule, :func:`bayesblend.shear.bias._usable`):
 
 - the mean over the ten variants of ``e - e_true`` per galaxy (posterior
   medians against the lensed truth). The rotated twins and the +-g pairs
@@ -42,7 +42,8 @@ import warnings
 import numpy as np
 
 from bayesblend.catalog import RESOLUTION_MIN
-from bayesblend.shear_bias import _usable, load_items
+from bayesblend.shear.bias import _usable
+from bayesblend.shear.harness import load_items
 
 
 def neighbour_angle(r: dict) -> np.ndarray:

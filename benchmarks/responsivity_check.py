@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from bayesblend.shear import ResponsivityTable
-from bayesblend.shear_bias import run_config, summarise
+from bayesblend.shear.bias import summarise
+from bayesblend.shear.harness import run_config
 
 SELECTIONS = {"all": 0.0, "true S/N >= 10": 10.0, "true S/N >= 20": 20.0}
 

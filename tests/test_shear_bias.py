@@ -14,14 +14,12 @@ from bayesblend.detect import match_sources
 from bayesblend.errors import BayesblendError
 from bayesblend.infer import InferenceConfig
 from bayesblend.io import write_table
-from bayesblend.shear_bias import (
+from bayesblend.shear.bias import _biases, format_summary, summarise
+from bayesblend.shear.harness import (
     HarnessConfig,
-    _biases,
-    format_summary,
     load_items,
     run,
     run_item,
-    summarise,
 )
 
 
@@ -47,7 +45,7 @@ def test_biases_recover_a_known_linear_response():
 
 
 def test_alpha_recovers_a_known_slope_with_a_jackknife_error():
-    from bayesblend.shear_bias import _alpha
+    from bayesblend.shear.bias import _alpha
 
     rng = np.random.default_rng(0)
     e_in = rng.normal(0.0, 0.3, 400)
@@ -60,7 +58,7 @@ def test_alpha_recovers_a_known_slope_with_a_jackknife_error():
 
 
 def test_galaxy_responses_recover_known_per_galaxy_responses():
-    from bayesblend.shear_bias import galaxy_responses
+    from bayesblend.shear.bias import galaxy_responses
     from bayesblend.simulate.scenes import SHEAR_DESIGN
 
     g, resp = 0.02, np.array([1.0, 0.5, 0.2, 0.8])
@@ -261,6 +259,49 @@ def test_cli_shear_hierarchical_needs_the_cards_ellipticity_prior(tmp_path, caps
     assert err[0].startswith("bayesblend: error: model card 'no-pose' has no ellipticity_prior")
 
 
+def test_field_shear_recovers_a_known_shear_and_the_cli_writes_json(tmp_path, capsys):
+    """Draws scattered tightly around lensed intrinsic shapes: the hierarchical estimate is exact up to
+    shape noise, so the known shear lies within its error; the JSON has the default estimator first."""
+    from bayesblend.ellipticity import lens
+    from bayesblend.shear import field_shear
+    from bayesblend.simulate.population import draw_ellipticities
+
+    n, g = 600, 0.06 - 0.04j
+    rng = np.random.default_rng(3)
+    es = draw_ellipticities(rng, n, 0.26)
+    e = lens(es[:, 0] + 1j * es[:, 1], g)
+    e1 = e.real[:, None] + rng.normal(0, 1e-3, (n, 24))
+    e2 = e.imag[:, None] + rng.normal(0, 1e-3, (n, 24))
+    vals = {
+        "id": np.arange(n),
+        "blend_id": np.arange(n),
+        "e1": e1.mean(1),
+        "e2": e2.mean(1),
+        "e1_std": e1.std(1),
+        "e2_std": e2.std(1),
+        "flags": np.zeros(n, int),
+    }
+    cat = tmp_path / "run" / "catalog.fits"
+    write_table(cat, make_table(vals, ["r"], {"BUNDLE": "lsst-v2", "METHOD": "nuts"}))
+    _posterior_nc(tmp_path / "run" / "posterior.nc", e1, e2)  # found beside the catalogue
+    res = field_shear(cat)
+    assert list(res.estimates) == ["hierarchical", "ensemble"]
+    h = res.default
+    assert abs(h.g1 - g.real) < 3 * h.g1_err and abs(h.g2 - g.imag) < 3 * h.g2_err
+    assert 0.005 < h.g1_err < 0.03 and h.n == n
+    assert main(["shear", str(cat), "--json", str(tmp_path / "g.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.index("hierarchical") < out.index("ensemble")
+    got = json.loads((tmp_path / "g.json").read_text())
+    assert list(got) == ["hierarchical", "ensemble"]
+    assert set(got["hierarchical"]) == {"g1", "g2", "g1_err", "g2_err", "n"}
+    assert got["hierarchical"]["g1"] == pytest.approx(h.g1, abs=3 * h.g1_err)
+    assert not list(tmp_path.glob(".g.json.*"))  # written atomically: no temporary file left
+    assert main(["shear", str(cat), "--no-posterior", "--json", str(tmp_path / "e.json")]) == 0
+    assert list(json.loads((tmp_path / "e.json").read_text())) == ["ensemble"]
+    assert "no hierarchical estimate" in capsys.readouterr().err
+
+
 def test_harness_item_with_nothing_detected(prior, monkeypatch):
     # a detector that finds nothing in any variant: the detection table's columns, no rows
     import bayesblend.detect
@@ -314,7 +355,7 @@ def _fake_run(out, seed, n_items, response, e_std, shear=0.02, targets=False):
 
 def test_runs_of_other_seeds_pool_into_one_summary(tmp_path):
     from bayesblend.shear import shape_weight
-    from bayesblend.shear_bias import pooled_config
+    from bayesblend.shear.harness import pooled_config
 
     resp, std = np.array([1.0, 0.8, 0.3, 0.2]), np.array([0.02, 0.04, 0.12, 0.2])
     _fake_run(tmp_path / "a", 5, 12, resp, std)

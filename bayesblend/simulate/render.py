@@ -34,6 +34,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from bayesblend.canonical import DEFAULT_FRAME, CanonicalFrame
+from bayesblend.ellipticity import lens
 from bayesblend.errors import BayesblendError
 from bayesblend.scene import Scene
 from bayesblend.simulate.galaxy import canonical_image, circularised_hlr, components, weights
@@ -75,9 +76,7 @@ class RenderedScene:
 
 def lensed_ellipticity(e1: np.ndarray, e2: np.ndarray, g1: float, g2: float) -> np.ndarray:
     """Shear-type ellipticity after a reduced shear ``(g1, g2)``; returns ``(n, 2)``."""
-    e = np.asarray(e1) + 1j * np.asarray(e2)
-    g = complex(g1, g2)
-    out = (e + g) / (1.0 + np.conj(g) * e)
+    out = lens(np.asarray(e1) + 1j * np.asarray(e2), complex(g1, g2))
     return np.stack([out.real, out.imag], axis=-1)
 
 
