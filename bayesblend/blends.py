@@ -24,7 +24,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from bayesblend.errors import BayesblendError, BundleError, MaskedBlendError
+from bayesblend.errors import BadPixelWarning, BayesblendError, BundleError, MaskedBlendError
 from bayesblend.forward import anchor_and_offset, fft_size, psf_spectrum
 from bayesblend.model import LOG_FLUX_SIGMA, MODEL_ERROR, POSITION_SIGMA, SceneSpec
 from bayesblend.prior.bundle import PriorBundle
@@ -165,6 +165,42 @@ class PreparedBlend:
     origin: tuple[int, int] = (0, 0)
 
 
+def bad_pixels(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of ``scene`` that cannot carry weight, two bool arrays ``(band, H, W)``.
+
+    Returns
+    -------
+    bad_value : numpy.ndarray
+        A non-finite pixel value.
+    bad_variance : numpy.ndarray
+        A non-finite or non-positive variance (all False without a variance plane).
+    """
+    bad_value = ~np.isfinite(np.asarray(scene.image))
+    if scene.variance is None:
+        return bad_value, np.zeros_like(bad_value)
+    var = np.asarray(scene.variance)
+    return bad_value, ~(np.isfinite(var) & (var > 0))
+
+
+def warn_bad_pixels(
+    bad_value: np.ndarray, bad_variance: np.ndarray, masked: np.ndarray, where: str = "", stacklevel: int = 3
+) -> None:
+    """One warning per kind of bad pixel (:func:`bad_pixels`) that is not masked already, with its count.
+
+    ``where`` (e.g. ``"blend_3.fits: "``) prefixes the message.
+    """
+    n_value = int(np.sum(bad_value & ~masked))  # a band masked whole on reading was reported there
+    if n_value:
+        warnings.warn(f"{where}{n_value} non-finite pixels masked", BadPixelWarning, stacklevel=stacklevel)
+    n_new = int(np.sum(bad_variance & ~bad_value & ~masked))  # not already masked for another reason
+    if n_new:
+        warnings.warn(
+            f"{where}{n_new} pixels with a non-finite or non-positive variance masked",
+            BadPixelWarning,
+            stacklevel=stacklevel,
+        )
+
+
 def prepare_blend(
     scene: Scene,
     x: Sequence[float],
@@ -174,6 +210,7 @@ def prepare_blend(
     position_sigma: float = POSITION_SIGMA,
     model_error: float | Sequence[float] | None = None,
     origin: tuple[int, int] = (0, 0),
+    warn: bool = True,
 ) -> PreparedBlend:
     """Arrays of the scene model for sources at ``(x, y)`` in ``scene`` (bands in the bundle's order).
 
@@ -181,7 +218,9 @@ def prepare_blend(
     None takes the bundle's measured one).
 
     Bad pixels (a non-finite value, or a non-finite or non-positive variance)
-    are masked with a warning; a missing PSF is
+    are masked, with a warning unless ``warn`` is False (a caller that cuts
+    many blends from one scene warns once for the whole scene:
+    :func:`warn_bad_pixels`); a missing PSF is
     replaced by the survey's default PSF with a warning; missing bands are an error.
     """
     check_scene(scene, bundle)
@@ -189,16 +228,10 @@ def prepare_blend(
     survey = get_survey(bundle.survey)
     image = np.asarray(sc.image, dtype=np.float32)
     masked = np.zeros(image.shape, bool) if sc.mask is None else np.asarray(sc.mask, bool)
-    bad = ~np.isfinite(image)
-    if bad.any():
-        warnings.warn(f"{int(bad.sum())} non-finite pixels masked", stacklevel=2)
-    if sc.variance is not None:
-        bad_variance = ~(np.isfinite(sc.variance) & (sc.variance > 0))
-        n_new = int(np.sum(bad_variance & ~bad & ~masked))  # not already masked for another reason
-        if n_new:
-            warnings.warn(f"{n_new} pixels with a non-finite or non-positive variance masked", stacklevel=2)
-        bad |= bad_variance
-    valid = ~bad & ~masked
+    bad_value, bad_variance = bad_pixels(sc)
+    if warn:
+        warn_bad_pixels(bad_value, bad_variance, masked)
+    valid = ~bad_value & ~bad_variance & ~masked
     if not valid.any():
         raise MaskedBlendError("every pixel of the blend is masked")
     image = np.where(valid, image, 0.0).astype(np.float32)

@@ -25,3 +25,7 @@ class MaskedBlendError(BayesblendError):
 
 class MaskedBlendWarning(UserWarning):
     """A fully masked blend of a scene was left out; the scene's other blends are fitted."""
+
+
+class BadPixelWarning(UserWarning):
+    """Pixels with a non-finite value or variance were masked (reported once per scene, with their count)."""

@@ -22,13 +22,15 @@ import numpy as np
 
 from bayesblend.blends import (
     PreparedBlend,
+    bad_pixels,
     blend_region,
     check_scene,
     group_sources,
     model_error_of,
     prepare_blend,
+    warn_bad_pixels,
 )
-from bayesblend.errors import BayesblendError, MaskedBlendError, MaskedBlendWarning
+from bayesblend.errors import BadPixelWarning, BayesblendError, MaskedBlendError, MaskedBlendWarning
 from bayesblend.methods import batch_function, joint_flux
 from bayesblend.model import SceneSpec
 from bayesblend.posterior import Posterior
@@ -147,6 +149,12 @@ def prepare_scene(
     blend of any scene is left.
     """
     groups, split = group_sources(x, y, config.linking_length)
+    # bad pixels are counted, and warned about, once for the whole scene, not once per blend cut from it
+    if groups:
+        sc = scene.select_bands(bundle.bands)
+        masked_pixels = np.zeros(sc.image.shape, bool) if sc.mask is None else np.asarray(sc.mask, bool)
+        where = "" if name == "the scene" else f"{name}: "
+        warn_bad_pixels(*bad_pixels(sc), masked_pixels, where, stacklevel=4)
     preps, kept_groups, kept_split, masked = [], [], [], []
     for g, s in zip(groups, split, strict=True):
         x0, y0, h, w = blend_region(x[g], y[g], scene.shape, config.region_margin + bundle.stamp // 2)
@@ -161,6 +169,7 @@ def prepare_scene(
                 config.position_sigma,
                 config.model_error,
                 origin=(x0, y0),
+                warn=False,
             )
         except MaskedBlendError:
             masked.append(g)
@@ -264,6 +273,7 @@ def deblend(
         pilot_cfg = cfg if pilot_method == method else cfg.replace(num_draws=1)
         with warnings.catch_warnings():  # the run below says it again
             warnings.simplefilter("ignore", MaskedBlendWarning)
+            warnings.simplefilter("ignore", BadPixelWarning)
             pilot = deblend(
                 scenes,
                 [np.c_[x, y] for x, y in positions],

@@ -57,6 +57,36 @@ def test_nan_pixels_are_masked_with_a_warning_and_edge_sources_are_flagged(prior
     assert not np.isnan(post.to_inference_data().observed_data["image"].values).all()
 
 
+def test_bad_pixels_of_a_scene_of_many_blends_are_reported_once_with_the_scene_count(prior, galaxy):
+    """A row of NaNs across a Python-built field of two blends, detected and re-detected: one warning
+    for the scene (not one per blend, nor one per pass), counting the scene's bad pixels once."""
+    import warnings
+
+    from bayesblend.errors import BadPixelWarning
+
+    sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
+    noise = np.random.default_rng(2).normal(0.0, 1.0, sc.image.shape) * np.sqrt(sc.variance)
+    w = sc.image.shape[-1]
+    field = Scene(
+        image=np.concatenate([sc.image, noise, sc.image], axis=-1),
+        bands=sc.bands,
+        magzero=sc.magzero,
+        psf=sc.psf,
+        variance=np.concatenate([sc.variance] * 3, axis=-1),
+    )
+    field.image[3, 30, :] = np.nan  # crosses both galaxies' cutouts
+    field.variance[1, 5, 7] = 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        post = deblend(field, prior=prior, **QUICK)
+    said = [str(x.message) for x in caught if issubclass(x.category, BadPixelWarning)]
+    assert said == [
+        f"scene 0: {3 * w} non-finite pixels masked",
+        "scene 0: 1 pixels with a non-finite or non-positive variance masked",
+    ]
+    assert len(post.catalog()) >= 2 and np.isfinite(post.catalog()["flux_r"]).all()
+
+
 def test_sources_outside_the_scene_are_dropped_with_a_warning(prior, galaxy, tmp_path):
     with pytest.warns(UserWarning, match="outside the scene dropped"):
         post = deblend(galaxy.scene, sources=np.array([[23.5, 23.5], [90.0, 4.0]]), prior=prior, **QUICK)
