@@ -368,6 +368,15 @@ def test_runs_of_other_seeds_pool_into_one_summary(tmp_path):
     # twins cancel the intrinsic shapes: m is the weighted mean response, in one run or both
     w = shape_weight(std, std)
     assert both["estimators"]["ensemble"]["m"] == pytest.approx(np.sum(w * resp) / np.sum(w) - 1, abs=1e-9)
+    # the galaxies sigma_m = 0.01 needs: from the jackknife error (sigma_m ∝ n^-1/2) and from the
+    # per-galaxy response scatter (each galaxy's response is one of resp, 20 times over)
+    ens = both["estimators"]["ensemble"]
+    assert ens["galaxies_for_sigma_m"] == int(np.ceil(80 * (ens["m_err"] / 0.01) ** 2))
+    rs = both["response_scatter"]
+    spread = np.repeat(resp, 20)
+    assert rs["mean"] == pytest.approx(spread.mean()) and rs["sd"] == pytest.approx(spread.std(ddof=1))
+    assert rs["galaxies_for_sigma_m"] == int(np.ceil((spread.std(ddof=1) / spread.mean() / 0.01) ** 2))
+    assert "galaxies for sigma_m = 0.01" in format_summary(both)
     table = both["responsivity_table"]
     assert table["n"] == [40, 40] and table["R"][0] > table["R"][1]
     assert both["responsivity_table_problem"] is None

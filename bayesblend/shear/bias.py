@@ -246,8 +246,19 @@ def summarise(
         est["hierarchical"] = _biases(g_full, g_reps, g)
         est["hierarchical"]["sigma_e_scale"] = float(np.mean(fits[0, :, 2]))
         est["hierarchical"]["n"] = int(use.sum())
+    for e in est.values():  # sigma_m scales as 1/sqrt(n): the galaxies this selection needs for the goal
+        e["galaxies_for_sigma_m"] = galaxies_for_sigma_m(e["m_err"], e.get("n", res["n_used"]))
     res["estimators"] = est
     gr = galaxy_responses(sel, g)
+    resp = gr["response"][np.isfinite(gr["response"])]
+    if resp.size >= 2 and np.mean(resp) != 0:
+        sd, mean = float(np.std(resp, ddof=1)), float(np.mean(resp))
+        res["response_scatter"] = {
+            "mean": mean,
+            "sd": sd,
+            "sigma_m": sd / abs(mean) / np.sqrt(resp.size),
+            "galaxies_for_sigma_m": galaxies_for_sigma_m(sd / abs(mean), 1),
+        }
     res["responsivity_table"] = None
     res["responsivity_table_problem"] = None
     try:
@@ -257,6 +268,17 @@ def summarise(
     except BayesblendError as exc:  # the summary stands without it; say why it has none
         res["responsivity_table_problem"] = str(exc)
     return res
+
+
+#: The sigma_m the harness is sized for (issue 24): galaxies needed are reported against it.
+SIGMA_M_GOAL = 0.01
+
+
+def galaxies_for_sigma_m(sigma_m: float, n: int, goal: float = SIGMA_M_GOAL) -> int | None:
+    """Galaxies giving ``goal`` from ``sigma_m`` measured on ``n`` (``sigma_m ∝ n^-1/2``); None if unknown."""
+    if not (np.isfinite(sigma_m) and sigma_m > 0 and n > 0):
+        return None
+    return int(np.ceil(n * (sigma_m / goal) ** 2))
 
 
 def _seeds(seed: int | list[int]) -> str:
@@ -281,6 +303,18 @@ def format_summary(res: dict) -> str:
         for k in ("m1", "m2", "c1", "c2"):
             row += f"{e[k]:>+11.4f} ± {e[k + '_err']:.4f}"
         lines.append(row)
+    need = {k: e.get("galaxies_for_sigma_m") for k, e in res["estimators"].items() if k != "truth"}
+    if need:
+        lines.append(
+            f"galaxies for sigma_m = {SIGMA_M_GOAL:g} (from the jackknife sigma_m, ∝ n^-1/2): "
+            + ", ".join(f"{k} {v if v is not None else '?'}" for k, v in need.items())
+        )
+    if res.get("response_scatter"):
+        rs = res["response_scatter"]
+        lines.append(
+            f"per-galaxy response {rs['mean']:.3f} ± {rs['sd']:.3f} (sd): sigma_m {rs['sigma_m']:.4f} from "
+            f"its scatter; {rs['galaxies_for_sigma_m']} galaxies for sigma_m = {SIGMA_M_GOAL:g}"
+        )
     if res.get("responsivity_table_problem"):
         lines.append(f"no responsivity table: {res['responsivity_table_problem']}")
     if "alpha" in res:
