@@ -55,3 +55,19 @@ def test_missing_band_nan_pixels_missing_psf_and_fully_masked(prior, blend):
         prepare_blend(scene, t["x"], t["y"], prior)
     with pytest.raises(BayesblendError, match="no sources"):
         prepare_blend(blend.scene, [], [], prior)
+
+
+def test_common_draws_share_random_numbers_across_scenes_and_only_then(prior, blend):
+    """Two copies of one scene: with common draws the k-th blends draw alike, so their draws are
+    identical; without, each blend has its own key and the draws differ."""
+    from bayesblend.infer import deblend
+
+    xy = np.c_[blend.truth["x"], blend.truth["y"]]
+    kw = dict(sources=[xy, xy], method="map", prior=prior, map_steps=4, num_draws=16)
+    same = deblend([blend.scene, blend.scene], common_draws=True, **kw)
+    own = deblend([blend.scene, blend.scene], **kw)
+    n = len(xy)
+    e1 = same.draws["e1"]  # (chain, draw, source): the second scene's sources follow the first's
+    np.testing.assert_array_equal(e1[..., :n], e1[..., n:])
+    d1 = own.draws["e1"]
+    assert not np.allclose(d1[..., :n], d1[..., n:])

@@ -142,6 +142,7 @@ def run_item(item: int, cfg: HarnessConfig, bundle: PriorBundle) -> dict[str, np
         seed=item,
         latent_prior=cfg.latent_prior,
         num_draws=cfg.draws,
+        common_draws=True,  # the twins' draws share their Monte Carlo noise, as their pixels share noise
         **cfg.settings,
     )
     cat = post.catalog()
@@ -217,6 +218,7 @@ def run(
         "bundle": str(bundle.card.get("name", bundle.path)),
         "inference": asdict(inference),
         "scene_model": inference.scene_model_settings(),
+        "common_draws": True,  # runs made before the twins shared their draws' random numbers lack it
     }
     if cfg.detect:  # a run detecting with another detector is another run
         key["detector"] = DETECTOR
