@@ -78,7 +78,7 @@ def test_bad_pixels_of_a_scene_of_many_blends_are_reported_once_with_the_scene_c
     field.variance[1, 5, 7] = 0.0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        post = deblend(field, prior=prior, **QUICK)
+        post = deblend(field, prior=prior, method="amortised", num_draws=8)
     said = [str(x.message) for x in caught if issubclass(x.category, BadPixelWarning)]
     assert said == [
         f"scene 0: {3 * w} non-finite pixels masked",

@@ -63,7 +63,7 @@ def test_common_draws_share_random_numbers_across_scenes_and_only_then(prior, bl
     from bayesblend.infer import deblend
 
     xy = np.c_[blend.truth["x"], blend.truth["y"]]
-    kw = dict(sources=[xy, xy], method="map", prior=prior, map_steps=4, num_draws=16)
+    kw = dict(sources=[xy, xy], method="amortised", prior=prior, num_draws=16)
     same = deblend([blend.scene, blend.scene], common_draws=True, **kw)
     own = deblend([blend.scene, blend.scene], **kw)
     n = len(xy)
