@@ -165,8 +165,8 @@ class PreparedBlend:
     origin: tuple[int, int] = (0, 0)
 
 
-def bad_pixels(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
-    """Pixels of ``scene`` that cannot carry weight, two bool arrays ``(band, H, W)``.
+def bad_pixels(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels of ``scene`` that cannot carry weight, three bool arrays ``(band, H, W)``.
 
     Returns
     -------
@@ -174,12 +174,15 @@ def bad_pixels(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
         A non-finite pixel value.
     bad_variance : numpy.ndarray
         A non-finite or non-positive variance (all False without a variance plane).
+    masked : numpy.ndarray
+        The scene's own mask (all False without one).
     """
     bad_value = ~np.isfinite(np.asarray(scene.image))
+    masked = np.zeros(bad_value.shape, bool) if scene.mask is None else np.asarray(scene.mask, bool)
     if scene.variance is None:
-        return bad_value, np.zeros_like(bad_value)
+        return bad_value, np.zeros_like(bad_value), masked
     var = np.asarray(scene.variance)
-    return bad_value, ~(np.isfinite(var) & (var > 0))
+    return bad_value, ~(np.isfinite(var) & (var > 0)), masked
 
 
 def warn_bad_pixels(
@@ -227,8 +230,7 @@ def prepare_blend(
     sc = scene.select_bands(bundle.bands)
     survey = get_survey(bundle.survey)
     image = np.asarray(sc.image, dtype=np.float32)
-    masked = np.zeros(image.shape, bool) if sc.mask is None else np.asarray(sc.mask, bool)
-    bad_value, bad_variance = bad_pixels(sc)
+    bad_value, bad_variance, masked = bad_pixels(sc)
     if warn:
         warn_bad_pixels(bad_value, bad_variance, masked)
     valid = ~bad_value & ~bad_variance & ~masked

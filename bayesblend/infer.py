@@ -156,10 +156,8 @@ def prepare_scene(
     groups, split = group_sources(x, y, config.linking_length)
     # bad pixels are counted, and warned about, once for the whole scene, not once per blend cut from it
     if groups:
-        sc = scene.select_bands(bundle.bands)
-        masked_pixels = np.zeros(sc.image.shape, bool) if sc.mask is None else np.asarray(sc.mask, bool)
         where = "" if name == "the scene" else f"{name}: "
-        warn_bad_pixels(*bad_pixels(sc), masked_pixels, where, stacklevel=4)
+        warn_bad_pixels(*bad_pixels(scene.select_bands(bundle.bands)), where, stacklevel=4)
     preps, kept_groups, kept_split, masked = [], [], [], []
     for g, s in zip(groups, split, strict=True):
         x0, y0, h, w = blend_region(x[g], y[g], scene.shape, config.region_margin + bundle.stamp // 2)

@@ -17,31 +17,19 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.flatten_util import ravel_pytree
+from one_blend import amortised, one_blend  # benchmarks/ is the script's directory
 
-import bayesblend
 import bayesblend.model as M
-from bayesblend.infer import InferenceConfig, prepare_scene
-from bayesblend.methods import amortised_start, scene_potential
-from bayesblend.prior.bundle import Networks
-from bayesblend.simulate.scenes import simulate_blend
+from bayesblend.methods import scene_potential
 
 warnings.filterwarnings("ignore")
 
 
 k = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-prior = bayesblend.load_prior()
-sim = simulate_blend(31, 0, n_range=(k, k), mag_range=(20, 24.5))
-cfg = InferenceConfig()
-x, y = np.asarray(sim.truth["x"]), np.asarray(sim.truth["y"])
-blend = prepare_scene(sim.scene, x, y, prior, cfg)[0][0]
-spec = blend.spec
-nets = Networks(prior, "flow")
-w = nets.weights()
-data = blend.data
-_, _, start = jax.jit(lambda w, d: amortised_start(nets, w, spec, d, prior.stamp))(w, data)
-data = dict(data, log_flux0=start["log_flux"])
+b = one_blend(31, k, (20, 24.5))
+spec, nets, w = b.spec, b.nets, b.w
+data, start = amortised(b)
 
 flat, unravel = ravel_pytree(start)
 

@@ -28,15 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from numpyro.infer.hmc import hmc
+from one_blend import map_start, one_blend  # benchmarks/ is the script's directory
 
-import bayesblend
 import bayesblend.model as M
 from bayesblend.forward import canonical_spectrum
-from bayesblend.infer import InferenceConfig, prepare_scene
-from bayesblend.methods import amortised_start, map_laplace, scene_potential
-from bayesblend.prior.bundle import Networks
+from bayesblend.methods import scene_potential
 from bayesblend.prior.flow import RealNVP
-from bayesblend.simulate.scenes import simulate_blend
 
 warnings.filterwarnings("ignore")
 p = argparse.ArgumentParser()
@@ -76,26 +73,9 @@ if args.centroid:
 
     Me.source_spectra = centred_spectra
 lo, hi = (float(v) for v in args.mag_range.split(","))
-prior = bayesblend.load_prior()
-sim = simulate_blend(args.seed, 0, n_range=(k, k), mag_range=(lo, hi))
-cfg = InferenceConfig()
-x, y = np.asarray(sim.truth["x"]), np.asarray(sim.truth["y"])
-blend = prepare_scene(sim.scene, x, y, prior, cfg)[0][0]
-spec = blend.spec
-nets = Networks(prior, "flow")
-w = nets.weights()
-
-
-@jax.jit
-def laplace(w, data):
-    _, _, start = amortised_start(nets, w, spec, data, prior.stamp)
-    data = dict(data, log_flux0=start["log_flux"])
-    pot = scene_potential(nets, w, spec, data)
-    flat, unravel, cov, root, _ = map_laplace(nets, w, spec, data, pot, start, cfg)
-    return data, flat, cov, root, unravel(flat)
-
-
-data, flat, cov, root, point = laplace(w, blend.data)
+b = one_blend(args.seed, k, (lo, hi))
+prior, sim, spec, nets, w = b.prior, b.sim, b.spec, b.nets, b.w
+data, flat, cov, root, point = map_start(b)
 _, unravel = ravel_pytree(point)
 pot_u = scene_potential(nets, w, spec, data)
 flow = prior.flow

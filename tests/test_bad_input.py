@@ -57,15 +57,10 @@ def test_nan_pixels_are_masked_with_a_warning_and_edge_sources_are_flagged(prior
     assert not np.isnan(post.to_inference_data().observed_data["image"].values).all()
 
 
-def test_bad_pixels_of_a_scene_of_many_blends_are_reported_once_with_the_scene_count(prior, galaxy):
-    """A row of NaNs across a Python-built field of two blends, detected and re-detected: one warning
-    for the scene (not one per blend, nor one per pass), counting the scene's bad pixels once."""
-    import warnings
-
-    from bayesblend.errors import BadPixelWarning
-
+def _field(galaxy, seed, mask=False):
+    """A field of two blends: the galaxy, a stamp of pure noise, the galaxy again (side by side in x)."""
     sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
-    noise = np.random.default_rng(2).normal(0.0, 1.0, sc.image.shape) * np.sqrt(sc.variance)
+    noise = np.random.default_rng(seed).normal(0.0, 1.0, sc.image.shape) * np.sqrt(sc.variance)
     w = sc.image.shape[-1]
     field = Scene(
         image=np.concatenate([sc.image, noise, sc.image], axis=-1),
@@ -73,7 +68,19 @@ def test_bad_pixels_of_a_scene_of_many_blends_are_reported_once_with_the_scene_c
         magzero=sc.magzero,
         psf=sc.psf,
         variance=np.concatenate([sc.variance] * 3, axis=-1),
+        mask=np.zeros((len(sc.bands), sc.image.shape[1], 3 * w), bool) if mask else None,
     )
+    return field, w
+
+
+def test_bad_pixels_of_a_scene_of_many_blends_are_reported_once_with_the_scene_count(prior, galaxy):
+    """A row of NaNs across a Python-built field of two blends, detected and re-detected: one warning
+    for the scene (not one per blend, nor one per pass), counting the scene's bad pixels once."""
+    import warnings
+
+    from bayesblend.errors import BadPixelWarning
+
+    field, w = _field(galaxy, 2)
     field.image[3, 30, :] = np.nan  # crosses both galaxies' cutouts
     field.variance[1, 5, 7] = 0.0
     with warnings.catch_warnings(record=True) as caught:
@@ -121,17 +128,7 @@ def test_fully_masked_blend_and_bad_method(prior, galaxy):
         with pytest.warns(MaskedBlendWarning, match="of scene 0 in fully masked blends left out"):
             deblend(sc, sources=np.array([[23.5, 23.5]]), prior=prior, **QUICK)
     # a field of two blends, one of them entirely masked: the other is still deblended
-    sc = galaxy.scene.select_bands(list(galaxy.scene.bands))
-    noise = np.random.default_rng(1).normal(0.0, 1.0, sc.image.shape) * np.sqrt(sc.variance)
-    w = sc.image.shape[-1]
-    field = Scene(
-        image=np.concatenate([sc.image, noise, sc.image], axis=-1),
-        bands=sc.bands,
-        magzero=sc.magzero,
-        psf=sc.psf,
-        variance=np.concatenate([sc.variance] * 3, axis=-1),
-        mask=np.zeros((len(sc.bands), sc.image.shape[1], 3 * w), bool),
-    )
+    field, w = _field(galaxy, 1, mask=True)
     field.mask[..., : 2 * w] = True  # the first galaxy's whole cutout (cutouts are rounded up in size)
     with pytest.warns(
         MaskedBlendWarning,
