@@ -66,6 +66,7 @@ def columns(bands: Sequence[str]) -> list[tuple[str, type, u.UnitBase | None, st
         ("id", np.int64, None, "source id, unique in the catalogue"),
         ("blend_id", np.int64, None, "id of the blend the source was fitted in"),
         ("scene", np.int64, None, "index of the scene (input order)"),
+        ("file", str, None, "the scene's file name (empty for a scene built in Python)"),
         ("x", np.float64, u.pix, "posterior median x, 0-based, centre of first pixel at 0"),
         ("y", np.float64, u.pix, "posterior median y"),
         ("x_det", np.float64, u.pix, "detected (prior) x"),
@@ -110,7 +111,7 @@ def make_table(values: dict[str, np.ndarray], bands: Sequence[str], meta: dict) 
     n = len(next(iter(values.values()))) if values else 0
     t = Table()
     for name, dtype, unit, desc in columns(bands):
-        fill = np.nan if np.issubdtype(dtype, np.floating) else 0
+        fill = "" if dtype is str else np.nan if np.issubdtype(dtype, np.floating) else 0
         col = np.asarray(values.get(name, np.full(n, fill)), dtype=dtype)
         if col.shape != (n,):
             raise ValueError(f"catalogue column {name} has shape {col.shape}, expected ({n},)")

@@ -86,8 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the pilot MAP fit whose residual adds the sources detection missed",
     )
     dbl.add_argument("--truth", default=None, help="truth table to mark in the figures (simulations)")
-    dbl.add_argument("--parquet", action="store_true", help="also write catalog.parquet")
-    dbl.add_argument("--no-figures", action="store_true")
+    dbl.add_argument("--figures", type=int, default=20, help="figures of the first N blends (default 20)")
+    dbl.add_argument("--no-figures", action="store_true", help="no figures (same as --figures 0)")
+    dbl.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local Dask cluster's worker processes (default: one per core; 1: run in this process)",
+    )
+    dbl.add_argument("--scheduler", default=None, help="address of a running Dask scheduler to use instead")
+    dbl.add_argument(
+        "--overwrite", action="store_true", help="replace another run found in --out (default: refuse)"
+    )
     dbl.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sb = sub.add_parser("shear-bias", help="measure shear bias m, c on sheared, rotated twin simulations")
@@ -208,54 +218,41 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _deblend(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from bayesblend.runs import deblend_files
+    from bayesblend.settings import InferenceConfig
 
-    from bayesblend.infer import deblend
-    from bayesblend.io import read_scene, read_table, rows_per_scene
-
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise BayesblendError(f"--out {args.out} is a file, not a directory")
-    sources = None
-    if args.sources is not None:  # checked before any scene is read
-        sources = rows_per_scene(read_table(args.sources), args.scenes, args.sources, "source")
-    scenes = [read_scene(p) for p in args.scenes]
     settings = {
         k: v
         for k, v in (("num_chains", args.chains), ("num_draws", args.draws), ("num_warmup", args.warmup))
         if v is not None
     }
-    truths = None
-    if args.truth and not args.no_figures:  # the truth is only drawn in the figures
-        truths = rows_per_scene(read_table(args.truth), args.scenes, args.truth, "truth")
-    post = deblend(
-        scenes,
-        sources=sources,
+    run = deblend_files(
+        args.scenes,
+        args.out,
         method=args.method,
         prior=args.prior,
         seed=args.seed,
         latent_prior=args.latent_prior,
-        progress=not args.quiet,
+        config=InferenceConfig().replace(**settings),
+        sources=args.sources,
         redetect=not args.no_redetect,
-        **settings,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        figures=0 if args.no_figures else args.figures,
+        truth=args.truth,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    catalog = post.write_catalog(out / "catalog.fits")
-    if args.parquet:
-        post.write_catalog(out / "catalog.parquet")
-    post.to_netcdf(out / "posterior.nc")
-    written = [str(catalog), str(out / "posterior.nc")]
-    if not args.no_figures and post.n_blends:
-        from bayesblend.plots import plot_blends
-
-        plot_blends(post, out / "figures", truths)
-        written.append(f"{out / 'figures'}/ ({post.n_blends} figures)")
+    resumed = f", {run.n_resumed} of {run.n_batches} batches found done" if run.n_resumed else ""
     print(
-        f"deblend ({args.method}): {post.n_sources} sources in {post.n_blends} blends "
-        f"from {len(scenes)} scene(s)"
+        f"deblend ({args.method}): {run.n_sources} sources in {run.n_blends} blends "
+        f"from {len(args.scenes)} scene(s){resumed}"
     )
-    for w in written:
-        print(f"  {w}")
+    print(f"  {run.catalog}")
+    print(f"  {run.out / 'catalog'}/ (Parquet dataset, {run.n_batches} parts)")
+    print(f"  {run.out / 'posterior'}/ (ArviZ netCDF per part)")
+    if run.figures:
+        print(f"  {run.out / 'figures'}/ ({run.figures} per-blend figures)")
     return 0
 
 

@@ -14,6 +14,12 @@ galaxies into one peak, which sep's segmentation of the unfiltered image
 sources that no peak is near are added. Sources closer than
 ``merge_radius`` pixels are merged, keeping the higher S/N.
 
+An image larger than ``tile_size`` pixels a side is detected tile by tile
+(:mod:`bayesblend.tiles`), each tile with context around its core, and each
+source kept by the tile whose core holds it; the bands' noise levels are
+measured once on the whole image, so the sources found do not depend on how
+the image is cut.
+
 Why peaks first: blends are what this tool is for, and in them a faint
 galaxy's light sits on a brighter neighbour's wing, where it is a peak but
 rarely a segment of its own. On the held-out blends the segmentation alone,
@@ -39,10 +45,12 @@ from astropy.utils.exceptions import AstropyWarning
 from photutils.centroids import centroid_quadratic
 from photutils.detection import find_peaks
 from scipy import signal
+from scipy.spatial import cKDTree
 
 from bayesblend.errors import BayesblendError
 from bayesblend.scene import Scene
 from bayesblend.survey import get_survey, poisson_variance
+from bayesblend.tiles import OVERLAP, TILE_SIZE, Tile, over_tiles, tile_grid
 
 #: Default detection threshold: point-source S/N of a peak of the PSF-filtered detection image.
 THRESHOLD = 4.0
@@ -72,23 +80,38 @@ def detection_image(scene: Scene, survey: str | None = None) -> tuple[np.ndarray
     return det, bad
 
 
-def _detection_image(scene: Scene, survey: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Detection image, bad-pixel mask, and the bands' weights ``1 / s_b^2``."""
-    bad, sky = _bad_pixels_and_sky(scene, survey)
+def _detection_image(
+    scene: Scene, survey: str | None, sky: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Detection image, bad-pixel mask, and the bands' weights ``1 / s_b^2``.
+
+    ``sky`` (the bands' sky variance, :func:`sky_variance`) is measured on
+    ``scene`` when not given; a tile takes its whole image's.
+    """
+    bad = _bad_pixels(scene)
+    if sky is None:
+        sky = sky_variance(scene, survey, bad)
     det, no_weight = _unit_noise_sum(np.asarray(scene.image, np.float64), sky[:, None, None], bad)
     return det, no_weight, 1.0 / sky
 
 
-def _bad_pixels_and_sky(scene: Scene, survey: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band bad pixels (non-finite or masked) ``(band, y, x)`` and sky variance per pixel ``(band,)``.
-
-    The sky variance is the variance plane's median over good pixels when the
-    scene has one, else the survey's sky level.
-    """
-    sv = get_survey(survey or scene.survey)
-    bad = ~np.isfinite(np.asarray(scene.image, np.float64))
+def _bad_pixels(scene: Scene) -> np.ndarray:
+    """Per-band bad pixels (non-finite or masked) ``(band, y, x)``."""
+    bad = ~np.isfinite(scene.image)
     if scene.mask is not None:
         bad |= scene.mask
+    return bad
+
+
+def sky_variance(scene: Scene, survey: str | None = None, bad: np.ndarray | None = None) -> np.ndarray:
+    """Sky variance per pixel of each band ``(band,)``, electrons^2.
+
+    The variance plane's median over good pixels (``bad``: non-finite or
+    masked, by default) when the scene has one, else the survey's sky level.
+    A band with no usable pixel gets 1 (it carries no weight).
+    """
+    sv = get_survey(survey or scene.survey)
+    bad = _bad_pixels(scene) if bad is None else bad
     empty = bad.all(axis=(1, 2))  # a band with no usable pixel has no weight: its noise level is moot
     if empty.all():
         raise BayesblendError("cannot build a detection image: no band has a finite, unmasked pixel")
@@ -101,7 +124,7 @@ def _bad_pixels_and_sky(scene: Scene, survey: str | None) -> tuple[np.ndarray, n
     var = np.where(empty, 1.0, var)
     if not np.all(np.isfinite(var) & (var > 0)):
         raise BayesblendError("cannot build a detection image: unknown noise level in some band")
-    return bad, var
+    return var
 
 
 def _unit_noise_sum(image: np.ndarray, var: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -170,16 +193,22 @@ def _segments(det: np.ndarray, bad: np.ndarray, threshold: float) -> Table:
 def merge_close(sources: Table, radius: float) -> Table:
     """Sources with every one closer than ``radius`` pixels to a higher-S/N one removed.
 
-    Greedy, highest ``snr`` first (a handful of sources per blend). Returns
-    the kept rows sorted by decreasing S/N.
+    Greedy, highest ``snr`` first: a source is removed by a kept one only.
+    Returns the kept rows sorted by decreasing S/N.
     """
     t = sources.copy()
     t.sort("snr", reverse=True)
     keep = np.ones(len(t), bool)
-    for i in range(len(t)):
-        if keep[i]:
-            d = np.hypot(t["x"] - t["x"][i], t["y"] - t["y"][i])
-            keep &= ~((d < radius) & (np.arange(len(t)) > i))
+    if len(t) < 2 or radius <= 0:
+        return t
+    xy = np.c_[np.asarray(t["x"], float), np.asarray(t["y"], float)]
+    pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")  # (i, j), i < j: i is brighter
+    if len(pairs):
+        pairs = pairs[np.hypot(*(xy[pairs[:, 0]] - xy[pairs[:, 1]]).T) < radius]  # strictly closer
+        # by the brighter one's rank: whether it is kept is settled before its own pairs are read
+        for i, j in pairs[np.argsort(pairs[:, 0], kind="stable")]:
+            if keep[i]:
+                keep[j] = False
     return t[keep]
 
 
@@ -210,6 +239,8 @@ def detect_sources(
     survey: str | None = None,
     threshold: float = THRESHOLD,
     merge_radius: float = MERGE_RADIUS,
+    tile_size: int | None = TILE_SIZE,
+    overlap: int = OVERLAP,
 ) -> Table:
     """Detect sources on a scene.
 
@@ -223,6 +254,10 @@ def detect_sources(
         PSF-filtered detection image.
     merge_radius : float
         Sources closer than this (pixels) are merged, keeping the higher S/N.
+    tile_size : int or None
+        Largest core side of a detection tile, pixels (None: the whole image at once).
+    overlap : int
+        Context around each tile's core, pixels.
 
     Returns
     -------
@@ -230,18 +265,30 @@ def detect_sources(
         ``x``, ``y`` (pixels, 0-based) and ``snr`` (point-source S/N at the
         peak); sorted by decreasing S/N. No rows when nothing is found.
     """
-    det, bad, w = _detection_image(scene, survey)  # shared by the peaks and the segments
-    snr = _snr_map(det, detection_psf(scene, w, survey))
-    t = _peaks(snr, bad, threshold)
-    # close pairs of comparable galaxies, which the PSF filter blurs into one peak, are often split
-    # by the segmentation of the unfiltered image: add its sources that no peak is near
-    seg = _segments(det, bad, SEGMENT_THRESHOLD)
-    if len(seg) and len(t):
-        d = np.hypot(seg["x"][:, None] - t["x"][None], seg["y"][:, None] - t["y"][None])
-        seg = seg[d.min(axis=1) > SEGMENT_RADIUS]
-    t = merge_close(vstack([t, seg]) if len(seg) else t, merge_radius)
+    sky = sky_variance(scene, survey)  # of the whole image: each tile's weights are the same
+
+    def find(tile: Tile) -> Table:
+        sub = _tile_scene(scene, tile)
+        det, bad, w = _detection_image(sub, survey, sky)  # shared by the peaks and the segments
+        t = _peaks(_snr_map(det, detection_psf(sub, w, survey)), bad, threshold)
+        # close pairs of comparable galaxies, which the PSF filter blurs into one peak, are often split
+        # by the segmentation of the unfiltered image: add its sources that no peak is near
+        seg = _segments(det, bad, SEGMENT_THRESHOLD)
+        if len(seg) and len(t):
+            d, _ = cKDTree(np.c_[t["x"], t["y"]]).query(np.c_[seg["x"], seg["y"]])
+            seg = seg[d > SEGMENT_RADIUS]
+        return vstack([t, seg]) if len(seg) else t
+
+    t = merge_close(over_tiles(tile_grid(scene.shape, tile_size, overlap), find), merge_radius)
     t["x"].unit = t["y"].unit = "pix"
     return t
+
+
+def _tile_scene(scene: Scene, tile: Tile) -> Scene:
+    """The scene restricted to a tile's region (the scene itself when the tile covers it)."""
+    if (tile.height, tile.width) == scene.shape:
+        return scene
+    return scene.cutout(tile.x0, tile.y0, tile.height, tile.width)
 
 
 def match_sources(
@@ -291,6 +338,8 @@ def residual_sources(
     survey: str | None = None,
     threshold: float = THRESHOLD,
     radius: float = RESIDUAL_RADIUS,
+    tile_size: int | None = TILE_SIZE,
+    overlap: int = OVERLAP,
 ) -> Table:
     """Sources a fit missed: peaks of the PSF-filtered residual ``scene - model``.
 
@@ -319,6 +368,8 @@ def residual_sources(
         Smallest point-source S/N of a residual peak.
     radius : float
         Exclusion radius around the fitted sources, pixels.
+    tile_size, overlap : int
+        Tiles of a large image, as in :func:`detect_sources`.
 
     Returns
     -------
@@ -330,20 +381,23 @@ def residual_sources(
         raise BayesblendError(
             f"model shape {model.shape} differs from the scene's {tuple(scene.image.shape)}"
         )
-    bad, sky = _bad_pixels_and_sky(scene, survey)
-    if scene.variance is not None:
-        var = np.asarray(scene.variance, np.float64)
-    else:
-        var = poisson_variance(model, sky)
-    var = var + (np.reshape(np.asarray(model_error, np.float64), (-1, 1, 1)) * model) ** 2
-    residual = np.asarray(scene.image, np.float64) - model
-    det, no_weight = _unit_noise_sum(residual, var, bad | ~(var > 0))
-    t = _peaks(_snr_map(det, detection_psf(scene, 1.0 / sky, survey)), no_weight, threshold)
-    if len(t) and len(x):
-        d = np.hypot(
-            t["x"][:, None] - np.asarray(x, float)[None], t["y"][:, None] - np.asarray(y, float)[None]
+    sky = sky_variance(scene, survey)
+    error = np.reshape(np.asarray(model_error, np.float64), (-1, 1, 1))
+
+    def find(tile: Tile) -> Table:
+        sub = _tile_scene(scene, tile)
+        m = model[:, tile.y0 : tile.y1, tile.x0 : tile.x1]
+        var = np.asarray(sub.variance, np.float64) if sub.variance is not None else poisson_variance(m, sky)
+        var = var + (error * m) ** 2
+        det, no_weight = _unit_noise_sum(
+            np.asarray(sub.image, np.float64) - m, var, _bad_pixels(sub) | ~(var > 0)
         )
-        t = t[d.min(axis=1) > radius]
+        return _peaks(_snr_map(det, detection_psf(sub, 1.0 / sky, survey)), no_weight, threshold)
+
+    t = over_tiles(tile_grid(scene.shape, tile_size, overlap), find)
+    if len(t) and len(x):
+        d, _ = cKDTree(np.c_[np.asarray(x, float), np.asarray(y, float)]).query(np.c_[t["x"], t["y"]])
+        t = t[d > radius]
     t = merge_close(t, MERGE_RADIUS)
     t["x"].unit = t["y"].unit = "pix"
     return t

@@ -4,9 +4,10 @@
 with a pilot fit that adds the galaxies found in its residual), groups the
 sources into blends (:func:`prepare_scene`), fits every blend with the
 chosen method in ``vmap`` batches of blends that share a padded size
-(:func:`fit_blends`, one compilation per size: :func:`bayesblend.methods.batch_function`)
-and assembles the draws into a Posterior. The methods themselves are in
-:mod:`bayesblend.methods`, their settings in :mod:`bayesblend.settings`.
+(:mod:`bayesblend.fitting`, here or on a Dask cluster) and assembles the
+draws into a Posterior. The methods themselves are in
+:mod:`bayesblend.methods`, their settings in :mod:`bayesblend.settings`;
+runs of files on disk, resumable, in :mod:`bayesblend.runs`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,10 +31,10 @@ from bayesblend.blends import (
     warn_bad_pixels,
 )
 from bayesblend.errors import BadPixelWarning, BayesblendError, MaskedBlendError, MaskedBlendWarning
-from bayesblend.methods import batch_function, joint_flux
-from bayesblend.model import SceneSpec
+from bayesblend.fitting import fit_blends, iter_fits, plan_batches
+from bayesblend.methods import joint_flux
 from bayesblend.posterior import Posterior
-from bayesblend.prior.bundle import Networks, PriorBundle
+from bayesblend.prior.bundle import PriorBundle
 from bayesblend.scene import Scene
 from bayesblend.settings import METHODS, InferenceConfig, check_method
 
@@ -42,64 +42,18 @@ if TYPE_CHECKING:  # types only: astropy is imported where a table is read
     import os
 
     from astropy.table import Table
+    from distributed import Client
 
-__all__ = ["METHODS", "InferenceConfig", "deblend", "fit_blends", "joint_flux", "prepare_scene"]
-
-
-def fit_blends(
-    bundle: PriorBundle,
-    blends: Sequence[PreparedBlend],
-    method: str = "nuts",
-    latent_prior: str | None = None,
-    seed: int = 0,
-    config: InferenceConfig | None = None,
-    progress: bool = False,
-    key_index: Sequence[int] | None = None,
-) -> list[dict]:
-    """Fit prepared blends with ``method``; one result dict per blend (numpy arrays).
-
-    Blends are grouped by spec and run in ``vmap`` batches of up to
-    ``config.batch_size``; a short batch is padded by repetition to the next
-    power of two, so only a few batch widths are ever compiled. Blend ``i``
-    draws from the key ``fold_in(PRNGKey(seed), key_index[i])`` (default
-    ``i``), so results do not depend on the batching; blends given the same
-    index draw the same random numbers.
-    """
-    check_method(method)
-    cfg = config or InferenceConfig()
-    nets = Networks(bundle, bundle.check_latent_prior(latent_prior))
-    weights = nets.weights()
-    base = jax.random.PRNGKey(seed)
-    key_index = list(range(len(blends))) if key_index is None else [int(k) for k in key_index]
-    if len(key_index) != len(blends):
-        raise BayesblendError(f"{len(blends)} blends but {len(key_index)} key indices")
-    by_spec: dict[SceneSpec, list[int]] = {}
-    for i, b in enumerate(blends):
-        by_spec.setdefault(b.spec, []).append(i)
-    batches = [
-        (spec, idx[j : j + cfg.batch_size])
-        for spec, idx in by_spec.items()
-        for j in range(0, len(idx), cfg.batch_size)
-    ]
-    results: list[dict | None] = [None] * len(blends)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(blends), desc=f"deblend ({method})", unit="blend")
-    for spec, idx in batches:
-        width = min(1 << (len(idx) - 1).bit_length(), cfg.batch_size)  # 1, 2, 4...: few compiled widths
-        full = idx + [idx[-1]] * (width - len(idx))
-        data = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[blends[i].data for i in full])
-        keys = jnp.stack([jax.random.fold_in(base, key_index[i]) for i in full])
-        out = jax.device_get(batch_function(nets, method, spec, cfg)(weights, data, keys))
-        for j, i in enumerate(idx):
-            results[i] = jax.tree_util.tree_map(lambda a, j=j: np.asarray(a[j]), out)
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
-    return results  # type: ignore[return-value]
+__all__ = [
+    "METHODS",
+    "InferenceConfig",
+    "deblend",
+    "fit_blends",
+    "iter_fits",
+    "joint_flux",
+    "plan_batches",
+    "prepare_scene",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +157,7 @@ def deblend(
     progress: bool = False,
     redetect: bool = True,
     common_draws: bool = False,
+    client: Client | None = None,
     **settings: Any,
 ) -> Posterior:
     """Deblend one scene or several: detect (or take) sources, group them into blends, infer.
@@ -241,6 +196,10 @@ def deblend(
         harness), so that the Monte Carlo noise of the draws cancels in their
         differences as the pixel noise does. Leave it off for independent
         scenes: their draws would share Monte Carlo errors.
+    client : distributed.Client, optional
+        Fit the batches of blends on this Dask cluster's workers
+        (:mod:`bayesblend.cluster`) instead of in this process; the results
+        are the same.
     **settings
         Single :class:`InferenceConfig` fields overriding those of ``config``.
 
@@ -249,7 +208,6 @@ def deblend(
     Posterior
         Draws of every source of every scene.
     """
-    from bayesblend.detect import detect_sources, residual_sources
     from bayesblend.prior.bundle import load_bundle
 
     check_method(method)
@@ -265,65 +223,12 @@ def deblend(
         per_scene = list(sources)
         if len(per_scene) != len(scenes):
             raise BayesblendError(f"{len(scenes)} scenes but {len(per_scene)} source lists")
-    positions: list[tuple[np.ndarray, np.ndarray]] = []
-    detected: list[int] = []
-    for si, (sc, src) in enumerate(zip(scenes, per_scene, strict=True)):
-        check_scene(sc, bundle)
-        pos = _as_positions(src, sc)
-        if pos is None:
-            det = detect_sources(sc.select_bands(bundle.bands), survey=bundle.survey)
-            pos = (np.asarray(det["x"], float), np.asarray(det["y"], float))
-            detected.append(si)
-        positions.append(pos)
-    if redetect and any(len(positions[si][0]) for si in detected):
-        # a pilot fit (MAP, or the amortised start for the amortised method) of the detected
-        # sources; the sources in its residual join them, then the method runs once on all
-        pilot_method = "amortised" if method == "amortised" else "map"
-        # only its point estimates are read, unless it is returned as the result below: then it
-        # needs the method's draws; else one draw spares decoding and measuring the rest
-        pilot_cfg = cfg if pilot_method == method else cfg.replace(num_draws=1)
-        with warnings.catch_warnings():  # the run below says it again
-            warnings.simplefilter("ignore", MaskedBlendWarning)
-            warnings.simplefilter("ignore", BadPixelWarning)
-            pilot = deblend(
-                scenes,
-                [np.c_[x, y] for x, y in positions],
-                pilot_method,
-                bundle,
-                seed,
-                latent_prior,
-                pilot_cfg,
-                common_draws=common_draws,
-            )
-        added = 0
-        for si in detected:
-            x, y = positions[si]
-            model = pilot.scene_model(si)
-            new = residual_sources(
-                scenes[si].select_bands(bundle.bands),
-                model,
-                x,
-                y,
-                model_error_of(bundle, cfg.model_error),
-                bundle.survey,
-            )
-            positions[si] = (np.r_[x, np.asarray(new["x"], float)], np.r_[y, np.asarray(new["y"], float)])
-            added += len(new)
-        if not added and pilot_method == method:
-            return pilot
-    preps: list[PreparedBlend] = []
-    members: list[dict] = []
-    for si, (sc, (x, y)) in enumerate(zip(scenes, positions, strict=True)):
-        if len(x) == 0:
-            continue
-        p, _, split = prepare_scene(sc, x, y, bundle, cfg, name=f"scene {si}")
-        members += [{"scene": si, "split": s} for s in split]
-        preps.extend(p)
-    n_given = sum(len(x) for x, _ in positions)
-    if not preps and n_given:
-        raise MaskedBlendError(
-            f"every pixel of every blend is masked ({n_given} source(s)): nothing to deblend"
-        )
+    positions, _, pilot = find_sources(
+        scenes, per_scene, bundle, method, cfg, seed, latent_prior, redetect, common_draws, client
+    )
+    if pilot is not None:
+        return pilot
+    preps, members = blends_of_scenes(scenes, positions, bundle, cfg)
     key_index = None
     if common_draws:  # the k-th blend of each scene
         seen: dict[int, int] = {}
@@ -331,10 +236,160 @@ def deblend(
         for m in members:
             key_index.append(seen.get(m["scene"], 0))
             seen[m["scene"]] = key_index[-1] + 1
-    results = fit_blends(bundle, preps, method, latent_prior, seed, cfg, progress, key_index)
-    # the blends as fitted: the flux prior's centre is the one the fit used (amortised by default)
-    for i, r in enumerate(results):
-        preps[i] = dataclasses.replace(
-            preps[i], data=dict(preps[i].data, log_flux0=jnp.asarray(r.pop("log_flux0")))
-        )
+    results = fit_blends(bundle, preps, method, latent_prior, seed, cfg, progress, key_index, client)
+    preps = as_fitted(preps, results)
     return Posterior.from_fits(bundle, latent_prior, method, seed, cfg, scenes, preps, members, results)
+
+
+def find_sources(
+    scenes: Sequence[Scene],
+    per_scene: Sequence,
+    bundle: PriorBundle,
+    method: str,
+    config: InferenceConfig,
+    seed: int = 0,
+    latent_prior: str | None = None,
+    redetect: bool = True,
+    common_draws: bool = False,
+    client: Client | None = None,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray], Posterior | None]:
+    """The sources to fit in each scene: given, or detected and completed by a pilot fit's residual.
+
+    ``per_scene`` holds, per scene, what :func:`deblend` accepts as its
+    ``sources`` (None: detect). See :func:`deblend` for ``redetect``;
+    :func:`detect_scenes` and :func:`add_residual_sources` are its two steps.
+
+    Returns
+    -------
+    positions : list of (numpy.ndarray, numpy.ndarray)
+        ``(x, y)`` per scene, pixels.
+    origin : list of numpy.ndarray
+        Per scene and source, ``"given"``, ``"detected"`` or ``"residual"``.
+    pilot : Posterior or None
+        The pilot fit when it is already the answer (the pilot ran ``method``
+        with its settings and found no new source), else None.
+    """
+    positions, origin = detect_scenes(scenes, per_scene, bundle)
+    if not redetect:
+        return positions, origin, None
+    return add_residual_sources(
+        scenes, positions, origin, bundle, method, config, seed, latent_prior, common_draws, client
+    )
+
+
+def detect_scenes(
+    scenes: Sequence[Scene], per_scene: Sequence, bundle: PriorBundle
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
+    """Per scene, the given sources or the detected ones (what :func:`find_sources` returns first)."""
+    from bayesblend.detect import detect_sources
+
+    positions: list[tuple[np.ndarray, np.ndarray]] = []
+    origin: list[np.ndarray] = []
+    for sc, src in zip(scenes, per_scene, strict=True):
+        check_scene(sc, bundle)
+        pos = _as_positions(src, sc)
+        kind = "given"
+        if pos is None:
+            det = detect_sources(sc.select_bands(bundle.bands), survey=bundle.survey)
+            pos, kind = (np.asarray(det["x"], float), np.asarray(det["y"], float)), "detected"
+        positions.append(pos)
+        origin.append(np.full(len(pos[0]), kind, dtype="<U8"))
+    return positions, origin
+
+
+def add_residual_sources(
+    scenes: Sequence[Scene],
+    positions: list[tuple[np.ndarray, np.ndarray]],
+    origin: list[np.ndarray],
+    bundle: PriorBundle,
+    method: str,
+    config: InferenceConfig,
+    seed: int = 0,
+    latent_prior: str | None = None,
+    common_draws: bool = False,
+    client: Client | None = None,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray], Posterior | None]:
+    """Fit the scenes with detected sources, and add the sources in each fit's residual.
+
+    The pilot fit is MAP (the amortised start for ``method="amortised"``);
+    scenes whose sources were all given are left alone. Returns what
+    :func:`find_sources` does.
+    """
+    from bayesblend.detect import residual_sources
+
+    detected = [i for i, o in enumerate(origin) if len(o) and (o == "detected").any()]
+    if not detected:
+        return positions, origin, None
+    positions, origin = list(positions), list(origin)
+    # a pilot fit (MAP, or the amortised start for the amortised method) of the detected
+    # sources; the sources in its residual join them, then the method runs once on all
+    pilot_method = "amortised" if method == "amortised" else "map"
+    # only its point estimates are read, unless it is returned as the result below: then it
+    # needs the method's draws; else one draw spares decoding and measuring the rest
+    pilot_cfg = config if pilot_method == method else config.replace(num_draws=1)
+    with warnings.catch_warnings():  # the run after it says it again
+        warnings.simplefilter("ignore", MaskedBlendWarning)
+        warnings.simplefilter("ignore", BadPixelWarning)
+        pilot = deblend(
+            scenes,
+            [np.c_[x, y] for x, y in positions],
+            pilot_method,
+            bundle,
+            seed,
+            latent_prior,
+            pilot_cfg,
+            common_draws=common_draws,
+            client=client,
+        )
+    added = 0
+    for si in detected:
+        x, y = positions[si]
+        new = residual_sources(
+            scenes[si].select_bands(bundle.bands),
+            pilot.scene_model(si),
+            x,
+            y,
+            model_error_of(bundle, config.model_error),
+            bundle.survey,
+        )
+        positions[si] = (np.r_[x, np.asarray(new["x"], float)], np.r_[y, np.asarray(new["y"], float)])
+        origin[si] = np.r_[origin[si], np.full(len(new), "residual", dtype="<U8")]
+        added += len(new)
+    return positions, origin, pilot if not added and pilot_method == method else None
+
+
+def blends_of_scenes(
+    scenes: Sequence[Scene],
+    positions: Sequence[tuple[np.ndarray, np.ndarray]],
+    bundle: PriorBundle,
+    config: InferenceConfig,
+) -> tuple[list[PreparedBlend], list[dict]]:
+    """Every scene's sources grouped into prepared blends, and each blend's ``{"scene", "split"}``.
+
+    Raises :class:`MaskedBlendError` when sources were given but every blend is masked.
+    """
+    preps: list[PreparedBlend] = []
+    members: list[dict] = []
+    for si, (sc, (x, y)) in enumerate(zip(scenes, positions, strict=True)):
+        if len(x) == 0:
+            continue
+        p, _, split = prepare_scene(sc, x, y, bundle, config, name=f"scene {si}")
+        members += [{"scene": si, "split": s} for s in split]
+        preps.extend(p)
+    n_given = sum(len(x) for x, _ in positions)
+    if not preps and n_given:
+        raise MaskedBlendError(
+            f"every pixel of every blend is masked ({n_given} source(s)): nothing to deblend"
+        )
+    return preps, members
+
+
+def as_fitted(blends: Sequence[PreparedBlend], results: Sequence[dict]) -> list[PreparedBlend]:
+    """The blends as fitted: the flux prior's centre the fit used (the amortised one by default).
+
+    Pops ``log_flux0`` from each result.
+    """
+    return [
+        dataclasses.replace(b, data=dict(b.data, log_flux0=jnp.asarray(r.pop("log_flux0"))))
+        for b, r in zip(blends, results, strict=True)
+    ]

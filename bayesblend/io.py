@@ -27,6 +27,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from bayesblend.errors import BayesblendError, SceneFormatError
+from bayesblend.psf import PSFGrid
 from bayesblend.scene import Scene
 from bayesblend.survey import get_survey
 
@@ -74,6 +75,19 @@ def write_scene(path: str | os.PathLike, scene: Scene) -> Path:
             hdus.append(fits.ImageHDU(scene.mask[i].astype(np.uint8), name=f"MASK_{b}"))
         if scene.psf is not None:
             hdus.append(fits.ImageHDU(scene.psf[i], name=f"PSF_{b}"))
+        if scene.psf_grid is not None:
+            g = scene.psf_grid
+            cols = [
+                fits.Column("x", "D", unit="pix", array=g.x),
+                fits.Column("y", "D", unit="pix", array=g.y),
+                fits.Column(
+                    "psf",
+                    f"{g.images[i, 0].size}E",
+                    dim=f"({g.images.shape[3]},{g.images.shape[2]})",
+                    array=g.images[i],
+                ),
+            ]
+            hdus.append(fits.BinTableHDU.from_columns(cols, name=f"PSFGRID_{b}"))
     with atomic_path(path) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
     return Path(path)
@@ -154,7 +168,7 @@ def read_scene(path: str | os.PathLike) -> Scene:
         def get(kind: str, b: str) -> fits.ImageHDU | None:
             return ext.get(f"{kind}_{b}".upper())
 
-        images, variances, masks, psfs, magzero = [], [], [], [], []
+        images, variances, masks, psfs, grids, magzero = [], [], [], [], [], []
         wcs = None
         for b in bands:
             hdu = get("IMAGE", b)
@@ -177,6 +191,7 @@ def read_scene(path: str | os.PathLike) -> Scene:
             for kind, store in (("VARIANCE", variances), ("MASK", masks), ("PSF", psfs)):
                 h = get(kind, b)
                 store.append(None if h is None else np.asarray(h.data))
+            grids.append(get("PSFGRID", b))
         shapes = {im.shape for im in images}
         if len(shapes) != 1:
             raise SceneFormatError(f"{path}: IMAGE extensions differ in shape: {sorted(shapes)}")
@@ -194,6 +209,7 @@ def read_scene(path: str | os.PathLike) -> Scene:
                 raise SceneFormatError(f"{path}: PSF images differ in shape between bands")
             return np.stack(arrs).astype(dtype)
 
+        psf_grid = _psf_grid(path, bands, grids)
         variance = stack("VARIANCE", variances, np.float32)
         mask = stack("MASK", masks, np.int64)
         psf = stack("PSF", psfs, np.float32)
@@ -231,7 +247,34 @@ def read_scene(path: str | os.PathLike) -> Scene:
             mask=mask,
             wcs=wcs,
             meta=meta,
+            psf_grid=psf_grid,
+            name=path.name,
         )
+    except BayesblendError as exc:
+        raise SceneFormatError(f"{path}: {exc}") from None
+
+
+def _psf_grid(path: Path, bands: Sequence[str], tables: list) -> PSFGrid | None:
+    """The scene's PSF grid from its ``PSFGRID_<band>`` tables (None without any), or a one-line error."""
+    if all(t is None for t in tables):
+        return None
+    missing = [b for b, t in zip(bands, tables, strict=True) if t is None]
+    if missing:
+        raise SceneFormatError(f"{path}: PSFGRID given for some bands but not {missing}")
+    try:
+        cols = [
+            (np.asarray(t.data["x"], float), np.asarray(t.data["y"], float), np.asarray(t.data["psf"]))
+            for t in tables
+        ]
+    except (KeyError, TypeError, AttributeError):
+        raise SceneFormatError(f"{path}: a PSFGRID table needs columns x, y and psf") from None
+    x, y, _ = cols[0]
+    if any(c[0].shape != x.shape or not (np.array_equal(c[0], x) and np.array_equal(c[1], y)) for c in cols):
+        raise SceneFormatError(f"{path}: the PSFGRID tables list different positions in different bands")
+    if len({c[2].shape for c in cols}) != 1 or cols[0][2].ndim != 3:
+        raise SceneFormatError(f"{path}: PSFGRID images differ in shape between bands, or are not 2-d")
+    try:
+        return PSFGrid(x, y, np.stack([c[2] for c in cols]))
     except BayesblendError as exc:
         raise SceneFormatError(f"{path}: {exc}") from None
 

@@ -225,25 +225,30 @@ def plot_blend(
     ax.legend(fontsize=6)
     for j in range(3, ncol):
         axes[3, j].axis("off")
-    fig.suptitle(f"blend {blend_id}: {len(sel)} source(s), method {posterior.method}", fontsize=9)
+    label = int(posterior.blend_ids[blend_id])
+    fig.suptitle(f"blend {label}: {len(sel)} source(s), method {posterior.method}", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
 
 
 def plot_blends(
-    posterior: Posterior, directory: str | os.PathLike, truths: Sequence[Table | None] | None = None
+    posterior: Posterior,
+    directory: str | os.PathLike,
+    truths: Sequence[Table | None] | None = None,
+    only: Sequence[int] | None = None,
 ) -> Path:
-    """Write :func:`plot_blend` for every blend as ``directory/blend_NNNN.png``.
+    """Write :func:`plot_blend` for every blend (or those ``only`` indexes) as ``directory/blend_NNNN.png``.
 
-    ``truths``, when given, holds one truth table (or None) per scene, in the
-    scene order of the posterior. Returns the directory.
+    ``NNNN`` is the blend's catalogue ``blend_id``. ``truths``, when given,
+    holds one truth table (or None) per scene, in the scene order of the
+    posterior. Returns the directory.
     """
     directory = Path(directory)
     scene_of = np.asarray(posterior.sources["scene"])
     blend_of = np.asarray(posterior.sources["blend_id"])
-    for i in range(posterior.n_blends):
+    for i in range(posterior.n_blends) if only is None else only:
         truth = None if truths is None else truths[int(scene_of[blend_of == i][0])]
-        plot_blend(posterior, i, directory / f"blend_{i:04d}.png", truth=truth)
+        plot_blend(posterior, i, directory / f"blend_{int(posterior.blend_ids[i]):04d}.png", truth=truth)
     return directory
 
 

@@ -18,10 +18,7 @@ their draws are the posterior.
 
 from __future__ import annotations
 
-import json
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,6 +81,11 @@ class Posterior:
     traces : list of dict
         Per blend, the optimisation traces (``map_trace``: -log p per step;
         ``elbo_trace``: SVI loss per step).
+    blend_ids : numpy.ndarray
+        Per blend, its id in the catalogue (``blend_id``) and in the ArviZ
+        ``blend`` coordinate: ``0 .. n_blends - 1`` unless a run that writes
+        one catalogue in parts numbers them (``sources["blend_id"]`` is the
+        blend's index in this Posterior).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class Posterior:
         points: list[dict],
         traces: list[dict],
         magzero: np.ndarray,
+        blend_ids: np.ndarray | None = None,
     ) -> None:
         self.method = method
         self.seed = seed
@@ -119,6 +122,9 @@ class Posterior:
         self.points = points
         self.traces = traces
         self.magzero = magzero
+        self.blend_ids = np.arange(len(blends)) if blend_ids is None else np.asarray(blend_ids, np.int64)
+        if self.blend_ids.shape != (len(blends),):
+            raise ValueError(f"{len(blends)} blends but {self.blend_ids.size} blend ids")
         self._diagnostics: dict[str, np.ndarray] | None = None
         self._catalog: Table | None = None
 
@@ -135,6 +141,8 @@ class Posterior:
         blends: Sequence,
         members: Sequence[dict],
         results: Sequence[dict],
+        blend_ids: Sequence[int] | None = None,
+        source_ids: Sequence[np.ndarray] | None = None,
     ) -> Posterior:
         """Assemble the per-blend results of :func:`bayesblend.infer.fit_blends`.
 
@@ -159,6 +167,11 @@ class Posterior:
         results : sequence of dict
             Per blend, the result of :func:`~bayesblend.infer.fit_blends`
             (``draws``, ``point``, traces and, for NUTS, ``stats``).
+        blend_ids : sequence of int, optional
+            Catalogue id of each blend (default ``0 .. len(blends) - 1``).
+        source_ids : sequence of numpy.ndarray, optional
+            Catalogue ids of each blend's real sources (default: numbered in
+            order from 0).
 
         Returns
         -------
@@ -218,7 +231,11 @@ class Posterior:
             else draws["u"]
         )
         draws.update(z=z, e1=e[..., 0], e2=e[..., 1], size=np.exp(draws["log_hlr"]))
-        sources = Table({"id": np.arange(len(rows["blend_id"]), dtype=np.int64)})
+        n_src = len(rows["blend_id"])
+        ids = np.arange(n_src) if source_ids is None or not n_src else np.concatenate(source_ids)
+        if len(ids) != n_src:
+            raise ValueError(f"{n_src} sources but {len(ids)} source ids")
+        sources = Table({"id": np.asarray(ids, np.int64)})
         for k_, v in rows.items():
             sources[k_] = np.asarray(v, dtype=float if k_ in ("x_det", "y_det") else None)
         stats: dict[str, np.ndarray] = {}
@@ -241,6 +258,7 @@ class Posterior:
             points=points,
             traces=traces,
             magzero=mz,
+            blend_ids=None if blend_ids is None else np.asarray(blend_ids, np.int64),
         )
 
     # ------------------------------------------------------------------ basic views
@@ -282,6 +300,8 @@ class Posterior:
             "n_divergent": np.zeros(n, int),
         }
         if self.method == "nuts" and n:
+            from bayesblend.inference_data import arviz as _arviz
+
             az = _arviz()
             ds = self.to_inference_data().posterior[["log_flux", "e1", "e2", "size"]]
             rhat = az.rhat(ds)
@@ -300,70 +320,10 @@ class Posterior:
 
     # ------------------------------------------------------------------ ArviZ
     def to_inference_data(self, observed: bool = True) -> arviz.InferenceData:
-        """The draws as ``arviz.InferenceData``.
+        """The draws as ``arviz.InferenceData`` (:func:`bayesblend.inference_data.to_inference_data`)."""
+        from bayesblend.inference_data import to_inference_data
 
-        Groups: ``posterior`` (dims ``chain, draw, source`` and ``band``,
-        ``latent`` or ``xy``), ``sample_stats`` (NUTS: ``diverging``,
-        ``tree_depth``, ``n_steps``, ``acceptance_rate``, ``lp``, ``energy``
-        with dims ``chain, draw, blend``), ``observed_data`` (each blend's
-        cutout, ``blend, band, y, x``, NaN-padded to the largest cutout and
-        where masked) and ``constant_data`` (the source table).
-        """
-        az = _arviz()
-        dims = {
-            "u": ["source", "latent"],
-            "z": ["source", "latent"],
-            "log_flux": ["source", "band"],
-            "flux": ["source", "band"],
-            "mag": ["source", "band"],
-            "offset": ["source", "xy"],
-            "eta": ["source", "component"],
-            "log_hlr": ["source"],
-        }
-        dims.update({k: ["source"] for k in ("x", "y", "e1", "e2", "size")})
-        stats_dims = {k: ["blend"] for k in self.stats}
-        coords = {
-            "source": np.asarray(self.sources["id"]),
-            "band": list(self.bands),
-            "latent": np.arange(self.bundle.latent_dim),
-            "xy": ["x", "y"],
-            "component": ["1", "2"],
-            "blend": np.arange(self.n_blends),
-        }
-        kwargs = {}
-        if observed and self.blends:
-            h = max(b.spec.shape[0] for b in self.blends)
-            w = max(b.spec.shape[1] for b in self.blends)
-            obs = np.full((self.n_blends, len(self.bands), h, w), np.nan, np.float32)
-            for i, b in enumerate(self.blends):
-                img = np.where(np.asarray(b.data["valid"]), np.asarray(b.data["image"]), np.nan)
-                obs[i, :, : img.shape[1], : img.shape[2]] = img
-            kwargs["observed_data"] = {"image": obs}
-            dims["image"] = ["blend", "band", "y", "x"]
-        const = {c: np.asarray(self.sources[c]) for c in ("blend_id", "scene", "x_det", "y_det")}
-        dims.update({c: ["source"] for c in const})
-        attrs = {
-            "method": self.method,
-            "seed": int(self.seed),
-            "latent_prior": self.latent_prior,
-            "bundle": str(self.bundle.card.get("name", self.bundle.path)),
-            "config": json.dumps(asdict(self.config)),
-            "ellipticity_convention": cat.ELLIPTICITY_CONVENTION,
-            "size_unit": "arcsec",
-            "flux_unit": "electron",
-            "inference_library": "bayesblend",
-        }
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return az.from_dict(
-                posterior={k: v for k, v in self.draws.items()},
-                sample_stats=self.stats or None,
-                constant_data=const,
-                coords=coords,
-                dims=dims | stats_dims,
-                attrs=attrs,
-                **kwargs,
-            )
+        return to_inference_data(self, observed)
 
     def to_netcdf(self, path: str | Path) -> Path:
         """Write the InferenceData as netCDF (atomically)."""
@@ -407,8 +367,9 @@ class Posterior:
 
         v: dict[str, np.ndarray] = {
             "id": np.asarray(self.sources["id"]),
-            "blend_id": np.asarray(self.sources["blend_id"]),
+            "blend_id": self.blend_ids[np.asarray(self.sources["blend_id"], int)],
             "scene": np.asarray(self.sources["scene"]),
+            "file": np.array([self.scenes[i].name for i in self.sources["scene"]], dtype=str),
             "x": np.median(d["x"], axis=axes),
             "y": np.median(d["y"], axis=axes),
             "x_det": np.asarray(self.sources["x_det"]),
@@ -531,10 +492,3 @@ def _source_images(nets: Networks, w: dict, spec, params: dict, data: dict) -> j
     """Every (padded) source rendered alone, ``(source, band, y, x)``; padded sources are zero."""
     stamps = _source_stamps(nets, w, spec, params, data)
     return jax.vmap(lambda st, a: paste_stamps(st[None], a[None], spec.shape))(stamps, data["anchor"])
-
-
-def _arviz():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz as az
-    return az

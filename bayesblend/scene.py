@@ -14,38 +14,8 @@ import numpy as np
 from astropy.wcs import WCS
 
 from bayesblend.errors import BayesblendError
+from bayesblend.psf import PSFGrid, check_psf
 from bayesblend.survey import get_survey
-
-#: A PSF image whose sum is further than this from 1 is renormalised, with a warning.
-PSF_SUM_TOLERANCE = 1e-3
-
-
-def check_psf(psf: np.ndarray, n_bands: int) -> np.ndarray:
-    """A scene's PSF images ``(band, py, px)`` as float32 with unit sum per band, or a one-line error.
-
-    Each band's image must be square with an odd side (centred on its middle
-    pixel: an even side would place it half a pixel off), finite, and of
-    positive sum. An image whose sum differs from 1 by more than
-    :data:`PSF_SUM_TOLERANCE` is divided by it, with a warning: every fitted
-    flux would otherwise be off by that factor.
-    """
-    psf = np.asarray(psf, dtype=np.float32)
-    if psf.ndim != 3 or psf.shape[0] != n_bands:
-        raise BayesblendError(f"scene PSF must be (band, py, px) with {n_bands} bands, got {psf.shape}")
-    if psf.shape[1] != psf.shape[2] or psf.shape[1] % 2 == 0:
-        raise BayesblendError(f"scene PSF images must be square with an odd side, got {psf.shape[1:]}")
-    if not np.isfinite(psf).all():
-        raise BayesblendError("scene PSF has non-finite pixels")
-    total = psf.sum(axis=(1, 2), dtype=np.float64)
-    if not (total > 0).all():
-        raise BayesblendError(f"scene PSF has a band of non-positive sum ({total.min():.3g})")
-    if np.any(np.abs(total - 1.0) > PSF_SUM_TOLERANCE):
-        warnings.warn(
-            f"scene PSF sums to {', '.join(f'{t:.4g}' for t in total)} per band: normalised to 1",
-            stacklevel=3,
-        )
-        psf = (psf / total[:, None, None]).astype(np.float32)
-    return psf
 
 
 @dataclass
@@ -75,6 +45,12 @@ class Scene:
         Celestial WCS shared by all bands.
     meta : dict
         Extra primary-header keywords (str -> scalar).
+    psf_grid : PSFGrid or None
+        A PSF that varies over the image: PSF images at listed positions
+        (:class:`~bayesblend.psf.PSFGrid`), used instead of ``psf``.
+    name : str
+        The scene file's name (without its directory) when read from one, else empty; the
+        catalogue's ``file`` column.
     """
 
     image: np.ndarray
@@ -87,6 +63,8 @@ class Scene:
     mask: np.ndarray | None = None
     wcs: WCS | None = None
     meta: dict = field(default_factory=dict)
+    psf_grid: PSFGrid | None = None
+    name: str = ""
 
     def __post_init__(self) -> None:
         self.image = np.asarray(self.image, dtype=np.float32)
@@ -110,6 +88,8 @@ class Scene:
                 setattr(self, name, arr)
         if self.psf is not None:
             self.psf = check_psf(self.psf, nb)
+        if self.psf_grid is not None and self.psf_grid.n_bands != nb:
+            raise BayesblendError(f"scene PSF grid has {self.psf_grid.n_bands} bands, the image {nb}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -119,6 +99,9 @@ class Scene:
     def psf_images(self, survey: str | None = None, warn: bool = False) -> np.ndarray:
         """``(band, py, px)`` PSF images: the scene's own, else the survey's default PSF per band.
 
+        With a PSF grid, the grid interpolated to the scene's centre (for a
+        blend's cutout: the blend's PSF).
+
         Parameters
         ----------
         survey : str, optional
@@ -126,6 +109,9 @@ class Scene:
         warn : bool
             Warn when the default stands in (once per fit, not per use).
         """
+        if self.psf_grid is not None:
+            ny, nx = self.shape
+            return self.psf_grid.at((nx - 1) / 2.0, (ny - 1) / 2.0)
         if self.psf is not None:
             return self.psf
         if warn:
@@ -156,6 +142,8 @@ class Scene:
             mask=pick(self.mask),
             wcs=self.wcs,
             meta=dict(self.meta),
+            psf_grid=None if self.psf_grid is None else self.psf_grid.select(idx),
+            name=self.name,
         )
 
     def cutout(self, x0: int, y0: int, height: int, width: int) -> Scene:
@@ -163,7 +151,8 @@ class Scene:
 
         The region may extend beyond the scene: pixels outside it are zero and
         masked, so a blend near an edge gets a cutout of the same fixed shape as
-        any other (one compilation per shape). The WCS is shifted to match.
+        any other (one compilation per shape). The WCS and a PSF grid are
+        shifted to match.
         """
         ny, nx = self.shape
         ys, ye = max(y0, 0), min(y0 + height, ny)
@@ -200,4 +189,6 @@ class Scene:
             mask=mask if mask.any() else None,
             wcs=wcs,
             meta=dict(self.meta),
+            psf_grid=None if self.psf_grid is None else self.psf_grid.shifted(-x0, -y0),
+            name=self.name,
         )

@@ -157,7 +157,8 @@ def test_cli_deblend_writes_catalogue_posterior_and_figures(tmp_path, capsys):
     t = r.truth  # both galaxies found (detection, then the residual of the first fit)
     d = np.hypot(np.asarray(t["x"])[:, None] - c["x"][None], np.asarray(t["y"])[:, None] - c["y"][None])
     assert d.min(axis=1).max() < 1.5
-    assert (out / "posterior.nc").stat().st_size > 0
+    parts = sorted(p.stem for p in (out / "posterior").glob("part-*.nc"))  # the samples of every part
+    assert parts and parts == sorted(p.stem for p in (out / "catalog").glob("part-*.parquet"))
     # one figure per blend (detection may find a source far enough away to make a blend of its own)
     n_blends = len(set(np.asarray(c["blend_id"]).tolist()))
     assert sorted(p.name for p in (out / "figures").iterdir()) == [

@@ -432,3 +432,29 @@ def test_targets_ensemble_and_alpha_against_the_true_ellipticity(tmp_path):
     _fake_run(tmp_path / "n", 5, 6, np.full(4, 0.9), std)  # no targets: neither is defined
     res = summarise(tmp_path / "n", estimators=("truth", "ensemble_targets"))
     assert "alpha" not in res and set(res["estimators"]) == {"truth"}
+
+
+def test_posterior_parts_are_matched_to_the_catalogue_by_id(tmp_path):
+    import xarray as xr
+
+    from bayesblend.shear.catalog import posterior_ellipticities
+
+    def part(path, ids, e1):
+        dims = ("chain", "draw", "source")
+        ds = xr.Dataset(
+            {"e1": (dims, e1.T[None]), "e2": (dims, -e1.T[None])}, coords={"source": np.asarray(ids)}
+        )
+        ds.to_netcdf(path, group="posterior", engine="h5netcdf")
+
+    d = tmp_path / "posterior"
+    d.mkdir()
+    # a run's parts hold sources in batch order, not in id order; the value of each draw is its id
+    part(d / "part-00000.nc", [3, 1], np.array([[3.0, 3.0], [1.0, 1.0]]))
+    part(d / "part-00001.nc", [0, 2], np.array([[0.0, 0.0], [2.0, 2.0]]))
+    e1, e2, _ = posterior_ellipticities(d, np.array([0, 1, 2, 3]))
+    assert e1[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0] and e2[:, 1].tolist() == [0.0, -1.0, -2.0, -3.0]
+    with pytest.raises(BayesblendError, match="no draws of catalogue source id 7"):
+        posterior_ellipticities(d, np.array([0, 7]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BayesblendError, match="no posterior parts"):
+        posterior_ellipticities(tmp_path / "empty")

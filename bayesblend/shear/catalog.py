@@ -101,13 +101,43 @@ def shear_catalog(
     return out
 
 
-def posterior_ellipticities(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``(e1, e2)`` draws ``(source, draw)`` and the attributes of a ``posterior.nc``."""
-    import xarray as xr
+def posterior_ellipticities(
+    path: str | Path, ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(e1, e2)`` draws ``(source, draw)`` and the attributes of a ``posterior.nc``.
 
+    ``path`` may also be a run's ``posterior/`` directory, whose parts
+    (``part-*.nc``) are read in turn. With ``ids`` (the catalogue's ``id``
+    column), the rows follow them, matched on the draws' ``source``
+    coordinate; a source without draws is an error.
+    """
     path = Path(path)
     if not path.exists():
         raise BayesblendError(f"{path}: no such posterior file")
+    files = sorted(path.glob("part-*.nc")) if path.is_dir() else [path]
+    if not files:
+        raise BayesblendError(f"{path}: no posterior parts (part-*.nc) in it")
+    parts = [_read_ellipticities(f) for f in files]
+    source = np.concatenate([p[0] for p in parts])
+    e1 = np.concatenate([p[1] for p in parts])
+    e2 = np.concatenate([p[2] for p in parts])
+    if ids is not None:
+        ids = np.asarray(ids)
+        order = {int(s): i for i, s in enumerate(source)}
+        missing = [int(i) for i in ids if int(i) not in order]
+        if missing:
+            raise BayesblendError(
+                f"{path}: no draws of catalogue source id {missing[0]} ({len(missing)} missing)"
+            )
+        rows = np.array([order[int(i)] for i in ids], dtype=int)
+        e1, e2 = e1[rows], e2[rows]
+    return e1, e2, parts[0][3]
+
+
+def _read_ellipticities(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """The ``source`` coordinate, ``e1`` and ``e2`` draws ``(source, draw)`` and attributes of one netCDF."""
+    import xarray as xr
+
     try:
         ds = xr.open_dataset(path, group="posterior", engine="h5netcdf")
     except (OSError, ValueError) as exc:
@@ -122,4 +152,5 @@ def posterior_ellipticities(path: str | Path) -> tuple[np.ndarray, np.ndarray, d
             a = np.asarray(ds[v].transpose("source", "chain", "draw").values, np.float32)
             return a.reshape(a.shape[0], -1)
 
-        return flat("e1"), flat("e2"), dict(ds.attrs)
+        source = np.asarray(ds["source"].values) if "source" in ds.coords else np.arange(ds.sizes["source"])
+        return source, flat("e1"), flat("e2"), dict(ds.attrs)

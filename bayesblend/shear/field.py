@@ -25,8 +25,9 @@ from bayesblend.shear.lensing import interim_prior_from_card
 
 #: Columns a posterior catalogue must have for a shear estimate.
 CATALOG_COLUMNS = ("id", "blend_id", "x", "y", "ra", "dec", "e1", "e2", "e1_std", "e2_std", "flags")
-#: The file ``bayesblend deblend`` writes beside its catalogue, read when no posterior is named.
-POSTERIOR_NAME = "posterior.nc"
+#: Where the draws of a catalogue are looked for beside it when no posterior is named: the directory
+#: of parts ``bayesblend deblend`` writes (:mod:`bayesblend.runs`), else a single file.
+POSTERIOR_NAMES = ("posterior", "posterior.nc")
 
 
 @dataclass
@@ -83,7 +84,8 @@ def field_shear(
     catalog : Table or path
         The posterior catalogue (``bayesblend deblend``'s ``catalog.fits``).
     posterior : path, optional
-        Its posterior draws (``posterior.nc``). Default: the ``posterior.nc``
+        Its posterior draws: a ``posterior.nc`` or a run's ``posterior/``
+        directory of parts. Default: the ``posterior/`` (else ``posterior.nc``)
         beside a catalogue read from a path, when it exists (``find_posterior``).
     bundle : PriorBundle or str, optional
         The model that made the catalogue (default: its header's ``BUNDLE``):
@@ -94,7 +96,7 @@ def field_shear(
     seed : int
         Seed of the hierarchical estimator's NUTS.
     find_posterior : bool
-        Look for ``posterior.nc`` beside the catalogue when ``posterior`` is None.
+        Look for the draws beside the catalogue when ``posterior`` is None.
 
     Returns
     -------
@@ -118,8 +120,8 @@ def field_shear(
     missing = [c for c in CATALOG_COLUMNS if c not in catalog.colnames]
     if missing:
         raise BayesblendError(f"{name}: not a bayesblend posterior catalogue (no {', '.join(missing)})")
-    if posterior is None and find_posterior and path is not None and (path.parent / POSTERIOR_NAME).exists():
-        posterior = path.parent / POSTERIOR_NAME
+    if posterior is None and find_posterior and path is not None:
+        posterior = next((path.parent / n for n in POSTERIOR_NAMES if (path.parent / n).exists()), None)
     if not isinstance(bundle, PriorBundle):
         bundle = load_bundle(bundle or catalog.meta.get("BUNDLE"))
     method = str(catalog.meta.get("METHOD", "map")).lower()
@@ -132,8 +134,9 @@ def field_shear(
     ok = np.asarray(shear_cat["weight"]) > 0
     estimates: dict[str, ShearEstimate] = {}
     if posterior is not None:
-        e1, e2, _ = posterior_ellipticities(posterior)
-        if e1.shape[0] != len(catalog):
+        ids = np.asarray(catalog["id"]) if Path(posterior).is_dir() else None  # parts: matched by id
+        e1, e2, _ = posterior_ellipticities(posterior, ids)
+        if ids is None and e1.shape[0] != len(catalog):
             raise BayesblendError(f"{posterior} has {e1.shape[0]} sources, the catalogue {len(catalog)}")
         estimates["hierarchical"] = hierarchical_shear(
             e1[ok], e2[ok], interim_prior_from_card(bundle.card), seed=seed
@@ -152,7 +155,7 @@ def field_shear(
         for w in caught:
             warnings.warn(str(w.message), stacklevel=2)
         warnings.warn(
-            f"{name}: no posterior draws ({POSTERIOR_NAME} beside it or --posterior), so no hierarchical "
+            f"{name}: no posterior draws (posterior/ beside it or --posterior), so no hierarchical "
             "estimate: the ensemble mean is biased where the posteriors are shrunk towards round",
             stacklevel=2,
         )

@@ -1,0 +1,113 @@
+"""Runs on disk: a partitioned catalogue, resuming after a kill, refusing another run's directory,
+and the same rows from a two-worker local Dask cluster."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from astropy.table import Table
+
+from bayesblend.errors import BayesblendError
+from bayesblend.io import write_scene
+from bayesblend.posterior import Posterior
+from bayesblend.runs import deblend_files, read_catalog
+from bayesblend.settings import InferenceConfig
+from bayesblend.simulate.scenes import simulate_field
+
+#: Amortised fits, a few draws, one blend per batch: several parts from small scenes.
+QUICK = dict(method="amortised", config=InferenceConfig(num_draws=4, batch_size=1), redetect=False)
+
+
+@pytest.fixture(scope="module")
+def scene_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scenes")
+    paths = []
+    for i in range(2):
+        f = simulate_field(11, i, shape=(96, 96), density=25.0, mag_range=(20.0, 23.0))
+        paths.append(str(write_scene(d / f"field_{i}.fits", f.scene)))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def full_run(scene_files, tmp_path_factory, prior):
+    out = tmp_path_factory.mktemp("full")
+    run = deblend_files(scene_files, out, prior=prior, workers=1, **QUICK)
+    return run, Table.read(run.catalog)
+
+
+def _same_rows(a: Table, b: Table) -> None:
+    assert list(a["id"]) == list(b["id"])
+    for c in ("blend_id", "scene", "x", "flux_r", "e1", "size", "flags"):
+        assert np.array_equal(np.asarray(a[c]), np.asarray(b[c])), c
+
+
+def test_run_writes_a_partitioned_catalogue_with_its_samples(full_run, scene_files):
+    run, cat = full_run
+    assert run.n_batches == run.n_blends > 2 and run.n_resumed == 0
+    assert len(cat) == run.n_sources and list(cat["id"]) == list(range(run.n_sources))
+    # every row names its scene file
+    assert set(cat["file"]) == {"field_0.fits", "field_1.fits"}
+    assert np.array_equal(
+        np.asarray(cat["file"]).astype(str) == "field_1.fits", np.asarray(cat["scene"]) == 1
+    )
+    parts = sorted((run.out / "catalog").glob("part-*.parquet"))
+    assert len(parts) == run.n_batches
+    assert pads.dataset(str(run.out / "catalog")).to_table().num_rows == run.n_sources
+    samples = sorted((run.out / "posterior").glob("part-*.nc"))
+    assert [p.stem for p in samples] == [p.stem for p in parts]
+    key = json.loads((run.out / "run.json").read_text())
+    assert [f["name"] for f in key["files"]] == scene_files and key["method"] == "amortised"
+    src = Table.read(run.out / "sources.parquet")
+    assert len(src) == run.n_sources and set(src["origin"]) == {"detected"}
+
+
+def test_a_killed_run_resumes_without_losing_or_repeating_rows(
+    full_run, scene_files, tmp_path, prior, monkeypatch
+):
+    run, cat = full_run
+    out = tmp_path / "killed"
+    write = Posterior.write_catalog
+    calls = []
+
+    def dies_on_third(self, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed between writing a part's samples and its catalogue
+        return write(self, path)
+
+    monkeypatch.setattr(Posterior, "write_catalog", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        deblend_files(scene_files, out, prior=prior, workers=1, **QUICK)
+    monkeypatch.undo()
+    assert len(list((out / "catalog").glob("*.parquet"))) == 2 and not (out / "catalog.fits").exists()
+    (out / "catalog" / ".part-00007.parquet.x1.tmp").write_text("half-written")  # a stray temporary file
+    again = deblend_files(scene_files, out, prior=prior, workers=1, **QUICK)
+    assert again.n_resumed == 2 and again.n_sources == run.n_sources
+    assert not list((out / "catalog").glob(".*.tmp"))
+    _same_rows(Table.read(again.catalog), cat)  # as if never interrupted
+    assert len(read_catalog(out)) == run.n_sources
+    # rerunning a finished run fits nothing and writes the same catalogue
+    assert deblend_files(scene_files, out, prior=prior, workers=1, **QUICK).n_resumed == run.n_batches
+
+
+def test_another_run_in_the_same_directory_is_refused_or_replaced(full_run, scene_files, tmp_path, prior):
+    out = tmp_path / "o"
+    deblend_files(scene_files[:1], out, prior=prior, workers=1, **QUICK)
+    with pytest.raises(BayesblendError, match=r"holds another run \(differing in files \(.*field_1.fits\)\)"):
+        deblend_files(scene_files, out, prior=prior, workers=1, **QUICK)
+    with pytest.raises(BayesblendError, match="differing in seed"):
+        deblend_files(scene_files[:1], out, prior=prior, workers=1, seed=3, **QUICK)
+    (out / "run.json").unlink()
+    with pytest.raises(BayesblendError, match="outputs without a run.json"):
+        deblend_files(scene_files[:1], out, prior=prior, workers=1, **QUICK)
+    run = deblend_files(scene_files, out, prior=prior, workers=1, overwrite=True, **QUICK)
+    _same_rows(Table.read(run.catalog), full_run[1])
+    assert len(list((out / "posterior").glob("*.nc"))) == run.n_batches  # no part of the old run left
+
+
+def test_two_worker_local_cluster_gives_the_same_catalogue(full_run, scene_files, tmp_path, prior):
+    run = deblend_files(scene_files, tmp_path / "dask", prior=prior, workers=2, **QUICK)
+    _same_rows(Table.read(run.catalog), full_run[1])
