@@ -12,6 +12,7 @@ finishes (what a run that writes its output batch by batch needs);
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import jax
@@ -29,15 +30,16 @@ if TYPE_CHECKING:
     from distributed import Client
 
 
-def plan_batches(blends: Sequence[PreparedBlend], batch_size: int) -> list[list[int]]:
+def plan_batches(specs: Sequence[SceneSpec], batch_size: int) -> list[list[int]]:
     """Blends in batches of up to ``batch_size`` that share a spec (one compiled program each).
 
-    Returns the blends' indices per batch, grouped by spec in order of first
-    appearance: the same blends always give the same batches.
+    ``specs`` holds each blend's spec. Returns the blends' indices per batch,
+    grouped by spec in order of first appearance: the same blends always
+    give the same batches.
     """
     by_spec: dict[SceneSpec, list[int]] = {}
-    for i, b in enumerate(blends):
-        by_spec.setdefault(b.spec, []).append(i)
+    for i, spec in enumerate(specs):
+        by_spec.setdefault(spec, []).append(i)
     return [idx[j : j + batch_size] for idx in by_spec.values() for j in range(0, len(idx), batch_size)]
 
 
@@ -75,7 +77,9 @@ def iter_fits(
     key_index = list(range(len(blends))) if key_index is None else [int(k) for k in key_index]
     if len(key_index) != len(blends):
         raise BayesblendError(f"{len(blends)} blends but {len(key_index)} key indices")
-    batches = plan_batches(blends, cfg.batch_size) if batches is None else [list(b) for b in batches]
+    if batches is None:
+        batches = plan_batches([b.spec for b in blends], cfg.batch_size)
+    batches = [list(b) for b in batches]
 
     def keys(full: list[int]) -> np.ndarray:
         return np.asarray(jnp.stack([jax.random.fold_in(base, key_index[i]) for i in full]))
@@ -97,15 +101,24 @@ def iter_fits(
     from bayesblend.cluster import bundle_reference, fit_batch
 
     ref = bundle_reference(bundle)
-    futures, batch_of = [], {}
-    for idx in batches:
+    batch_of = {}
+
+    def submit(idx: list[int]):
         full, data = _stacked(blends, idx, cfg.batch_size)
         spec = blends[idx[0]].spec
         fut = client.submit(fit_batch, ref, latent_prior, method, spec, cfg, data, keys(full), pure=False)
-        futures.append(fut)
         batch_of[fut.key] = idx
-    for fut in as_completed(futures):
-        idx = batch_of[fut.key]
+        return fut
+
+    # a few batches per worker in flight: the data of the rest stay here, not on the scheduler
+    window = max(4 * len(client.scheduler_info().get("workers", {})), 8)
+    pending = iter(batches)
+    running = as_completed([submit(idx) for idx in islice(pending, window)])
+    for fut in running:
+        idx = batch_of.pop(fut.key)
+        nxt = next(pending, None)
+        if nxt is not None:
+            running.add(submit(nxt))
         yield idx, unstack(idx, fut.result())
 
 

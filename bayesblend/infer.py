@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
@@ -22,20 +23,16 @@ import numpy as np
 
 from bayesblend.blends import (
     PreparedBlend,
-    bad_pixels,
-    blend_region,
     check_scene,
-    group_sources,
     model_error_of,
-    prepare_blend,
-    warn_bad_pixels,
 )
 from bayesblend.errors import BadPixelWarning, BayesblendError, MaskedBlendError, MaskedBlendWarning
 from bayesblend.fitting import fit_blends, iter_fits, plan_batches
 from bayesblend.methods import joint_flux
+from bayesblend.plan import PlannedBlends, plan_scene, plan_scenes, prepare_planned
 from bayesblend.posterior import Posterior
 from bayesblend.prior.bundle import PriorBundle
-from bayesblend.scene import Scene
+from bayesblend.scene import Scene, add_cutout
 from bayesblend.settings import METHODS, InferenceConfig, check_method
 
 if TYPE_CHECKING:  # types only: astropy is imported where a table is read
@@ -105,45 +102,11 @@ def prepare_scene(
     A blend whose every pixel is masked is left out with a warning naming its
     sources, so that one masked blend does not stop the rest of a field (or of
     the other scenes); :func:`deblend` raises :class:`MaskedBlendError` when no
-    blend of any scene is left.
+    blend of any scene is left. (:func:`bayesblend.plan.plan_scene`, every blend prepared.)
     """
-    groups, split = group_sources(x, y, config.linking_length)
-    # bad pixels are counted, and warned about, once for the whole scene, not once per blend cut from it
-    if groups:
-        where = "" if name == "the scene" else f"{name}: "
-        warn_bad_pixels(*bad_pixels(scene.select_bands(bundle.bands)), where, stacklevel=4)
-    preps, kept_groups, kept_split, masked = [], [], [], []
-    for g, s in zip(groups, split, strict=True):
-        x0, y0, h, w = blend_region(x[g], y[g], scene.shape, config.region_margin + bundle.stamp // 2)
-        cut = scene.cutout(x0, y0, h, w)
-        try:
-            prep = prepare_blend(
-                cut,
-                x[g] - x0,
-                y[g] - y0,
-                bundle,
-                config.log_flux_sigma,
-                config.position_sigma,
-                config.model_error,
-                origin=(x0, y0),
-                warn=False,
-            )
-        except MaskedBlendError:
-            masked.append(g)
-            continue
-        preps.append(prep)
-        kept_groups.append(g)
-        kept_split.append(s)
-    if masked:
-        left_out = np.concatenate(masked)
-        where = ", ".join(f"({x[i]:.1f}, {y[i]:.1f})" for i in left_out[:5])
-        more = f" and {len(left_out) - 5} more" if len(left_out) > 5 else ""
-        warnings.warn(
-            f"{len(left_out)} source(s) of {name} in fully masked blends left out, at x, y = {where}{more}",
-            MaskedBlendWarning,
-            stacklevel=3,
-        )
-    return preps, kept_groups, kept_split
+    plans = plan_scene(scene, 0, x, y, bundle, config, name)
+    preps = [prepare_planned(scene, x, y, p, bundle, config) for p in plans]
+    return preps, [p.members for p in plans], [p.split for p in plans]
 
 
 def deblend(
@@ -229,13 +192,7 @@ def deblend(
     if pilot is not None:
         return pilot
     preps, members = blends_of_scenes(scenes, positions, bundle, cfg)
-    key_index = None
-    if common_draws:  # the k-th blend of each scene
-        seen: dict[int, int] = {}
-        key_index = []
-        for m in members:
-            key_index.append(seen.get(m["scene"], 0))
-            seen[m["scene"]] = key_index[-1] + 1
+    key_index = common_keys([m["scene"] for m in members]) if common_draws else None
     results = fit_blends(bundle, preps, method, latent_prior, seed, cfg, progress, key_index, client)
     preps = as_fitted(preps, results)
     return Posterior.from_fits(bundle, latent_prior, method, seed, cfg, scenes, preps, members, results)
@@ -308,12 +265,17 @@ def add_residual_sources(
     latent_prior: str | None = None,
     common_draws: bool = False,
     client: Client | None = None,
+    progress: bool = False,
+    keep_pilot: bool = True,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray], Posterior | None]:
     """Fit the scenes with detected sources, and add the sources in each fit's residual.
 
     The pilot fit is MAP (the amortised start for ``method="amortised"``);
-    scenes whose sources were all given are left alone. Returns what
-    :func:`find_sources` does.
+    scenes whose sources were all given are left alone. The pilot's blends
+    are cut out, fitted and added to their scene's model batch by batch
+    (:func:`iter_posteriors`), so a large image's pilot holds one scene model
+    per scene, not every blend. Returns what :func:`find_sources` does; the
+    pilot itself only with ``keep_pilot`` (which keeps every batch).
     """
     from bayesblend.detect import residual_sources
 
@@ -326,27 +288,39 @@ def add_residual_sources(
     pilot_method = "amortised" if method == "amortised" else "map"
     # only its point estimates are read, unless it is returned as the result below: then it
     # needs the method's draws; else one draw spares decoding and measuring the rest
-    pilot_cfg = config if pilot_method == method else config.replace(num_draws=1)
-    with warnings.catch_warnings():  # the run after it says it again
+    keep_pilot = keep_pilot and pilot_method == method
+    pilot_cfg = config if keep_pilot else config.replace(num_draws=1)
+    with warnings.catch_warnings():  # the fit after it says them again
         warnings.simplefilter("ignore", MaskedBlendWarning)
         warnings.simplefilter("ignore", BadPixelWarning)
-        pilot = deblend(
-            scenes,
-            [np.c_[x, y] for x, y in positions],
-            pilot_method,
-            bundle,
-            seed,
-            latent_prior,
-            pilot_cfg,
-            common_draws=common_draws,
-            client=client,
+        empty = (np.zeros(0), np.zeros(0))
+        planned = plan_scenes(
+            scenes, [p if i in detected else empty for i, p in enumerate(positions)], bundle, pilot_cfg
         )
+    models = {i: np.zeros((len(bundle.bands), *scenes[i].shape), np.float32) for i in detected}
+    kept: list[BatchFit] = []
+    for part in iter_posteriors(
+        bundle,
+        planned,
+        pilot_method,
+        latent_prior,
+        seed,
+        pilot_cfg,
+        key_index=common_keys([p.scene for p in planned.plans]) if common_draws else None,
+        client=client,
+        progress=progress,
+        desc=f"pilot ({pilot_method})",
+    ):
+        for j, i in enumerate(part.index):
+            add_cutout(models[planned.plans[i].scene], part.posterior.model_image(j), part.blends[j].origin)
+        if keep_pilot:
+            kept.append(part)
     added = 0
     for si in detected:
         x, y = positions[si]
         new = residual_sources(
             scenes[si].select_bands(bundle.bands),
-            pilot.scene_model(si),
+            models[si],
             x,
             y,
             model_error_of(bundle, config.model_error),
@@ -355,7 +329,113 @@ def add_residual_sources(
         positions[si] = (np.r_[x, np.asarray(new["x"], float)], np.r_[y, np.asarray(new["y"], float)])
         origin[si] = np.r_[origin[si], np.full(len(new), "residual", dtype="<U8")]
         added += len(new)
-    return positions, origin, pilot if not added and pilot_method == method else None
+    if added or not keep_pilot or not planned.plans:
+        return positions, origin, None
+    order = np.argsort(np.concatenate([p.index for p in kept]))
+    blends = [b for p in kept for b in p.blends]
+    results = [r for p in kept for r in p.results]
+    members = [{"scene": p.scene, "split": p.split} for p in planned.plans]
+    pilot = Posterior.from_fits(
+        bundle,
+        bundle.check_latent_prior(latent_prior),
+        pilot_method,
+        seed,
+        pilot_cfg,
+        scenes,
+        [blends[k] for k in order],
+        members,
+        [results[k] for k in order],
+    )
+    return positions, origin, pilot
+
+
+def common_keys(scene_of: Sequence[int]) -> list[int]:
+    """Common random numbers across scenes: each blend's key index is its rank among its scene's blends.
+
+    ``scene_of`` holds each blend's scene index, in blend order.
+    """
+    seen: dict[int, int] = {}
+    keys = []
+    for si in scene_of:
+        keys.append(seen.get(si, 0))
+        seen[si] = keys[-1] + 1
+    return keys
+
+
+@dataclass
+class BatchFit:
+    """One fitted batch of :func:`iter_posteriors`.
+
+    Attributes
+    ----------
+    index : list of int
+        The blends' indices among the planned blends (their ``blend_id``).
+    posterior : Posterior
+        The batch's posterior, with the run's blend and source ids.
+    blends : list of PreparedBlend
+        The blends as fitted.
+    results : list of dict
+        The fit's per-blend results.
+    """
+
+    index: list[int]
+    posterior: Posterior
+    blends: list[PreparedBlend]
+    results: list[dict]
+
+
+def iter_posteriors(
+    bundle: PriorBundle,
+    planned: PlannedBlends,
+    method: str,
+    latent_prior: str | None,
+    seed: int,
+    config: InferenceConfig,
+    batches: Sequence[list[int]] | None = None,
+    key_index: Sequence[int] | None = None,
+    client: Client | None = None,
+    progress: bool = False,
+    desc: str | None = None,
+) -> Iterator[BatchFit]:
+    """Fit planned blends batch by batch; each finished batch as a :class:`BatchFit`.
+
+    Blends are cut out when their batch is sent (:class:`~bayesblend.plan.PlannedBlends`)
+    and each batch's Posterior numbers blends and sources as the whole plan
+    does (``blend_id``: the blend's index; ``id``: sources counted in blend
+    order), so batches written apart form one catalogue. ``batches`` (default
+    all, :func:`~bayesblend.fitting.plan_batches`) may leave some out.
+    """
+    latent_prior = bundle.check_latent_prior(latent_prior)
+    first_id = np.cumsum([0] + [len(p.members) for p in planned.plans])
+    if batches is None:
+        batches = plan_batches(planned.specs, config.batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        done = len(planned) - sum(len(b) for b in batches)
+        bar = tqdm(total=len(planned), initial=done, desc=desc or f"deblend ({method})", unit="blend")
+    fits = iter_fits(bundle, planned, method, latent_prior, seed, config, key_index, batches, client)
+    for idx, results in fits:
+        fitted = as_fitted([planned[i] for i in idx], results)
+        post = Posterior.from_fits(
+            bundle,
+            latent_prior,
+            method,
+            seed,
+            config,
+            planned.scenes,
+            fitted,
+            [{"scene": planned.plans[i].scene, "split": planned.plans[i].split} for i in idx],
+            results,
+            blend_ids=idx,
+            source_ids=[np.arange(first_id[i], first_id[i + 1]) for i in idx],
+        )
+        yield BatchFit(list(idx), post, fitted, results)
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
 
 
 def blends_of_scenes(
@@ -368,14 +448,9 @@ def blends_of_scenes(
 
     Raises :class:`MaskedBlendError` when sources were given but every blend is masked.
     """
-    preps: list[PreparedBlend] = []
-    members: list[dict] = []
-    for si, (sc, (x, y)) in enumerate(zip(scenes, positions, strict=True)):
-        if len(x) == 0:
-            continue
-        p, _, split = prepare_scene(sc, x, y, bundle, config, name=f"scene {si}")
-        members += [{"scene": si, "split": s} for s in split]
-        preps.extend(p)
+    planned = plan_scenes(scenes, positions, bundle, config)
+    preps = list(planned)
+    members = [{"scene": p.scene, "split": p.split} for p in planned.plans]
     n_given = sum(len(x) for x, _ in positions)
     if not preps and n_given:
         raise MaskedBlendError(

@@ -35,6 +35,7 @@ from bayesblend.io import atomic_path, write_table
 from bayesblend.measure import blendedness, resolution
 from bayesblend.model import scene_mean, source_stamps
 from bayesblend.prior.bundle import Networks, PriorBundle
+from bayesblend.scene import add_cutout
 from bayesblend.settings import InferenceConfig
 from bayesblend.survey import flux_to_mag, get_survey
 
@@ -438,11 +439,7 @@ class Posterior:
         scene_of = np.asarray(self.sources["scene"])
         blend_of = np.asarray(self.sources["blend_id"])
         for i in np.unique(blend_of[scene_of == scene]):
-            m = self.model_image(int(i))
-            x0, y0 = self.blends[i].origin
-            h, w = m.shape[-2:]
-            ya, yb, xa, xb = max(y0, 0), min(y0 + h, ny), max(x0, 0), min(x0 + w, nx)
-            out[:, ya:yb, xa:xb] += m[:, ya - y0 : yb - y0, xa - x0 : xb - x0]
+            add_cutout(out, self.model_image(int(i)), self.blends[i].origin)
         return out
 
     def source_images(self, blend_id: int, nets: Networks | None = None) -> np.ndarray:

@@ -50,9 +50,10 @@ from astropy.table import Table, vstack
 from bayesblend import __version__
 from bayesblend.blends import group_sources
 from bayesblend.errors import BayesblendError
-from bayesblend.fitting import iter_fits, plan_batches
-from bayesblend.infer import add_residual_sources, as_fitted, blends_of_scenes, detect_scenes
+from bayesblend.fitting import plan_batches
+from bayesblend.infer import add_residual_sources, detect_scenes, iter_posteriors
 from bayesblend.io import atomic_path, read_scene, read_table, rows_per_scene, write_table
+from bayesblend.plan import plan_scenes
 from bayesblend.posterior import Posterior
 from bayesblend.prior.bundle import PriorBundle, load_bundle
 from bayesblend.settings import InferenceConfig, check_method
@@ -120,7 +121,7 @@ def run_key(
 ) -> dict:
     """The identity of a run (``run.json``): a rerun with the same key resumes it."""
     files = [{"name": str(p), "size": Path(p).stat().st_size, "sha256": file_digest(p)} for p in paths]
-    return {
+    key = {
         "bayesblend": __version__,
         "files": files,
         "sources": None if sources is None else {"name": str(sources), "sha256": file_digest(sources)},
@@ -134,6 +135,7 @@ def run_key(
         "redetect": bool(redetect) and sources is None,
         "config": asdict(config),
     }
+    return json.loads(json.dumps(key))  # as run.json reads back (tuples become lists)
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -279,7 +281,6 @@ def deblend_files(
     scenes = [read_scene(p) for p in paths]
     out = Path(out)
     open_run(out, run_key(paths, sources, bundle, method, seed, latent_prior, cfg, redetect), overwrite)
-    fit = _Fit(out, scenes, bundle, method, seed, latent_prior, cfg)
     with _RunClient(client, workers, scheduler) as cluster:
         if (out / SOURCES_FILE).exists():
             positions = _positions_from(read_table(out / SOURCES_FILE), len(scenes))
@@ -297,84 +298,45 @@ def deblend_files(
                     seed,
                     latent_prior,
                     client=cluster.get(_n_batches(positions, cfg)),
+                    progress=progress,
+                    keep_pilot=False,
                 )
             write_table(out / SOURCES_FILE, _sources_table(scenes, positions, origin))
-        return fit.run(positions, cluster, progress, figures, truths)
-
-
-@dataclass
-class _Fit:
-    """The fitting stage of :func:`deblend_files`: the batches not on disk yet, then ``catalog.fits``."""
-
-    out: Path
-    scenes: list
-    bundle: PriorBundle
-    method: str
-    seed: int
-    latent_prior: str
-    cfg: InferenceConfig
-
-    def run(self, positions, cluster: _RunClient, progress: bool, figures: int, truths) -> RunSummary:
-        out, cfg = self.out, self.cfg
-        preps, members = blends_of_scenes(self.scenes, positions, self.bundle, cfg)
-        first_id = np.cumsum([0] + [b.n_real for b in preps])
-        batches = plan_batches(preps, cfg.batch_size)
+        planned = plan_scenes(scenes, positions, bundle, cfg)
+        n_sources = sum(len(p.members) for p in planned.plans)
+        batches = plan_batches(planned.specs, cfg.batch_size)
         part = {tuple(idx): f"part-{k:05d}" for k, idx in enumerate(batches)}
         done = [idx for idx in batches if (out / CATALOG_DIR / f"{part[tuple(idx)]}.parquet").exists()]
         todo = [idx for idx in batches if idx not in done]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            n_done = sum(len(i) for i in done)
-            bar = tqdm(total=len(preps), initial=n_done, desc=f"deblend ({self.method})", unit="blend")
         n_figures = 0
-        fits = iter_fits(
-            self.bundle,
-            preps,
-            self.method,
-            self.latent_prior,
-            self.seed,
+        for fit in iter_posteriors(
+            bundle,
+            planned,
+            method,
+            latent_prior,
+            seed,
             cfg,
-            batches=todo,
+            todo,
             client=cluster.get(len(todo)),
-        )
-        for idx, results in fits:
-            post = Posterior.from_fits(
-                self.bundle,
-                self.latent_prior,
-                self.method,
-                self.seed,
-                cfg,
-                self.scenes,
-                as_fitted([preps[i] for i in idx], results),
-                [members[i] for i in idx],
-                results,
-                blend_ids=idx,
-                source_ids=[np.arange(first_id[i], first_id[i + 1]) for i in idx],
-            )
-            name = part[tuple(idx)]
-            post.to_netcdf(out / POSTERIOR_DIR / f"{name}.nc")  # the samples first: a partition implies them
-            post.write_catalog(out / CATALOG_DIR / f"{name}.parquet")
-            wanted = [j for j, i in enumerate(idx) if i < figures]
+            progress=progress,
+        ):
+            name = part[tuple(fit.index)]
+            fit.posterior.to_netcdf(
+                out / POSTERIOR_DIR / f"{name}.nc"
+            )  # the samples first: a part implies them
+            fit.posterior.write_catalog(out / CATALOG_DIR / f"{name}.parquet")
+            wanted = [j for j, i in enumerate(fit.index) if i < figures]
             if wanted:
                 from bayesblend.plots import plot_blends
 
-                plot_blends(post, out / FIGURES_DIR, truths, only=wanted)
+                plot_blends(fit.posterior, out / FIGURES_DIR, truths, only=wanted)
                 n_figures += len(wanted)
-            if bar is not None:
-                bar.update(len(idx))
-        if bar is not None:
-            bar.close()
-        if first_id[-1]:
-            catalog = finish_catalog(out, int(first_id[-1]))
-        else:  # nothing to fit: an empty catalogue with the full header
-            empty = Posterior.from_fits(
-                self.bundle, self.latent_prior, self.method, self.seed, cfg, self.scenes, [], [], []
-            )
-            catalog = empty.write_catalog(out / CATALOG_FILE)
-        n = int(first_id[-1])
-        return RunSummary(out, n, len(preps), len(batches), len(done), catalog, n_figures)
+    if n_sources:
+        catalog = finish_catalog(out, n_sources)
+    else:  # nothing to fit: an empty catalogue with the full header
+        empty = Posterior.from_fits(bundle, latent_prior, method, seed, cfg, scenes, [], [], [])
+        catalog = empty.write_catalog(out / CATALOG_FILE)
+    return RunSummary(out, n_sources, len(planned), len(batches), len(done), catalog, n_figures)
 
 
 def read_catalog(out: str | os.PathLike) -> Table:

@@ -192,3 +192,19 @@ class Scene:
             psf_grid=None if self.psf_grid is None else self.psf_grid.shifted(-x0, -y0),
             name=self.name,
         )
+
+
+def add_cutout(canvas: np.ndarray, image: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
+    """Add ``image`` ``(band, h, w)``, a cutout whose first pixel is at ``origin = (x0, y0)``, to ``canvas``.
+
+    The inverse of :meth:`Scene.cutout` for models: the part of the cutout
+    that overhangs the canvas is dropped. ``canvas`` ``(band, H, W)`` is
+    changed in place and returned.
+    """
+    ny, nx = canvas.shape[-2:]
+    x0, y0 = origin
+    h, w = image.shape[-2:]
+    ya, yb, xa, xb = max(y0, 0), min(y0 + h, ny), max(x0, 0), min(x0 + w, nx)
+    if ya < yb and xa < xb:
+        canvas[..., ya:yb, xa:xb] += image[..., ya - y0 : yb - y0, xa - x0 : xb - x0]
+    return canvas

@@ -116,8 +116,10 @@ def test_groups_link_neighbours_and_split_large_groups():
 
 def test_blend_region_shape_is_a_fixed_multiple_and_covers_the_sources(galaxy_scene=None):
     x0, y0, h, w = blend_region(np.array([100.0, 120.0]), np.array([30.0, 34.0]), (256, 256), margin=40)
-    assert h % 16 == 0 and w % 16 == 0
-    assert x0 <= 100 - 40 and x0 + w >= 120 + 40 and 0 <= y0
+    assert h == w and h % 32 == 0  # square: one compiled shape for blends of any orientation
+    assert x0 <= 100 - 40 and x0 + w >= 120 + 40 and y0 >= 0 and y0 + h >= 34 + 40
+    # a scene smaller than the region is fitted whole (rounded up to 16 pixels, the overhang masked)
+    assert blend_region(np.array([20.0]), np.array([24.0]), (48, 40), margin=40)[2:] == (48, 48)
     # a region near the edge keeps its size and is clipped inside the scene
     x0, y0, h, w = blend_region(np.array([2.0]), np.array([250.0]), (256, 256), margin=40)
     assert x0 == 0 and y0 + h == 256
