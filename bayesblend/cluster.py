@@ -10,8 +10,9 @@ ADDRESS`` connects to an existing one (:func:`connect`), whose workers need
 bayesblend and the bundle installed (a shipped bundle is found by name, any
 other at the same path).
 
-On a CPU, each worker's XLA uses ``cores / workers`` threads, so that the
-workers share the machine instead of each claiming all of it.
+On a CPU with at most one core per worker, each worker's XLA and BLAS run
+one thread, so that the workers share the machine instead of each claiming
+all of it; with more cores per worker, BLAS gets ``cores / workers`` threads.
 """
 
 from __future__ import annotations
@@ -43,10 +44,7 @@ def local_client(workers: int | None = None) -> Client:
     threads = max(cores // n, 1)
     env = {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     if threads == 1:  # one core per worker: XLA's CPU thread pool would otherwise use them all
-        flags = os.environ.get("XLA_FLAGS", "")
-        env["XLA_FLAGS"] = (
-            f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1".strip()
-        )
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
     cluster = LocalCluster(
         n_workers=n,
         threads_per_worker=1,

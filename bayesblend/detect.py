@@ -16,9 +16,10 @@ sources that no peak is near are added. Sources closer than
 
 An image larger than ``tile_size`` pixels a side is detected tile by tile
 (:mod:`bayesblend.tiles`), each tile with context around its core, and each
-source kept by the tile whose core holds it; the bands' noise levels are
-measured once on the whole image, so the sources found do not depend on how
-the image is cut.
+source kept by the tile whose core holds it; the bands' noise levels and the
+filter's PSF are the whole image's (with a PSF that varies over the image,
+the one at its centre: the matched filter only needs to be near the PSF),
+so the sources found do not depend on how the image is cut.
 
 Why peaks first: blends are what this tool is for, and in them a faint
 galaxy's light sits on a brighter neighbour's wing, where it is a peak but
@@ -265,12 +266,13 @@ def detect_sources(
         ``x``, ``y`` (pixels, 0-based) and ``snr`` (point-source S/N at the
         peak); sorted by decreasing S/N. No rows when nothing is found.
     """
-    sky = sky_variance(scene, survey)  # of the whole image: each tile's weights are the same
+    sky = sky_variance(scene, survey)  # of the whole image: each tile's weights and filter are the same
+    kernel = detection_psf(scene, 1.0 / sky, survey)
 
     def find(tile: Tile) -> Table:
         sub = _tile_scene(scene, tile)
-        det, bad, w = _detection_image(sub, survey, sky)  # shared by the peaks and the segments
-        t = _peaks(_snr_map(det, detection_psf(sub, w, survey)), bad, threshold)
+        det, bad, _ = _detection_image(sub, survey, sky)  # shared by the peaks and the segments
+        t = _peaks(_snr_map(det, kernel), bad, threshold)
         # close pairs of comparable galaxies, which the PSF filter blurs into one peak, are often split
         # by the segmentation of the unfiltered image: add its sources that no peak is near
         seg = _segments(det, bad, SEGMENT_THRESHOLD)
@@ -382,6 +384,7 @@ def residual_sources(
             f"model shape {model.shape} differs from the scene's {tuple(scene.image.shape)}"
         )
     sky = sky_variance(scene, survey)
+    kernel = detection_psf(scene, 1.0 / sky, survey)
     error = np.reshape(np.asarray(model_error, np.float64), (-1, 1, 1))
 
     def find(tile: Tile) -> Table:
@@ -392,7 +395,7 @@ def residual_sources(
         det, no_weight = _unit_noise_sum(
             np.asarray(sub.image, np.float64) - m, var, _bad_pixels(sub) | ~(var > 0)
         )
-        return _peaks(_snr_map(det, detection_psf(sub, 1.0 / sky, survey)), no_weight, threshold)
+        return _peaks(_snr_map(det, kernel), no_weight, threshold)
 
     t = over_tiles(tile_grid(scene.shape, tile_size, overlap), find)
     if len(t) and len(x):

@@ -43,11 +43,16 @@ def plan_batches(specs: Sequence[SceneSpec], batch_size: int) -> list[list[int]]
     return [idx[j : j + batch_size] for idx in by_spec.values() for j in range(0, len(idx), batch_size)]
 
 
-def _stacked(blends: Sequence[PreparedBlend], idx: list[int], batch_size: int) -> tuple[list[int], dict]:
-    """A batch's blends padded by repetition to the next power of two, and their arrays stacked (numpy)."""
+def _stacked(
+    blends: Sequence[PreparedBlend], idx: list[int], batch_size: int
+) -> tuple[list[int], list[PreparedBlend], dict]:
+    """A batch's blends padded by repetition to the next power of two: indices, the blends (each read
+    once), and their arrays stacked (numpy)."""
     width = min(1 << (len(idx) - 1).bit_length(), batch_size)  # 1, 2, 4...: few compiled widths
     full = idx + [idx[-1]] * (width - len(idx))
-    return full, {k: np.stack([np.asarray(blends[i].data[k]) for i in full]) for k in blends[idx[0]].data}
+    items = [blends[i] for i in idx]
+    padded = items + [items[-1]] * (width - len(idx))
+    return full, items, {k: np.stack([np.asarray(b.data[k]) for b in padded]) for k in items[0].data}
 
 
 def iter_fits(
@@ -60,8 +65,11 @@ def iter_fits(
     key_index: Sequence[int] | None = None,
     batches: Sequence[list[int]] | None = None,
     client: Client | None = None,
-) -> Iterator[tuple[list[int], list[dict]]]:
-    """Fit blends batch by batch; yield ``(blend indices, results)`` as each batch finishes.
+) -> Iterator[tuple[list[int], list[dict], list[PreparedBlend]]]:
+    """Fit blends batch by batch; yield ``(blend indices, results, blends)`` as each batch finishes.
+
+    ``blends`` may prepare each blend as it is read (:class:`bayesblend.plan.PlannedBlends`):
+    each is read once per batch, and handed back with its results.
 
     ``batches`` (default :func:`plan_batches`) lists the blends of each
     batch, which must share a spec. Without a ``client`` the batches run here,
@@ -91,10 +99,10 @@ def iter_fits(
         nets = Networks(bundle, latent_prior)
         weights = nets.weights()
         for idx in batches:
-            full, data = _stacked(blends, idx, cfg.batch_size)
-            fit = batch_function(nets, method, blends[idx[0]].spec, cfg)
+            full, items, data = _stacked(blends, idx, cfg.batch_size)
+            fit = batch_function(nets, method, items[0].spec, cfg)
             out = jax.device_get(fit(weights, {k: jnp.asarray(v) for k, v in data.items()}, keys(full)))
-            yield idx, unstack(idx, out)
+            yield idx, unstack(idx, out), items
         return
     from distributed import as_completed
 
@@ -104,10 +112,10 @@ def iter_fits(
     batch_of = {}
 
     def submit(idx: list[int]):
-        full, data = _stacked(blends, idx, cfg.batch_size)
-        spec = blends[idx[0]].spec
+        full, items, data = _stacked(blends, idx, cfg.batch_size)
+        spec = items[0].spec
         fut = client.submit(fit_batch, ref, latent_prior, method, spec, cfg, data, keys(full), pure=False)
-        batch_of[fut.key] = idx
+        batch_of[fut.key] = (idx, items)
         return fut
 
     # a few batches per worker in flight: the data of the rest stay here, not on the scheduler
@@ -115,11 +123,19 @@ def iter_fits(
     pending = iter(batches)
     running = as_completed([submit(idx) for idx in islice(pending, window)])
     for fut in running:
-        idx = batch_of.pop(fut.key)
+        idx, items = batch_of.pop(fut.key)
+        try:
+            out = fut.result()
+        except BayesblendError:
+            raise
+        except Exception as exc:  # a worker died, the cluster went away...: one line, not Dask's traceback
+            raise BayesblendError(
+                f"the Dask cluster failed on a batch of {len(idx)} blends ({type(exc).__name__}: {exc})"
+            ) from None
         nxt = next(pending, None)
         if nxt is not None:
             running.add(submit(nxt))
-        yield idx, unstack(idx, fut.result())
+        yield idx, unstack(idx, out), items
 
 
 def fit_blends(
@@ -149,7 +165,9 @@ def fit_blends(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(blends), desc=f"deblend ({method})", unit="blend")
-    for idx, res in iter_fits(bundle, blends, method, latent_prior, seed, config, key_index, client=client):
+    for idx, res, _ in iter_fits(
+        bundle, blends, method, latent_prior, seed, config, key_index, client=client
+    ):
         for i, r in zip(idx, res, strict=True):
             results[i] = r
         if bar is not None:

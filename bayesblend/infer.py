@@ -16,6 +16,7 @@ import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
@@ -28,10 +29,11 @@ from bayesblend.blends import (
 )
 from bayesblend.errors import BadPixelWarning, BayesblendError, MaskedBlendError, MaskedBlendWarning
 from bayesblend.fitting import fit_blends, iter_fits, plan_batches
+from bayesblend.io import atomic_path
 from bayesblend.methods import joint_flux
 from bayesblend.plan import PlannedBlends, plan_scene, plan_scenes, prepare_planned
-from bayesblend.posterior import Posterior
-from bayesblend.prior.bundle import PriorBundle
+from bayesblend.posterior import Posterior, render_blend
+from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.scene import Scene, add_cutout
 from bayesblend.settings import METHODS, InferenceConfig, check_method
 
@@ -267,6 +269,7 @@ def add_residual_sources(
     client: Client | None = None,
     progress: bool = False,
     keep_pilot: bool = True,
+    checkpoint: str | os.PathLike | None = None,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray], Posterior | None]:
     """Fit the scenes with detected sources, and add the sources in each fit's residual.
 
@@ -276,6 +279,11 @@ def add_residual_sources(
     (:func:`iter_posteriors`), so a large image's pilot holds one scene model
     per scene, not every blend. Returns what :func:`find_sources` does; the
     pilot itself only with ``keep_pilot`` (which keeps every batch).
+
+    With a ``checkpoint`` directory, each pilot batch's point estimates are
+    saved there (``pilot-NNNNN.npz``) as it finishes, and a batch saved by an
+    earlier, interrupted call is rendered from them instead of fitted again
+    (the caller makes sure the scenes and settings are the same).
     """
     from bayesblend.detect import residual_sources
 
@@ -297,8 +305,25 @@ def add_residual_sources(
         planned = plan_scenes(
             scenes, [p if i in detected else empty for i, p in enumerate(positions)], bundle, pilot_cfg
         )
-    models = {i: np.zeros((len(bundle.bands), *scenes[i].shape), np.float32) for i in detected}
+    # float64: the sum does not depend (to a float32 rounding) on the order batches finish in
+    models = {i: np.zeros((len(bundle.bands), *scenes[i].shape), np.float64) for i in detected}
     kept: list[BatchFit] = []
+    batches = plan_batches(planned.specs, pilot_cfg.batch_size)
+    saved = {}
+    if checkpoint is not None and not keep_pilot:
+        Path(checkpoint).mkdir(parents=True, exist_ok=True)
+        saved = {tuple(b): Path(checkpoint) / f"pilot-{k:05d}.npz" for k, b in enumerate(batches)}
+        nets = Networks(bundle, bundle.check_latent_prior(latent_prior))
+        for b in batches:
+            if saved[tuple(b)].exists():
+                with np.load(saved[tuple(b)]) as f:
+                    for j, i in enumerate(b):
+                        point = {k[len(f"{j}/") :]: f[k] for k in f.files if k.startswith(f"{j}/")}
+                        blend = planned[i]
+                        add_cutout(
+                            models[planned.plans[i].scene], render_blend(nets, blend, point), blend.origin
+                        )
+        batches = [b for b in batches if not saved[tuple(b)].exists()]
     for part in iter_posteriors(
         bundle,
         planned,
@@ -306,6 +331,7 @@ def add_residual_sources(
         latent_prior,
         seed,
         pilot_cfg,
+        batches=batches,
         key_index=common_keys([p.scene for p in planned.plans]) if common_draws else None,
         client=client,
         progress=progress,
@@ -313,6 +339,12 @@ def add_residual_sources(
     ):
         for j, i in enumerate(part.index):
             add_cutout(models[planned.plans[i].scene], part.posterior.model_image(j), part.blends[j].origin)
+        if saved:
+            points = {
+                f"{j}/{k}": np.asarray(v) for j, p in enumerate(part.posterior.points) for k, v in p.items()
+            }
+            with atomic_path(saved[tuple(part.index)]) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, **points)
         if keep_pilot:
             kept.append(part)
     added = 0
@@ -416,8 +448,8 @@ def iter_posteriors(
         done = len(planned) - sum(len(b) for b in batches)
         bar = tqdm(total=len(planned), initial=done, desc=desc or f"deblend ({method})", unit="blend")
     fits = iter_fits(bundle, planned, method, latent_prior, seed, config, key_index, batches, client)
-    for idx, results in fits:
-        fitted = as_fitted([planned[i] for i in idx], results)
+    for idx, results, blends in fits:
+        fitted = as_fitted(blends, results)
         post = Posterior.from_fits(
             bundle,
             latent_prior,

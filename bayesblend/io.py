@@ -266,8 +266,10 @@ def _psf_grid(path: Path, bands: Sequence[str], tables: list) -> PSFGrid | None:
             (np.asarray(t.data["x"], float), np.asarray(t.data["y"], float), np.asarray(t.data["psf"]))
             for t in tables
         ]
-    except (KeyError, TypeError, AttributeError):
-        raise SceneFormatError(f"{path}: a PSFGRID table needs columns x, y and psf") from None
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+        raise SceneFormatError(
+            f"{path}: a PSFGRID extension must be a table with columns x, y and psf"
+        ) from None
     x, y, _ = cols[0]
     if any(c[0].shape != x.shape or not (np.array_equal(c[0], x) and np.array_equal(c[1], y)) for c in cols):
         raise SceneFormatError(f"{path}: the PSFGRID tables list different positions in different bands")

@@ -130,7 +130,8 @@ def prepare_planned(
         origin=(x0, y0),
         warn=False,
     )
-    assert prep.spec == plan.spec, "a blend's spec differs from its plan's"
+    if prep.spec != plan.spec:  # a bug, not bad input: the plan must know what the fit compiles for
+        raise RuntimeError(f"blend at {plan.region} prepared with spec {prep.spec}, planned {plan.spec}")
     return prep
 
 

@@ -426,8 +426,7 @@ class Posterior:
                 real = self.draws[k][draw[0], draw[1], idx]
                 pad = np.asarray(self.points[blend_id][k])[len(idx) :]
                 params[k] = np.concatenate([real, pad])
-        nets = Networks(self.bundle, self.latent_prior)
-        return np.asarray(_render(nets, nets.weights(), b.spec, params, b.data))
+        return render_blend(Networks(self.bundle, self.latent_prior), b, params)
 
     def scene_model(self, scene: int) -> np.ndarray:
         """Model of scene ``scene`` at the point estimates, ``(band, y, x)`` in the bundle's bands, electrons.
@@ -476,6 +475,11 @@ def _latent(nets: Networks, w: dict, u: jnp.ndarray) -> jnp.ndarray:
 def _source_stamps(nets: Networks, w: dict, spec, params: dict, data: dict) -> jnp.ndarray:
     """Each (padded) source's stamp ``(source, band, S, S)`` in the blend's model (zero if padded)."""
     return source_stamps(spec, data, partial(nets.decode, w), nets.to_latent(w), params)
+
+
+def render_blend(nets: Networks, blend, params: dict) -> np.ndarray:
+    """A prepared blend's model image ``(band, H, W)`` (electrons) at the parameters ``params``."""
+    return np.asarray(_render(nets, nets.weights(), blend.spec, params, blend.data))
 
 
 @partial(jax.jit, static_argnums=(0, 2))

@@ -14,6 +14,7 @@ so one PSF per blend is the model's approximation.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,7 +90,9 @@ class PSFGrid:
         # one (position, band) image at a time: the checks and normalisation of a scene's PSF
         flat = check_psf(images.transpose(1, 0, 2, 3).reshape(n * nb, *images.shape[2:]), n * nb)
         self.images = flat.reshape(n, nb, *images.shape[2:]).transpose(1, 0, 2, 3).copy()
-        self._interpolators = None
+        # shifted copies (cutouts) share the interpolators, built once on these positions
+        self._shift = (0.0, 0.0)
+        self._cache: dict = {}
 
     @property
     def n_bands(self) -> int:
@@ -98,26 +101,39 @@ class PSFGrid:
 
     def at(self, x: float, y: float) -> np.ndarray:
         """The PSF images ``(band, py, px)`` at scene pixel ``(x, y)``, each with unit sum."""
-        point = np.array([[float(x), float(y)]])
         n = self.x.size
-        values = self.images.transpose(1, 0, 2, 3).reshape(n, -1).astype(np.float64)
-        if n < 3 or _collinear(self.x, self.y):
-            psf = values[np.argmin(np.hypot(self.x - x, self.y - y))]
+        cache = self._cache
+        if "values" not in cache:
+            cache["values"] = self.images.transpose(1, 0, 2, 3).reshape(n, -1).astype(np.float64)
+        values = cache["values"]
+        x, y = float(x) - self._shift[0], float(y) - self._shift[1]  # in the frame the cache was built in
+        x0, y0 = self.x - self._shift[0], self.y - self._shift[1]
+        if n < 3 or _collinear(x0, y0):
+            psf = values[np.argmin(np.hypot(x0 - x, y0 - y))]
         else:
-            if self._interpolators is None:
+            if "linear" not in cache:
                 from scipy.interpolate import LinearNDInterpolator, NearestNDInterpolator
 
-                pts = np.c_[self.x, self.y]
-                self._interpolators = (LinearNDInterpolator(pts, values), NearestNDInterpolator(pts, values))
-            psf = self._interpolators[0](point)[0]
+                pts = np.c_[x0, y0]
+                cache["linear"], cache["nearest"] = (
+                    LinearNDInterpolator(pts, values),
+                    NearestNDInterpolator(pts, values),
+                )
+            psf = cache["linear"]([[x, y]])[0]
             if not np.isfinite(psf).all():  # beyond the positions' hull
-                psf = self._interpolators[1](point)[0]
+                psf = cache["nearest"]([[x, y]])[0]
         psf = psf.reshape(self.images.shape[0], *self.images.shape[2:])
         return (psf / psf.sum(axis=(1, 2), keepdims=True)).astype(np.float32)
 
     def shifted(self, dx: float, dy: float) -> PSFGrid:
-        """The same grid with positions moved by ``(dx, dy)`` pixels (a cutout's frame)."""
-        return PSFGrid(self.x + dx, self.y + dy, self.images)
+        """The same grid with positions moved by ``(dx, dy)`` pixels (a cutout's frame).
+
+        Shares the images and the interpolators: cutting a blend out costs nothing here.
+        """
+        new = copy.copy(self)
+        new.x, new.y = self.x + dx, self.y + dy
+        new._shift = (self._shift[0] + dx, self._shift[1] + dy)
+        return new
 
     def select(self, index: Sequence[int]) -> PSFGrid:
         """The grid of the bands at ``index`` (in that order)."""

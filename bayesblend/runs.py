@@ -8,6 +8,9 @@
     same directory resumes the run; a different run there is refused (or,
     with ``overwrite``, replaces it), so a catalogue and its samples always
     come from one run.
+``pilot/pilot-NNNNN.npz``
+    While the pilot fit runs: each finished pilot batch's point estimates, so
+    that a killed pilot resumes too (removed once ``sources.parquet`` exists).
 ``sources.parquet``
     The sources fitted: ``file``, ``scene``, ``x``, ``y`` (pixels) and
     ``origin`` (``given``, ``detected``, or ``residual``: found in the pilot
@@ -26,12 +29,11 @@
 ``figures/``
     Per-blend figures of the first blends, on request.
 
-Killing a run loses at most the batches in flight: a rerun removes stray
-temporary files, skips the batches whose partition exists, and fits the rest.
+Killing a run loses at most the batches in flight, of the pilot or of the
+fit: a rerun removes stray temporary files, skips the batches on disk, and
+fits the rest.
 Blend ``i`` (the catalogue's ``blend_id``) always draws from the same random
 key, so a resumed run's rows are those an uninterrupted run would have written.
-A kill during detection or the pilot fit (before ``sources.parquet``) repeats
-them.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from astropy.table import Table, vstack
 
 from bayesblend import __version__
 from bayesblend.blends import group_sources
-from bayesblend.errors import BayesblendError
+from bayesblend.errors import BayesblendError, MaskedBlendError
 from bayesblend.fitting import plan_batches
 from bayesblend.infer import add_residual_sources, detect_scenes, iter_posteriors
 from bayesblend.io import atomic_path, read_scene, read_table, rows_per_scene, write_table
@@ -69,8 +71,18 @@ CATALOG_DIR = "catalog"
 POSTERIOR_DIR = "posterior"
 CATALOG_FILE = "catalog.fits"
 FIGURES_DIR = "figures"
+PILOT_DIR = "pilot"
 #: Everything a run writes in its directory (what ``overwrite`` removes).
-PRODUCTS = (RUN_FILE, SOURCES_FILE, CATALOG_DIR, POSTERIOR_DIR, CATALOG_FILE, FIGURES_DIR, "posterior.nc")
+PRODUCTS = (
+    RUN_FILE,
+    SOURCES_FILE,
+    PILOT_DIR,
+    CATALOG_DIR,
+    POSTERIOR_DIR,
+    CATALOG_FILE,
+    FIGURES_DIR,
+    "posterior.nc",
+)
 
 
 @dataclass
@@ -164,9 +176,6 @@ def open_run(out: str | os.PathLike, key: dict, overwrite: bool = False) -> bool
     if out.exists() and not out.is_dir():
         raise BayesblendError(f"--out {out} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    for d in (out, out / CATALOG_DIR, out / POSTERIOR_DIR, out / FIGURES_DIR):
-        for tmp in d.glob(".*.tmp") if d.is_dir() else ():
-            tmp.unlink()
     run_file = out / RUN_FILE
     old = None
     if run_file.exists():
@@ -174,8 +183,10 @@ def open_run(out: str | os.PathLike, key: dict, overwrite: bool = False) -> bool
             old = json.loads(run_file.read_text())
         except json.JSONDecodeError:
             old = {}
+        old = old if isinstance(old, dict) else {}
     present = [p for p in PRODUCTS if (out / p).exists()]
     if old == key:
+        _remove_temporaries(out)
         return True
     if present and not overwrite:
         if old is None:
@@ -186,9 +197,42 @@ def open_run(out: str | os.PathLike, key: dict, overwrite: bool = False) -> bool
     for p in present:
         target = out / p
         shutil.rmtree(target) if target.is_dir() else target.unlink()
+    _remove_temporaries(out)
     with atomic_path(run_file) as tmp:
         tmp.write_text(json.dumps(key, indent=1))
     return False
+
+
+#: The temporary files a run writes (``atomic_path``: ``.<name>.<random>.tmp``), by directory.
+TEMPORARIES = {
+    ".": [f".{p}.*.tmp" for p in (RUN_FILE, SOURCES_FILE, CATALOG_FILE, "posterior.nc")],
+    CATALOG_DIR: [".part-*.parquet.*.tmp"],
+    POSTERIOR_DIR: [".part-*.nc.*.tmp"],
+    FIGURES_DIR: [".blend_*.png.*.tmp"],
+    PILOT_DIR: [".pilot-*.npz.*.tmp"],
+}
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Remove the temporary files an interrupted run left (its own names only)."""
+    for d, patterns in TEMPORARIES.items():
+        for pattern in patterns:
+            for tmp in (out / d).glob(pattern):
+                tmp.unlink()
+
+
+def _check_parts(out: Path, batches: list[list[int]], part: dict) -> None:
+    """Each catalogue partition on disk holds the blends of its batch (a one-line error if not)."""
+    import pyarrow.parquet as pq
+
+    for idx in batches:
+        path = out / CATALOG_DIR / f"{part[tuple(idx)]}.parquet"
+        if path.exists():
+            ids = sorted(set(pq.read_table(path, columns=["blend_id"]).column(0).to_pylist()))
+            if ids != sorted(idx):
+                raise BayesblendError(
+                    f"{path} holds blends {ids[:4]}... not its batch's: remove {out} and run again"
+                )
 
 
 def _sources_table(scenes, positions, origin) -> Table:
@@ -266,6 +310,8 @@ def deblend_files(
     check_method(method)
     if not paths:
         raise BayesblendError("no scene files given")
+    if workers is not None and workers < 1:
+        raise BayesblendError(f"--workers must be at least 1, got {workers}")
     bundle = prior if isinstance(prior, PriorBundle) else load_bundle(prior)
     cfg = config or InferenceConfig()
     latent_prior = bundle.check_latent_prior(latent_prior)
@@ -300,12 +346,20 @@ def deblend_files(
                     client=cluster.get(_n_batches(positions, cfg)),
                     progress=progress,
                     keep_pilot=False,
+                    checkpoint=out / PILOT_DIR,
                 )
             write_table(out / SOURCES_FILE, _sources_table(scenes, positions, origin))
+            shutil.rmtree(out / PILOT_DIR, ignore_errors=True)  # its checkpoints served their purpose
         planned = plan_scenes(scenes, positions, bundle, cfg)
         n_sources = sum(len(p.members) for p in planned.plans)
+        n_given = sum(len(x) for x, _ in positions)
+        if n_given and not n_sources:
+            raise MaskedBlendError(
+                f"every pixel of every blend is masked ({n_given} source(s)): nothing to deblend"
+            )
         batches = plan_batches(planned.specs, cfg.batch_size)
         part = {tuple(idx): f"part-{k:05d}" for k, idx in enumerate(batches)}
+        _check_parts(out, batches, part)
         done = [idx for idx in batches if (out / CATALOG_DIR / f"{part[tuple(idx)]}.parquet").exists()]
         todo = [idx for idx in batches if idx not in done]
         n_figures = 0
@@ -389,14 +443,9 @@ class _RunClient:
             return self.client
         if self.workers == 1 or n_batches <= 1:
             return None
-        import os
-
         from bayesblend.cluster import local_client
 
-        n = min(self.workers or os.cpu_count() or 1, n_batches)
-        if n <= 1:
-            return None
-        self.client, self.owned = local_client(n), True
+        self.client, self.owned = local_client(self.workers), True  # default: one worker per core
         return self.client
 
     def __enter__(self) -> _RunClient:

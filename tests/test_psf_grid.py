@@ -71,11 +71,16 @@ def test_each_blend_is_fitted_with_the_psf_at_its_position(sharp_and_wide, prior
     a, b = sharp_and_wide
     scene = _two_psf_scene(sharp_and_wide)
     preps, _, _ = prepare_scene(
-        scene, np.array([20.0, 170.0]), np.array([24.0, 24.0]), prior, InferenceConfig()
+        scene, np.array([20.0, 96.0, 170.0]), np.array([24.0, 24.0, 24.0]), prior, InferenceConfig()
     )
-    assert len(preps) == 2
+    assert len(preps) == 3
     n = fft_size(prior.stamp)
-    for prep, want in zip(preps, (a, b), strict=True):
+    # the middle blend sits where the PSF changes: it gets the PSF at its cutout's centre
+    x0, y0 = preps[1].origin
+    h, w = preps[1].spec.shape
+    middle = scene.psf_grid.at(x0 + (w - 1) / 2, y0 + (h - 1) / 2)
+    assert not np.allclose(middle, a, atol=1e-3) and not np.allclose(middle, b, atol=1e-3)
+    for prep, want in zip(preps, (a, middle, b), strict=True):
         assert np.allclose(np.asarray(prep.data["psf_ft"]), np.asarray(psf_spectrum(want, n)), atol=1e-5)
 
 

@@ -93,7 +93,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_rows(
     assert deblend_files(scene_files, out, prior=prior, workers=1, **QUICK).n_resumed == run.n_batches
 
 
-def test_another_run_in_the_same_directory_is_refused_or_replaced(full_run, scene_files, tmp_path, prior):
+def test_another_run_in_the_same_directory_is_refused_or_replaced(scene_files, tmp_path, prior):
     out = tmp_path / "o"
     deblend_files(scene_files[:1], out, prior=prior, workers=1, **QUICK)
     with pytest.raises(BayesblendError, match=r"holds another run \(differing in files \(.*field_1.fits\)\)"):
@@ -103,11 +103,63 @@ def test_another_run_in_the_same_directory_is_refused_or_replaced(full_run, scen
     (out / "run.json").unlink()
     with pytest.raises(BayesblendError, match="outputs without a run.json"):
         deblend_files(scene_files[:1], out, prior=prior, workers=1, **QUICK)
-    run = deblend_files(scene_files, out, prior=prior, workers=1, overwrite=True, **QUICK)
-    _same_rows(Table.read(run.catalog), full_run[1])
-    assert len(list((out / "posterior").glob("*.nc"))) == run.n_batches  # no part of the old run left
+    run = deblend_files(scene_files[:1], out, prior=prior, workers=1, seed=3, overwrite=True, **QUICK)
+    assert Table.read(run.catalog).meta["SEED"] == 3
+    assert json.loads((out / "run.json").read_text())["seed"] == 3
+    assert len(list((out / "posterior").glob("*.nc"))) == run.n_batches
 
 
-def test_two_worker_local_cluster_gives_the_same_catalogue(full_run, scene_files, tmp_path, prior):
+def test_two_worker_local_cluster_gives_the_same_catalogue(
+    full_run, scene_files, tmp_path, prior, monkeypatch
+):
+    import bayesblend.cluster
+
+    started = []
+    real = bayesblend.cluster.local_client
+
+    def spy(workers=None):
+        started.append(workers)
+        return real(workers)
+
+    monkeypatch.setattr(bayesblend.cluster, "local_client", spy)
     run = deblend_files(scene_files, tmp_path / "dask", prior=prior, workers=2, **QUICK)
+    assert started == [2]  # the batches ran on the cluster's two workers
     _same_rows(Table.read(run.catalog), full_run[1])
+
+
+def test_bad_run_options_and_fully_masked_scenes_are_one_line_errors(scene_files, tmp_path, prior):
+    from bayesblend.errors import MaskedBlendError
+    from bayesblend.io import read_scene
+
+    with pytest.raises(BayesblendError, match="--workers must be at least 1"):
+        deblend_files(scene_files, tmp_path / "o", prior=prior, workers=0, **QUICK)
+    masked = read_scene(scene_files[0])
+    masked.mask = np.ones(masked.image.shape, bool)
+    path = write_scene(tmp_path / "masked.fits", masked)
+    Table({"x": [40.0, 60.0], "y": [40.0, 50.0]}).write(tmp_path / "src.fits")
+    with pytest.warns(UserWarning), pytest.raises(MaskedBlendError, match="every pixel of every blend"):
+        deblend_files([path], tmp_path / "m", prior=prior, sources=tmp_path / "src.fits", workers=1, **QUICK)
+
+
+def test_a_run_killed_during_the_pilot_fit_resumes_the_pilot(scene_files, tmp_path, prior, monkeypatch):
+    quick = dict(QUICK, redetect=True)
+    whole = deblend_files(scene_files, tmp_path / "whole", prior=prior, workers=1, **quick)
+    out = tmp_path / "killed"
+    real, saves = np.savez, []
+
+    def dies_on_second(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed while saving the second pilot batch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(np, "savez", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        deblend_files(scene_files, out, prior=prior, workers=1, **quick)
+    monkeypatch.undo()
+    assert len(list((out / "pilot").glob("pilot-*.npz"))) == 1 and not (out / "sources.parquet").exists()
+    again = deblend_files(scene_files, out, prior=prior, workers=1, **quick)
+    assert not (out / "pilot").exists()  # checkpoints removed once the sources are known
+    a, b = Table.read(whole.out / "sources.parquet"), Table.read(out / "sources.parquet")
+    assert np.array_equal(a["x"], b["x"]) and list(a["origin"]) == list(b["origin"])
+    _same_rows(Table.read(again.catalog), Table.read(whole.catalog))
