@@ -6,12 +6,15 @@ compiled program (:func:`bayesblend.methods.batch_function`); a short batch
 is padded by repetition to the next power of two, so only a few batch
 widths are ever compiled. :func:`iter_fits` yields each batch as it
 finishes (what a run that writes its output batch by batch needs);
-:func:`fit_blends` collects them.
+:func:`fit_blends` collects them; :func:`iter_posteriors` turns each
+finished batch of planned blends into a Posterior numbered as the whole run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -23,11 +26,14 @@ from bayesblend.blends import PreparedBlend
 from bayesblend.errors import BayesblendError
 from bayesblend.methods import batch_function
 from bayesblend.model import SceneSpec
+from bayesblend.posterior import Posterior
 from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.settings import InferenceConfig, check_method
 
 if TYPE_CHECKING:
     from distributed import Client
+
+    from bayesblend.plan import PlannedBlends
 
 
 def plan_batches(specs: Sequence[SceneSpec], batch_size: int) -> list[list[int]]:
@@ -175,3 +181,90 @@ def fit_blends(
     if bar is not None:
         bar.close()
     return results  # type: ignore[return-value]
+
+
+def as_fitted(blends: Sequence[PreparedBlend], results: Sequence[dict]) -> list[PreparedBlend]:
+    """The blends as fitted: the flux prior's centre the fit used (the amortised one by default).
+
+    Pops ``log_flux0`` from each result.
+    """
+    return [
+        dataclasses.replace(b, data=dict(b.data, log_flux0=jnp.asarray(r.pop("log_flux0"))))
+        for b, r in zip(blends, results, strict=True)
+    ]
+
+
+@dataclass
+class BatchFit:
+    """One fitted batch of :func:`iter_posteriors`.
+
+    Attributes
+    ----------
+    index : list of int
+        The blends' indices among the planned blends (their ``blend_id``).
+    posterior : Posterior
+        The batch's posterior, with the run's blend and source ids.
+    blends : list of PreparedBlend
+        The blends as fitted.
+    results : list of dict
+        The fit's per-blend results.
+    """
+
+    index: list[int]
+    posterior: Posterior
+    blends: list[PreparedBlend]
+    results: list[dict]
+
+
+def iter_posteriors(
+    bundle: PriorBundle,
+    planned: PlannedBlends,
+    method: str,
+    latent_prior: str | None,
+    seed: int,
+    config: InferenceConfig,
+    batches: Sequence[list[int]] | None = None,
+    key_index: Sequence[int] | None = None,
+    client: Client | None = None,
+    progress: bool = False,
+    desc: str | None = None,
+) -> Iterator[BatchFit]:
+    """Fit planned blends batch by batch; each finished batch as a :class:`BatchFit`.
+
+    Blends are cut out when their batch is sent (:class:`~bayesblend.plan.PlannedBlends`)
+    and each batch's Posterior numbers blends and sources as the whole plan
+    does (``blend_id``: the blend's index; ``id``: sources counted in blend
+    order), so batches written apart form one catalogue. ``batches`` (default
+    all, :func:`~bayesblend.fitting.plan_batches`) may leave some out.
+    """
+    latent_prior = bundle.check_latent_prior(latent_prior)
+    first_id = np.cumsum([0] + [len(p.members) for p in planned.plans])
+    if batches is None:
+        batches = plan_batches(planned.specs, config.batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        done = len(planned) - sum(len(b) for b in batches)
+        bar = tqdm(total=len(planned), initial=done, desc=desc or f"deblend ({method})", unit="blend")
+    fits = iter_fits(bundle, planned, method, latent_prior, seed, config, key_index, batches, client)
+    for idx, results, blends in fits:
+        fitted = as_fitted(blends, results)
+        post = Posterior.from_fits(
+            bundle,
+            latent_prior,
+            method,
+            seed,
+            config,
+            planned.scenes,
+            fitted,
+            [{"scene": planned.plans[i].scene, "split": planned.plans[i].split} for i in idx],
+            results,
+            blend_ids=idx,
+            source_ids=[np.arange(first_id[i], first_id[i + 1]) for i in idx],
+        )
+        yield BatchFit(list(idx), post, fitted, results)
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()

@@ -52,8 +52,8 @@ from astropy.table import Table, vstack
 from bayesblend import __version__
 from bayesblend.blends import group_sources
 from bayesblend.errors import BayesblendError, MaskedBlendError
-from bayesblend.fitting import plan_batches
-from bayesblend.infer import add_residual_sources, detect_scenes, iter_posteriors
+from bayesblend.fitting import iter_posteriors, plan_batches
+from bayesblend.infer import add_residual_sources, detect_scenes
 from bayesblend.io import atomic_path, read_scene, read_table, rows_per_scene, write_table
 from bayesblend.plan import plan_scenes
 from bayesblend.posterior import Posterior
