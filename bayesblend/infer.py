@@ -24,7 +24,7 @@ from bayesblend.blends import (
     check_scene,
     model_error_of,
 )
-from bayesblend.errors import BadPixelWarning, BayesblendError, MaskedBlendError, MaskedBlendWarning
+from bayesblend.errors import BadPixelWarning, BayesblendError, MaskedBlendWarning
 from bayesblend.fitting import BatchFit, as_fitted, fit_blends, iter_fits, iter_posteriors, plan_batches
 from bayesblend.io import atomic_path
 from bayesblend.methods import joint_flux
@@ -399,14 +399,8 @@ def blends_of_scenes(
 ) -> tuple[list[PreparedBlend], list[dict]]:
     """Every scene's sources grouped into prepared blends, and each blend's ``{"scene", "split"}``.
 
-    Raises :class:`MaskedBlendError` when sources were given but every blend is masked.
+    Raises :class:`MaskedBlendError` when sources were given but every blend is masked
+    (:func:`bayesblend.plan.plan_scenes`).
     """
     planned = plan_scenes(scenes, positions, bundle, config)
-    preps = list(planned)
-    members = [{"scene": p.scene, "split": p.split} for p in planned.plans]
-    n_given = sum(len(x) for x, _ in positions)
-    if not preps and n_given:
-        raise MaskedBlendError(
-            f"every pixel of every blend is masked ({n_given} source(s)): nothing to deblend"
-        )
-    return preps, members
+    return list(planned), [{"scene": p.scene, "split": p.split} for p in planned.plans]

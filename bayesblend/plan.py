@@ -28,7 +28,7 @@ from bayesblend.blends import (
     prepare_blend,
     warn_bad_pixels,
 )
-from bayesblend.errors import MaskedBlendWarning
+from bayesblend.errors import MaskedBlendError, MaskedBlendWarning
 from bayesblend.model import SceneSpec
 from bayesblend.prior.bundle import PriorBundle
 from bayesblend.scene import Scene
@@ -185,9 +185,17 @@ def plan_scenes(
     bundle: PriorBundle,
     config: InferenceConfig,
 ) -> PlannedBlends:
-    """Every scene's blends, planned, to be prepared as they are read."""
+    """Every scene's blends, planned, to be prepared as they are read.
+
+    Raises :class:`MaskedBlendError` when there are sources but every blend is masked.
+    """
     plans = []
     for si, (sc, (x, y)) in enumerate(zip(scenes, positions, strict=True)):
         if len(x):
             plans += plan_scene(sc, si, x, y, bundle, config, name=f"scene {si}")
+    n_given = sum(len(x) for x, _ in positions)
+    if n_given and not plans:
+        raise MaskedBlendError(
+            f"every pixel of every blend is masked ({n_given} source(s)): nothing to deblend"
+        )
     return PlannedBlends(scenes, positions, plans, bundle, config)

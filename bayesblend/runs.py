@@ -51,7 +51,7 @@ from astropy.table import Table, vstack
 
 from bayesblend import __version__
 from bayesblend.blends import group_sources
-from bayesblend.errors import BayesblendError, MaskedBlendError
+from bayesblend.errors import BayesblendError
 from bayesblend.fitting import iter_posteriors, plan_batches
 from bayesblend.infer import add_residual_sources, detect_scenes
 from bayesblend.io import atomic_path, read_scene, read_table, rows_per_scene, write_table
@@ -352,11 +352,6 @@ def deblend_files(
             shutil.rmtree(out / PILOT_DIR, ignore_errors=True)  # its checkpoints served their purpose
         planned = plan_scenes(scenes, positions, bundle, cfg)
         n_sources = sum(len(p.members) for p in planned.plans)
-        n_given = sum(len(x) for x, _ in positions)
-        if n_given and not n_sources:
-            raise MaskedBlendError(
-                f"every pixel of every blend is masked ({n_given} source(s)): nothing to deblend"
-            )
         batches = plan_batches(planned.specs, cfg.batch_size)
         part = {tuple(idx): f"part-{k:05d}" for k, idx in enumerate(batches)}
         _check_parts(out, batches, part)
