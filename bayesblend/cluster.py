@@ -90,12 +90,14 @@ def fit_batch(
     config: InferenceConfig,
     data: dict[str, np.ndarray],
     keys: np.ndarray,
+    fitted: dict | None = None,
 ) -> dict:
     """Fit one stacked batch on a worker; the batch's results as numpy arrays.
 
     ``data`` holds the scene model's arrays stacked over the batch's blends,
     ``keys`` their random keys ``(blend, 2)``: what
-    :func:`bayesblend.methods.batch_function` takes.
+    :func:`bayesblend.methods.batch_function` takes, with ``fitted`` the
+    blends' stacked earlier MAP.
     """
     import jax
     import jax.numpy as jnp
@@ -105,6 +107,7 @@ def fit_batch(
 
     bundle = _worker_bundle(reference)
     nets = Networks(bundle, latent_prior)
-    fit = batch_function(nets, method, spec, config)
-    out = fit(nets.weights(), {k: jnp.asarray(v) for k, v in data.items()}, jnp.asarray(keys))
+    fit = batch_function(nets, method, spec, config, fitted is not None)
+    args = (nets.weights(), {k: jnp.asarray(v) for k, v in data.items()}, jnp.asarray(keys))
+    out = fit(*args) if fitted is None else fit(*args, jax.tree_util.tree_map(jnp.asarray, fitted))
     return jax.tree_util.tree_map(np.asarray, jax.device_get(out))

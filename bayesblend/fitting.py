@@ -13,7 +13,7 @@ finished batch of planned blends into a Posterior numbered as the whole run.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING
@@ -25,7 +25,6 @@ import numpy as np
 from bayesblend.blends import PreparedBlend
 from bayesblend.errors import BayesblendError
 from bayesblend.methods import batch_function
-from bayesblend.model import SceneSpec
 from bayesblend.posterior import Posterior
 from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.settings import InferenceConfig, check_method
@@ -36,29 +35,37 @@ if TYPE_CHECKING:
     from bayesblend.plan import PlannedBlends
 
 
-def plan_batches(specs: Sequence[SceneSpec], batch_size: int) -> list[list[int]]:
+def plan_batches(specs: Sequence[Hashable], batch_size: int) -> list[list[int]]:
     """Blends in batches of up to ``batch_size`` that share a spec (one compiled program each).
 
-    ``specs`` holds each blend's spec. Returns the blends' indices per batch,
-    grouped by spec in order of first appearance: the same blends always
-    give the same batches.
+    ``specs`` holds each blend's spec (or anything that must be the same
+    across a batch, such as ``(spec, has an earlier MAP)``). Returns the
+    blends' indices per batch, grouped by spec in order of first appearance:
+    the same blends always give the same batches.
     """
-    by_spec: dict[SceneSpec, list[int]] = {}
+    by_spec: dict[Hashable, list[int]] = {}
     for i, spec in enumerate(specs):
         by_spec.setdefault(spec, []).append(i)
     return [idx[j : j + batch_size] for idx in by_spec.values() for j in range(0, len(idx), batch_size)]
 
 
 def _stacked(
-    blends: Sequence[PreparedBlend], idx: list[int], batch_size: int
-) -> tuple[list[int], list[PreparedBlend], dict]:
+    blends: Sequence[PreparedBlend], idx: list[int], batch_size: int, fitted: Mapping[int, dict] | None
+) -> tuple[list[int], list[PreparedBlend], dict, dict | None]:
     """A batch's blends padded by repetition to the next power of two: indices, the blends (each read
-    once), and their arrays stacked (numpy)."""
+    once), their arrays stacked (numpy), and their earlier MAP stacked (None: none given)."""
     width = min(1 << (len(idx) - 1).bit_length(), batch_size)  # 1, 2, 4...: few compiled widths
     full = idx + [idx[-1]] * (width - len(idx))
     items = [blends[i] for i in idx]
     padded = items + [items[-1]] * (width - len(idx))
-    return full, items, {k: np.stack([np.asarray(b.data[k]) for b in padded]) for k in items[0].data}
+    data = {k: np.stack([np.asarray(b.data[k]) for b in padded]) for k in items[0].data}
+    known = [fitted is not None and i in fitted for i in idx]
+    if not any(known):
+        return full, items, data, None
+    if not all(known):  # a bug, not bad input: batches are planned with the earlier MAP in their key
+        raise RuntimeError(f"a batch mixes blends with and without an earlier MAP: {idx}")
+    maps = jax.tree_util.tree_map(lambda *a: np.stack(a), *[fitted[i] for i in full])  # type: ignore[index]
+    return full, items, data, maps
 
 
 def iter_fits(
@@ -71,6 +78,7 @@ def iter_fits(
     key_index: Sequence[int] | None = None,
     batches: Sequence[list[int]] | None = None,
     client: Client | None = None,
+    fitted: Mapping[int, dict] | None = None,
 ) -> Iterator[tuple[list[int], list[dict], list[PreparedBlend]]]:
     """Fit blends batch by batch; yield ``(blend indices, results, blends)`` as each batch finishes.
 
@@ -83,6 +91,12 @@ def iter_fits(
     its workers and come back in the order they finish. Blend ``i`` draws
     from the key ``fold_in(PRNGKey(seed), key_index[i])`` (default ``i``),
     so results depend neither on the batching nor on where a batch ran.
+
+    ``fitted`` maps blends to their MAP from an earlier fit with the same
+    data and settings (``point`` and ``map_trace``, as in the results): the
+    methods that start from MAP take it instead of optimising again
+    (:func:`bayesblend.methods.blend_fit`). A batch's blends must all have
+    one or all not.
     """
     check_method(method)
     cfg = config or InferenceConfig()
@@ -105,9 +119,10 @@ def iter_fits(
         nets = Networks(bundle, latent_prior)
         weights = nets.weights()
         for idx in batches:
-            full, items, data = _stacked(blends, idx, cfg.batch_size)
-            fit = batch_function(nets, method, items[0].spec, cfg)
-            out = jax.device_get(fit(weights, {k: jnp.asarray(v) for k, v in data.items()}, keys(full)))
+            full, items, data, maps = _stacked(blends, idx, cfg.batch_size, fitted)
+            fit = batch_function(nets, method, items[0].spec, cfg, maps is not None)
+            args = (weights, {k: jnp.asarray(v) for k, v in data.items()}, keys(full))
+            out = jax.device_get(fit(*args) if maps is None else fit(*args, maps))
             yield idx, unstack(idx, out), items
         return
     from distributed import as_completed
@@ -118,9 +133,11 @@ def iter_fits(
     batch_of = {}
 
     def submit(idx: list[int]):
-        full, items, data = _stacked(blends, idx, cfg.batch_size)
+        full, items, data, maps = _stacked(blends, idx, cfg.batch_size, fitted)
         spec = items[0].spec
-        fut = client.submit(fit_batch, ref, latent_prior, method, spec, cfg, data, keys(full), pure=False)
+        fut = client.submit(
+            fit_batch, ref, latent_prior, method, spec, cfg, data, keys(full), maps, pure=False
+        )
         batch_of[fut.key] = (idx, items)
         return fut
 
@@ -228,6 +245,7 @@ def iter_posteriors(
     client: Client | None = None,
     progress: bool = False,
     desc: str | None = None,
+    fitted: Mapping[int, dict] | None = None,
 ) -> Iterator[BatchFit]:
     """Fit planned blends batch by batch; each finished batch as a :class:`BatchFit`.
 
@@ -235,7 +253,8 @@ def iter_posteriors(
     and each batch's Posterior numbers blends and sources as the whole plan
     does (``blend_id``: the blend's index; ``id``: sources counted in blend
     order), so batches written apart form one catalogue. ``batches`` (default
-    all, :func:`~bayesblend.fitting.plan_batches`) may leave some out.
+    all, :func:`~bayesblend.fitting.plan_batches`) may leave some out;
+    ``fitted`` is as for :func:`iter_fits`.
     """
     latent_prior = bundle.check_latent_prior(latent_prior)
     first_id = np.cumsum([0] + [len(p.members) for p in planned.plans])
@@ -247,7 +266,7 @@ def iter_posteriors(
 
         done = len(planned) - sum(len(b) for b in batches)
         bar = tqdm(total=len(planned), initial=done, desc=desc or f"deblend ({method})", unit="blend")
-    fits = iter_fits(bundle, planned, method, latent_prior, seed, config, key_index, batches, client)
+    fits = iter_fits(bundle, planned, method, latent_prior, seed, config, key_index, batches, client, fitted)
     for idx, results, blends in fits:
         fitted = as_fitted(blends, results)
         post = Posterior.from_fits(
@@ -268,3 +287,16 @@ def iter_posteriors(
             bar.update(len(idx))
     if bar is not None:
         bar.close()
+
+
+def common_keys(scene_of: Sequence[int]) -> list[int]:
+    """Common random numbers across scenes: each blend's key index is its rank among its scene's blends.
+
+    ``scene_of`` holds each blend's scene index, in blend order.
+    """
+    seen: dict[int, int] = {}
+    keys = []
+    for si in scene_of:
+        keys.append(seen.get(si, 0))
+        seen[si] = keys[-1] + 1
+    return keys

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,16 +21,21 @@ import numpy as np
 from bayesblend.blends import (
     PreparedBlend,
     check_scene,
-    model_error_of,
 )
-from bayesblend.errors import BadPixelWarning, BayesblendError, MaskedBlendWarning
-from bayesblend.fitting import BatchFit, as_fitted, fit_blends, iter_fits, iter_posteriors, plan_batches
-from bayesblend.io import atomic_path
+from bayesblend.errors import BayesblendError
+from bayesblend.fitting import (
+    as_fitted,
+    common_keys,
+    fit_blends,
+    iter_fits,
+    plan_batches,
+)
 from bayesblend.methods import joint_flux
+from bayesblend.pilot import add_residual_sources
 from bayesblend.plan import plan_scene, plan_scenes, prepare_planned
-from bayesblend.posterior import Posterior, render_blend
-from bayesblend.prior.bundle import Networks, PriorBundle
-from bayesblend.scene import Scene, add_cutout
+from bayesblend.posterior import Posterior
+from bayesblend.prior.bundle import PriorBundle
+from bayesblend.scene import Scene
 from bayesblend.settings import METHODS, InferenceConfig, check_method
 
 if TYPE_CHECKING:  # types only: astropy is imported where a table is read
@@ -251,144 +255,6 @@ def detect_scenes(
         positions.append(pos)
         origin.append(np.full(len(pos[0]), kind, dtype="<U8"))
     return positions, origin
-
-
-def add_residual_sources(
-    scenes: Sequence[Scene],
-    positions: list[tuple[np.ndarray, np.ndarray]],
-    origin: list[np.ndarray],
-    bundle: PriorBundle,
-    method: str,
-    config: InferenceConfig,
-    seed: int = 0,
-    latent_prior: str | None = None,
-    common_draws: bool = False,
-    client: Client | None = None,
-    progress: bool = False,
-    keep_pilot: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[np.ndarray], Posterior | None]:
-    """Fit the scenes with detected sources, and add the sources in each fit's residual.
-
-    The pilot fit is MAP (the amortised start for ``method="amortised"``);
-    scenes whose sources were all given are left alone. The pilot's blends
-    are cut out, fitted and added to their scene's model batch by batch
-    (:func:`iter_posteriors`), so a large image's pilot holds one scene model
-    per scene, not every blend. Returns what :func:`find_sources` does; the
-    pilot itself only with ``keep_pilot`` (which keeps every batch).
-
-    With a ``checkpoint`` directory, each pilot batch's point estimates are
-    saved there (``pilot-NNNNN.npz``) as it finishes, and a batch saved by an
-    earlier, interrupted call is rendered from them instead of fitted again
-    (the caller makes sure the scenes and settings are the same).
-    """
-    from bayesblend.detect import residual_sources
-
-    detected = [i for i, o in enumerate(origin) if len(o) and (o == "detected").any()]
-    if not detected:
-        return positions, origin, None
-    positions, origin = list(positions), list(origin)
-    # a pilot fit (MAP, or the amortised start for the amortised method) of the detected
-    # sources; the sources in its residual join them, then the method runs once on all
-    pilot_method = "amortised" if method == "amortised" else "map"
-    # only its point estimates are read, unless it is returned as the result below: then it
-    # needs the method's draws; else one draw spares decoding and measuring the rest
-    keep_pilot = keep_pilot and pilot_method == method
-    pilot_cfg = config if keep_pilot else config.replace(num_draws=1)
-    with warnings.catch_warnings():  # the fit after it says them again
-        warnings.simplefilter("ignore", MaskedBlendWarning)
-        warnings.simplefilter("ignore", BadPixelWarning)
-        empty = (np.zeros(0), np.zeros(0))
-        planned = plan_scenes(
-            scenes, [p if i in detected else empty for i, p in enumerate(positions)], bundle, pilot_cfg
-        )
-    # float64: the sum does not depend (to a float32 rounding) on the order batches finish in
-    models = {i: np.zeros((len(bundle.bands), *scenes[i].shape), np.float64) for i in detected}
-    kept: list[BatchFit] = []
-    batches = plan_batches(planned.specs, pilot_cfg.batch_size)
-    saved = {}
-    if checkpoint is not None and not keep_pilot:
-        Path(checkpoint).mkdir(parents=True, exist_ok=True)
-        saved = {tuple(b): Path(checkpoint) / f"pilot-{k:05d}.npz" for k, b in enumerate(batches)}
-        nets = Networks(bundle, bundle.check_latent_prior(latent_prior))
-        for b in batches:
-            if saved[tuple(b)].exists():
-                with np.load(saved[tuple(b)]) as f:
-                    for j, i in enumerate(b):
-                        point = {k[len(f"{j}/") :]: f[k] for k in f.files if k.startswith(f"{j}/")}
-                        blend = planned[i]
-                        add_cutout(
-                            models[planned.plans[i].scene], render_blend(nets, blend, point), blend.origin
-                        )
-        batches = [b for b in batches if not saved[tuple(b)].exists()]
-    for part in iter_posteriors(
-        bundle,
-        planned,
-        pilot_method,
-        latent_prior,
-        seed,
-        pilot_cfg,
-        batches=batches,
-        key_index=common_keys([p.scene for p in planned.plans]) if common_draws else None,
-        client=client,
-        progress=progress,
-        desc=f"pilot ({pilot_method})",
-    ):
-        for j, i in enumerate(part.index):
-            add_cutout(models[planned.plans[i].scene], part.posterior.model_image(j), part.blends[j].origin)
-        if saved:
-            points = {
-                f"{j}/{k}": np.asarray(v) for j, p in enumerate(part.posterior.points) for k, v in p.items()
-            }
-            with atomic_path(saved[tuple(part.index)]) as tmp, open(tmp, "wb") as fh:
-                np.savez(fh, **points)
-        if keep_pilot:
-            kept.append(part)
-    added = 0
-    for si in detected:
-        x, y = positions[si]
-        new = residual_sources(
-            scenes[si].select_bands(bundle.bands),
-            models[si],
-            x,
-            y,
-            model_error_of(bundle, config.model_error),
-            bundle.survey,
-        )
-        positions[si] = (np.r_[x, np.asarray(new["x"], float)], np.r_[y, np.asarray(new["y"], float)])
-        origin[si] = np.r_[origin[si], np.full(len(new), "residual", dtype="<U8")]
-        added += len(new)
-    if added or not keep_pilot or not planned.plans:
-        return positions, origin, None
-    order = np.argsort(np.concatenate([p.index for p in kept]))
-    blends = [b for p in kept for b in p.blends]
-    results = [r for p in kept for r in p.results]
-    members = [{"scene": p.scene, "split": p.split} for p in planned.plans]
-    pilot = Posterior.from_fits(
-        bundle,
-        bundle.check_latent_prior(latent_prior),
-        pilot_method,
-        seed,
-        pilot_cfg,
-        scenes,
-        [blends[k] for k in order],
-        members,
-        [results[k] for k in order],
-    )
-    return positions, origin, pilot
-
-
-def common_keys(scene_of: Sequence[int]) -> list[int]:
-    """Common random numbers across scenes: each blend's key index is its rank among its scene's blends.
-
-    ``scene_of`` holds each blend's scene index, in blend order.
-    """
-    seen: dict[int, int] = {}
-    keys = []
-    for si in scene_of:
-        keys.append(seen.get(si, 0))
-        seen[si] = keys[-1] + 1
-    return keys
 
 
 def blends_of_scenes(

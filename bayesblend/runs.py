@@ -9,8 +9,10 @@
     with ``overwrite``, replaces it), so a catalogue and its samples always
     come from one run.
 ``pilot/pilot-NNNNN.npz``
-    While the pilot fit runs: each finished pilot batch's point estimates, so
-    that a killed pilot resumes too (removed once ``sources.parquet`` exists).
+    Each finished pilot batch's point estimates (:mod:`bayesblend.pilot`), so
+    that a killed pilot resumes too, and the MAP of every blend that the
+    residual sources left alone, which the final fit of a MAP, SVI or NUTS run
+    then takes instead of optimising again (removed with the run's end).
 ``sources.parquet``
     The sources fitted: ``file``, ``scene``, ``x``, ``y`` (pixels) and
     ``origin`` (``given``, ``detected``, or ``residual``: found in the pilot
@@ -41,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,8 +56,9 @@ from bayesblend import __version__
 from bayesblend.blends import group_sources
 from bayesblend.errors import BayesblendError
 from bayesblend.fitting import iter_posteriors, plan_batches
-from bayesblend.infer import add_residual_sources, detect_scenes
+from bayesblend.infer import detect_scenes
 from bayesblend.io import atomic_path, read_scene, read_table, rows_per_scene, write_table
+from bayesblend.pilot import add_residual_sources, pilot_optima
 from bayesblend.plan import plan_scenes
 from bayesblend.posterior import Posterior
 from bayesblend.prior.bundle import PriorBundle, load_bundle
@@ -101,6 +105,10 @@ class RunSummary:
         The whole catalogue (``catalog.fits``).
     figures : int
         Figures written by this call.
+    n_from_pilot : int
+        Blends whose MAP the final fit took from the pilot (:func:`~bayesblend.pilot.pilot_optima`).
+    detect_seconds : float
+        Wall time of this call's detection and pilot fit (0 when resumed after them), seconds.
     """
 
     out: Path
@@ -110,6 +118,8 @@ class RunSummary:
     n_resumed: int
     catalog: Path
     figures: int = 0
+    n_from_pilot: int = 0
+    detect_seconds: float = 0.0
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -327,7 +337,9 @@ def deblend_files(
     scenes = [read_scene(p) for p in paths]
     out = Path(out)
     open_run(out, run_key(paths, sources, bundle, method, seed, latent_prior, cfg, redetect), overwrite)
+    t0 = time.perf_counter()
     with _RunClient(client, workers, scheduler) as cluster:
+        detect_seconds = 0.0
         if (out / SOURCES_FILE).exists():
             positions = _positions_from(read_table(out / SOURCES_FILE), len(scenes))
         else:
@@ -349,10 +361,12 @@ def deblend_files(
                     checkpoint=out / PILOT_DIR,
                 )
             write_table(out / SOURCES_FILE, _sources_table(scenes, positions, origin))
-            shutil.rmtree(out / PILOT_DIR, ignore_errors=True)  # its checkpoints served their purpose
+        detect_seconds = time.perf_counter() - t0
         planned = plan_scenes(scenes, positions, bundle, cfg)
         n_sources = sum(len(p.members) for p in planned.plans)
-        batches = plan_batches(planned.specs, cfg.batch_size)
+        # the pilot's MAP of the blends it fitted as they are (none for the amortised method)
+        fitted = pilot_optima(out / PILOT_DIR, planned) if method != "amortised" else {}
+        batches = plan_batches([(s, i in fitted) for i, s in enumerate(planned.specs)], cfg.batch_size)
         part = {tuple(idx): f"part-{k:05d}" for k, idx in enumerate(batches)}
         _check_parts(out, batches, part)
         done = [idx for idx in batches if (out / CATALOG_DIR / f"{part[tuple(idx)]}.parquet").exists()]
@@ -368,6 +382,7 @@ def deblend_files(
             todo,
             client=cluster.get(len(todo)),
             progress=progress,
+            fitted=fitted,
         ):
             name = part[tuple(fit.index)]
             fit.posterior.to_netcdf(
@@ -385,7 +400,10 @@ def deblend_files(
     else:  # nothing to fit: an empty catalogue with the full header
         empty = Posterior.from_fits(bundle, latent_prior, method, seed, cfg, scenes, [], [], [])
         catalog = empty.write_catalog(out / CATALOG_FILE)
-    return RunSummary(out, n_sources, len(planned), len(batches), len(done), catalog, n_figures)
+    shutil.rmtree(out / PILOT_DIR, ignore_errors=True)  # its checkpoints served their purpose
+    return RunSummary(
+        out, n_sources, len(planned), len(batches), len(done), catalog, n_figures, len(fitted), detect_seconds
+    )
 
 
 def read_catalog(out: str | os.PathLike) -> Table:

@@ -145,6 +145,8 @@ def main() -> None:
         "blends": run.n_blends,
         "batches": run.n_batches,
         "batches_resumed": run.n_resumed,
+        "blends_given_the_pilots_map": run.n_from_pilot,
+        "detection_and_pilot_seconds": round(run.detect_seconds, 1),
         "wall_seconds": round(wall, 1),
         "sources_per_second": round(run.n_sources / wall, 3) if not run.n_resumed else None,
         "peak_memory_per_worker_gib": sorted(round(v / 2**30, 2) for v in peaks.values()),

@@ -34,7 +34,8 @@ def check_blend(nets, w, prior, cfg, spec, data, rng, n_draws: int) -> tuple[int
     """``(d, H/GN ratios, potential rises of the Laplace draws, IS ESS fraction)`` of one blend."""
     from jax.flatten_util import ravel_pytree
 
-    from bayesblend.methods import amortised_start, map_laplace, scene_potential
+    from bayesblend.methods import amortised_start, scene_potential
+    from bayesblend.optimum import map_laplace
 
     def fit(data):
         _, _, start = amortised_start(nets, w, spec, data, prior.stamp)

@@ -13,7 +13,8 @@ import numpy as np
 
 import bayesblend
 from bayesblend.infer import InferenceConfig, prepare_scene
-from bayesblend.methods import amortised_start, map_laplace, scene_potential
+from bayesblend.methods import amortised_start, scene_potential
+from bayesblend.optimum import map_laplace
 from bayesblend.prior.bundle import Networks, PriorBundle
 from bayesblend.simulate.scenes import simulate_blend
 

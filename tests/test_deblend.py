@@ -164,8 +164,8 @@ def test_gauss_newton_per_source_jacobian_equals_the_whole_scene_jacobian(prior)
     from jax.flatten_util import ravel_pytree
 
     from bayesblend.blends import prepare_blend
-    from bayesblend.methods import gauss_newton_precision
     from bayesblend.model import inverse_variance, prior_precision, scene_mean
+    from bayesblend.optimum import gauss_newton_precision
     from bayesblend.prior.bundle import Networks
 
     sim = simulate_blend(31, 2, n_range=(3, 3))
@@ -217,7 +217,8 @@ def test_levenberg_marquardt_reaches_a_long_adam_runs_optimum(prior):
     import optax
 
     from bayesblend.blends import prepare_blend
-    from bayesblend.methods import amortised_start, levenberg_marquardt, scene_potential
+    from bayesblend.methods import amortised_start, scene_potential
+    from bayesblend.optimum import levenberg_marquardt
     from bayesblend.prior.bundle import Networks
 
     sim = simulate_blend(31, 2, n_range=(2, 2))

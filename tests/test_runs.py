@@ -163,3 +163,47 @@ def test_a_run_killed_during_the_pilot_fit_resumes_the_pilot(scene_files, tmp_pa
     a, b = Table.read(whole.out / "sources.parquet"), Table.read(out / "sources.parquet")
     assert np.array_equal(a["x"], b["x"]) and list(a["origin"]) == list(b["origin"])
     _same_rows(Table.read(again.catalog), Table.read(whole.catalog))
+
+
+def test_the_final_fit_takes_the_pilots_map_of_the_blends_it_left_alone(
+    scene_files, tmp_path, prior, monkeypatch
+):
+    import bayesblend.runs as runs
+    from bayesblend.fitting import fit_blends
+
+    cfg = InferenceConfig(num_draws=4, batch_size=2, map_steps=3)
+    quick = dict(method="map", config=cfg, redetect=True, workers=1)
+    real, reused = runs.pilot_optima, []
+
+    def spy(*args):
+        reused.append(real(*args))
+        return reused[-1]
+
+    monkeypatch.setattr(runs, "pilot_optima", spy)
+    warm = deblend_files(scene_files[:1], tmp_path / "warm", prior=prior, **quick)
+    assert len(reused[0]) > 0  # the pilot's MAP served some blends
+    assert not (warm.out / "pilot").exists()  # and is removed at the end
+    monkeypatch.setattr(runs, "pilot_optima", lambda *a: {})
+    cold = deblend_files(scene_files[:1], tmp_path / "cold", prior=prior, **quick)
+    a, b = Table.read(warm.catalog), Table.read(cold.catalog)
+    assert list(a["id"]) == list(b["id"]) and np.array_equal(a["blend_id"], b["blend_id"])
+    for c in ("x", "flux_r", "e1", "size"):
+        assert np.allclose(np.asarray(a[c]), np.asarray(b[c]), rtol=1e-4, atol=1e-5), c
+
+    # a MAP given as fitted is taken as it is, not optimised again: a start that is not the optimum stays
+    from bayesblend.io import read_scene
+    from bayesblend.plan import plan_scenes
+
+    sc = read_scene(scene_files[0])
+    src = Table.read(cold.out / "sources.parquet")
+    planned = plan_scenes([sc], [(np.asarray(src["x"]), np.asarray(src["y"]))], prior, cfg)
+    first = fit_blends(prior, [planned[0]], "map", config=cfg)[0]
+    moved = {k: v + 0.01 for k, v in first["point"].items()}
+    from bayesblend.fitting import iter_fits
+
+    ((_, (again,), _),) = iter_fits(
+        prior, [planned[0]], "map", config=cfg, fitted={0: {"point": moved, "map_trace": first["map_trace"]}}
+    )
+    for k in moved:
+        assert np.allclose(again["point"][k], moved[k]), k
+    assert np.array_equal(again["map_trace"], first["map_trace"])
