@@ -277,7 +277,7 @@ def iter_posteriors(
             config,
             planned.scenes,
             fitted,
-            [{"scene": planned.plans[i].scene, "split": planned.plans[i].split} for i in idx],
+            [planned.plans[i].membership for i in idx],
             results,
             blend_ids=idx,
             source_ids=[np.arange(first_id[i], first_id[i + 1]) for i in idx],

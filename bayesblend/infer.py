@@ -269,4 +269,4 @@ def blends_of_scenes(
     (:func:`bayesblend.plan.plan_scenes`).
     """
     planned = plan_scenes(scenes, positions, bundle, config)
-    return list(planned), [{"scene": p.scene, "split": p.split} for p in planned.plans]
+    return list(planned), [p.membership for p in planned.plans]

@@ -137,7 +137,7 @@ def add_residual_sources(
     order = np.argsort(np.concatenate([p.index for p in kept]))
     blends = [b for p in kept for b in p.blends]
     results = [r for p in kept for r in p.results]
-    members = [{"scene": p.scene, "split": p.split} for p in planned.plans]
+    members = [p.membership for p in planned.plans]
     pilot = Posterior.from_fits(
         bundle,
         bundle.check_latent_prior(latent_prior),

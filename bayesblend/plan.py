@@ -59,6 +59,11 @@ class BlendPlan:
     split: bool
     spec: SceneSpec
 
+    @property
+    def membership(self) -> dict:
+        """``{"scene": scene index, "split": bool}``: what a Posterior records of the blend."""
+        return {"scene": self.scene, "split": self.split}
+
 
 def plan_scene(
     scene: Scene,

@@ -108,7 +108,7 @@ class RunSummary:
     n_from_pilot : int
         Blends whose MAP the final fit took from the pilot (:func:`~bayesblend.pilot.pilot_optima`).
     detect_seconds : float
-        Wall time of this call's detection and pilot fit (0 when resumed after them), seconds.
+        Wall time of this call's detection and pilot fit (about 0 when resumed after them), seconds.
     """
 
     out: Path
@@ -339,7 +339,6 @@ def deblend_files(
     open_run(out, run_key(paths, sources, bundle, method, seed, latent_prior, cfg, redetect), overwrite)
     t0 = time.perf_counter()
     with _RunClient(client, workers, scheduler) as cluster:
-        detect_seconds = 0.0
         if (out / SOURCES_FILE).exists():
             positions = _positions_from(read_table(out / SOURCES_FILE), len(scenes))
         else:
