@@ -53,7 +53,7 @@ def add_residual_sources(
     scenes whose sources were all given are left alone. The pilot's blends
     are cut out, fitted and added to their scene's model batch by batch
     (:func:`iter_posteriors`), so a large image's pilot holds one scene model
-    per scene, not every blend. Returns what :func:`find_sources` does; the
+    per scene, not every blend. Returns what :func:`~bayesblend.infer.find_sources` does; the
     pilot itself only with ``keep_pilot`` (which keeps every batch).
 
     With a ``checkpoint`` directory, each pilot batch's point estimates are
