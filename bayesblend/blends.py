@@ -2,7 +2,8 @@
 
 A scene (a simulated stamp or a survey field) holds sources; sources whose
 light overlaps must be fitted together. :func:`group_sources` links sources
-closer than a linking length (friends of friends) into blends of at most
+closer than a linking length (friends of friends), and those that share a
+footprint (:func:`bayesblend.detect.footprint_pairs`), into blends of at most
 ``PAD_SIZES[-1]`` sources, :func:`blend_region` gives each blend a square cutout
 whose side is a multiple of :data:`REGION_MULTIPLE`, and :func:`prepare_blend` turns a cutout and its sources
 into the static :class:`~bayesblend.model.SceneSpec` and the arrays of
@@ -52,9 +53,22 @@ def padded_count(k: int) -> int:
 
 
 def group_sources(
-    x: np.ndarray, y: np.ndarray, linking_length: float, max_sources: int = PAD_SIZES[-1]
+    x: np.ndarray,
+    y: np.ndarray,
+    linking_length: float,
+    max_sources: int = PAD_SIZES[-1],
+    pairs: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray], list[bool]]:
-    """Friends-of-friends groups of sources closer than ``linking_length`` pixels.
+    """Friends-of-friends groups of sources closer than ``linking_length`` pixels, or paired.
+
+    ``pairs`` (``(n, 2)`` source indices) links more sources: those whose
+    light shares a footprint (:func:`bayesblend.detect.footprint_pairs`). The
+    linking length alone misses the neighbours of a large galaxy that sit in
+    its light farther out; footprints alone miss the faint sources, most of
+    the detections at survey depth, whose pixels are below the footprints'
+    threshold. On a 2048 x 2048 LSST field the footprints join 34 of the
+    3561 groups of a 16-pixel linking length, with no group over 16 sources
+    more (RESULTS "Whole images").
 
     A group larger than ``max_sources`` is split in two along its longer axis
     (at the median) until every part fits: the parts are then fitted
@@ -71,8 +85,10 @@ def group_sources(
     n = len(x)
     if n == 0:
         return [], []
-    pairs = cKDTree(np.c_[x, y]).query_pairs(linking_length, output_type="ndarray")
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    links = cKDTree(np.c_[x, y]).query_pairs(linking_length, output_type="ndarray")
+    if pairs is not None and len(pairs):
+        links = np.concatenate([links.reshape(-1, 2), np.asarray(pairs, int).reshape(-1, 2)])
+    graph = coo_matrix((np.ones(len(links)), (links[:, 0], links[:, 1])), shape=(n, n))
     _, label = connected_components(graph, directed=False)
     groups: list[tuple[np.ndarray, bool]] = []
 

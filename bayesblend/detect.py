@@ -61,6 +61,9 @@ MERGE_RADIUS = 1.5
 SEGMENT_THRESHOLD = 3.0
 #: A segmentation source farther than this (pixels) from every peak is a source of its own.
 SEGMENT_RADIUS = 2.0
+#: Threshold (sigma per pixel of the unfiltered detection image) of the footprints that tie sources
+#: into one blend (:func:`footprint_pairs`).
+FOOTPRINT_THRESHOLD = SEGMENT_THRESHOLD
 #: Residual peaks closer than this (pixels) to a fitted source are its misfit, not a new source.
 RESIDUAL_RADIUS = 3.0
 #: What a run that detects records about the detector (shear-bias run keys).
@@ -189,6 +192,60 @@ def _segments(det: np.ndarray, bad: np.ndarray, threshold: float) -> Table:
     )
     t.sort("snr", reverse=True)
     return t
+
+
+def footprint_pairs(
+    scene: Scene,
+    x: np.ndarray,
+    y: np.ndarray,
+    survey: str | None = None,
+    tile_size: int | None = TILE_SIZE,
+    overlap: int = OVERLAP,
+) -> np.ndarray:
+    """Pairs of the sources at ``(x, y)`` that lie in one footprint: ``(n_pairs, 2)`` indices.
+
+    A footprint is a connected region of at least 5 pixels of the detection
+    image above :data:`FOOTPRINT_THRESHOLD` sigma, before any deblending
+    (sep's segmentation with multi-threshold deblending off): what the LSST
+    pipelines call a parent footprint, the light of sources that overlap.
+    Sources whose pixel lies in the same footprint are chained in index order
+    (enough to make them one connected group, :func:`bayesblend.blends.group_sources`);
+    a source outside every footprint is in no pair.
+
+    Read tile by tile like :func:`detect_sources`: every tile pairs the
+    sources of its whole region (core and ``overlap``), and the pairs of all
+    tiles are joined. Cutting can only split a footprint, never join two, so
+    the pairs are those of the whole image whenever each footprint that holds
+    two sources fits in some tile's region (``overlap`` 64 pixels: all but
+    the largest galaxies).
+    """
+    x, y = np.round(np.asarray(x, float)).astype(int), np.round(np.asarray(y, float)).astype(int)
+    sky = sky_variance(scene, survey)
+    pairs = [np.zeros((0, 2), int)]
+    for tile in tile_grid(scene.shape, tile_size, overlap):
+        idx = np.flatnonzero((x >= tile.x0) & (x < tile.x1) & (y >= tile.y0) & (y < tile.y1))
+        if len(idx) < 2:
+            continue
+        det, bad, _ = _detection_image(_tile_scene(scene, tile), survey, sky)
+        try:
+            _, seg = sep.extract(
+                np.ascontiguousarray(det),
+                FOOTPRINT_THRESHOLD,
+                err=1.0,
+                mask=bad,
+                minarea=5,
+                deblend_cont=1.0,
+                segmentation_map=True,
+            )
+        except Exception as exc:  # sep raises a bare Exception on pathological images
+            raise BayesblendError(f"detection failed: {exc}") from None
+        label = seg[y[idx] - tile.y0, x[idx] - tile.x0]
+        idx, label = idx[label > 0], label[label > 0]
+        order = np.argsort(label, kind="stable")  # idx stays increasing within a footprint
+        idx, label = idx[order], label[order]
+        same = label[1:] == label[:-1]
+        pairs.append(np.c_[idx[:-1][same], idx[1:][same]])
+    return np.unique(np.concatenate(pairs), axis=0)
 
 
 def merge_close(sources: Table, radius: float) -> Table:

@@ -28,6 +28,7 @@ from bayesblend.blends import (
     prepare_blend,
     warn_bad_pixels,
 )
+from bayesblend.detect import footprint_pairs
 from bayesblend.errors import MaskedBlendError, MaskedBlendWarning
 from bayesblend.model import SceneSpec
 from bayesblend.prior.bundle import PriorBundle
@@ -76,19 +77,24 @@ def plan_scene(
 ) -> list[BlendPlan]:
     """Group a scene's sources at ``(x, y)`` into blends and plan each cutout (``index``: the scene's).
 
+    Sources closer than ``config.linking_length`` or in one footprint of the
+    scene's light (:func:`bayesblend.detect.footprint_pairs`) are one blend
+    (:func:`bayesblend.blends.group_sources`).
+
     Bad pixels are counted, with a warning, once for the whole scene; a blend
     whose every pixel is masked is left out with a warning naming its
     sources, so that one masked blend does not stop the rest of a field.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
-    groups, split = group_sources(x, y, config.linking_length)
-    if not groups:
+    if not len(x):
         return []
     sc = scene.select_bands(bundle.bands)
     bad_value, bad_variance, masked = bad_pixels(sc)
     where = "" if name == "the scene" else f"{name}: "
     warn_bad_pixels(bad_value, bad_variance, masked, where, stacklevel=4)
     valid = ~(bad_value | bad_variance | masked)
+    shared = footprint_pairs(sc, x, y, survey=bundle.survey) if len(x) > 1 and valid.any() else None
+    groups, split = group_sources(x, y, config.linking_length, pairs=shared)
     plans, left_out = [], []
     margin = config.region_margin + bundle.stamp // 2
     for g, s in zip(groups, split, strict=True):

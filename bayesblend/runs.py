@@ -428,7 +428,8 @@ def finish_catalog(out: Path, n_sources: int) -> Path:
 
 
 def _n_batches(positions: Sequence[tuple[np.ndarray, np.ndarray]], config: InferenceConfig) -> int:
-    """About how many batches the blends of these sources make (before cutting them out)."""
+    """About how many batches the blends of these sources make, to size the cluster before the scenes
+    are read (the linking length's groups: footprints can only join some of them)."""
     groups = sum(len(group_sources(x, y, config.linking_length)[0]) for x, y in positions if len(x))
     return -(-groups // config.batch_size)
 

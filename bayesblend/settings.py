@@ -68,7 +68,9 @@ class InferenceConfig:
     batch_size : int
         Blends per ``vmap`` batch.
     linking_length : float
-        Sources closer than this (pixels) are fitted together as one blend.
+        Sources closer than this (pixels) are fitted together as one blend, as
+        are those in one footprint of the scene's light
+        (:func:`bayesblend.detect.footprint_pairs`).
     region_margin : int
         Pixels around a blend's sources in its cutout.
     log_flux_sigma, position_sigma : float

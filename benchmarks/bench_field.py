@@ -9,6 +9,7 @@ counts to r = 27.5), it records in ``--json``:
   ``--workers`` processes: wall time, sources per second, the peak memory of each worker (Dask's
   own monitor), and the run's batches (resumable: rerunning the same command continues a killed run,
   and the time then counts only this call);
+- the blends of the run's sources by the linking length alone and with shared footprints joined;
 - completeness (detected and fitted within 1.5 pixels of a true galaxy) by true r magnitude and
   S/N, and the median |flux_r / true - 1| of matched galaxies at true S/N > 10 and > 30.
 
@@ -34,8 +35,9 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
+from bayesblend.blends import group_sources
 from bayesblend.cluster import local_client
-from bayesblend.detect import detect_sources, match_sources
+from bayesblend.detect import detect_sources, footprint_pairs, match_sources
 from bayesblend.fitting import fit_blends
 from bayesblend.io import read_scene
 from bayesblend.plan import plan_scenes
@@ -59,6 +61,26 @@ def tiling(scene, bands: list[str]) -> dict:
             d = np.hypot(base[:, None, 0] - xy[None, :, 0], base[:, None, 1] - xy[None, :, 1]).min(axis=1)
             out[str(size)]["unmatched_of_whole"] = int(np.sum(d > 1e-3))
             out[str(size)]["max_shift_pixels"] = float(d[d <= 1e-3].max()) if np.any(d <= 1e-3) else None
+    return out
+
+
+def grouping(scene, out: Path, bundle) -> dict:
+    """The run's sources in blends by the linking length alone, and with shared footprints joined."""
+    src = Table.read(out / "sources.parquet")
+    x, y = np.asarray(src["x"], float), np.asarray(src["y"], float)
+    cfg = InferenceConfig()
+    pairs = footprint_pairs(scene.select_bands(list(bundle.bands)), x, y, survey=bundle.survey)
+    out = {}
+    for name, extra in (("linking_length", None), ("with_footprints", pairs)):
+        groups, split = group_sources(x, y, cfg.linking_length, pairs=extra)
+        size = np.array([len(g) for g in groups])
+        out[name] = {
+            "blends": len(groups),
+            "largest": int(size.max()),
+            "blends_of_5_or_more": int(np.sum(size >= 5)),
+            "sources_in_split_blends": int(size[np.asarray(split)].sum()),
+        }
+    out["footprint_pairs"] = len(pairs)
     return out
 
 
@@ -153,6 +175,7 @@ def main() -> None:
         "peak_memory_main_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }
     summary["accuracy"] = accuracy(Table.read(run.catalog), truth)
+    summary["grouping"] = grouping(scene, Path(args.out), bundle)
     summary["compile"] = compile_cost(scene, Path(args.out), bundle, args.method)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=1))

@@ -114,6 +114,28 @@ def test_groups_link_neighbours_and_split_large_groups():
     assert split == [True] * 4
 
 
+def test_sources_in_one_footprint_are_one_blend_whatever_the_tiling(prior):
+    from bayesblend.detect import footprint_pairs
+    from bayesblend.plan import plan_scene
+    from bayesblend.settings import InferenceConfig
+
+    # a large bright galaxy at (40, 40), a neighbour on its light 22 pixels out (beyond the 16-pixel
+    # linking length), and a source as far from it on blank sky
+    noisy, _ = _point_sources([(62, 40), (40, 100)], [15.0, 15.0], shape=(128, 128))
+    yy, xx = np.mgrid[:128, :128]
+    blob = np.exp(-0.5 * ((xx - 40) ** 2 + (yy - 40) ** 2) / 9.0**2)
+    noisy.image = noisy.image + 40.0 * np.sqrt(noisy.variance) * blob[None]
+    x, y = np.array([40.0, 62.0, 40.0]), np.array([40.0, 40.0, 100.0])
+    pairs = footprint_pairs(noisy, x, y, tile_size=None)
+    assert pairs.tolist() == [[0, 1]]
+    for size, overlap in ((48, 40), (70, 48)):
+        np.testing.assert_array_equal(footprint_pairs(noisy, x, y, tile_size=size, overlap=overlap), pairs)
+    # planned: the neighbour joins the galaxy's blend; the linking length alone leaves it apart
+    plans = plan_scene(noisy, 0, x, y, prior, InferenceConfig())
+    assert sorted(p.members.tolist() for p in plans) == [[0, 1], [2]]
+    assert [g.tolist() for g in group_sources(x, y, 16.0)[0]] == [[0], [1], [2]]
+
+
 def test_blend_region_shape_is_a_fixed_multiple_and_covers_the_sources(galaxy_scene=None):
     x0, y0, h, w = blend_region(np.array([100.0, 120.0]), np.array([30.0, 34.0]), (256, 256), margin=40)
     assert h == w and h % 32 == 0  # square: one compiled shape for blends of any orientation
