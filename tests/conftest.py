@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 from astropy.table import Table
 
 from bayesblend.survey import get_survey
+
+
+def pytest_configure(config):
+    """One persistent JAX compilation cache for the whole run, made empty at its start.
+
+    Many modules compile the same programs (a 1-source MAP at the default settings, say), and the
+    module fixture below drops them from memory after each module; the two pytest-xdist workers, the
+    notebooks' kernels and the Dask workers of a run are separate processes. Each compiles a program
+    once and the others read it from this directory (``JAX_COMPILATION_CACHE_DIR``, inherited by every
+    child process), which is removed when the run ends.
+    """
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set already in an xdist worker
+        config._bayesblend_jax_cache = tempfile.mkdtemp(prefix="bayesblend-tests-jax-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config._bayesblend_jax_cache
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_bayesblend_jax_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
