@@ -184,7 +184,7 @@ def test_gauss_newton_per_source_jacobian_equals_the_whole_scene_jacobian(prior)
         "offset": prep.data["offset0"] + 0.3,
     }
     flat, unravel = ravel_pytree(params)
-    h = np.asarray(gauss_newton_precision(nets, w, prep.spec, prep.data, flat, unravel))
+    h = np.asarray(jax.jit(lambda f: gauss_newton_precision(nets, w, prep.spec, prep.data, f, unravel))(flat))
 
     decode = lambda z: nets.decode(w, z, forward_mode=True)  # noqa: E731
     to_latent = nets.to_latent(w)
@@ -192,8 +192,8 @@ def test_gauss_newton_per_source_jacobian_equals_the_whole_scene_jacobian(prior)
     def mean(f):
         return scene_mean(prep.spec, prep.data, decode, to_latent, unravel(f))
 
-    jac = jax.jacfwd(mean)(flat)  # (band, H, W, d)
-    wgt = inverse_variance(prep.spec, prep.data, mean(flat))
+    jac, model = jax.jit(lambda f: (jax.jacfwd(mean)(f), mean(f)))(flat)  # (band, H, W, d)
+    wgt = inverse_variance(prep.spec, prep.data, model)
     prec, _ = ravel_pytree(prior_precision(prep.spec, 6))
     dense = np.asarray(jnp.einsum("byxi,byxj,byx->ij", jac, jac, wgt) + jnp.diag(prec))
     assert h.shape == dense.shape == (flat.size, flat.size)

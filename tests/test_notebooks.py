@@ -9,7 +9,16 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+#: Run only with ``-m slow``: the shear notebook's estimators and harness are tested in test_shear.py and
+#: test_shear_bias.py, and the suite has to stay under 20 minutes on two cores.
+SLOW = {"02_shear.ipynb"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p for p in NOTEBOOKS],
+    ids=[p.name for p in NOTEBOOKS],
+)
 def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("BAYESBLEND_FAST", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
