@@ -66,9 +66,9 @@ def group_sources(
     linking length alone misses the neighbours of a large galaxy that sit in
     its light farther out; footprints alone miss the faint sources, most of
     the detections at survey depth, whose pixels are below the footprints'
-    threshold. On a 2048 x 2048 LSST field the footprints join 34 of the
-    3561 groups of a 16-pixel linking length, with no group over 16 sources
-    more (RESULTS "Whole images").
+    threshold. On a 2048 x 2048 LSST field (6 243 sources) the footprints
+    join the 3 588 blends of a 16-pixel linking length into 3 528, and no
+    more sources end in split blends (RESULTS "Whole images").
 
     A group larger than ``max_sources`` is split in two along its longer axis
     (at the median) until every part fits: the parts are then fitted
