@@ -378,6 +378,7 @@ def match_sources(
     d = np.hypot(
         x_true[:, None] - np.asarray(x_found, float)[None], y_true[:, None] - np.asarray(y_found, float)[None]
     )
+    d = np.where(np.isnan(d), np.inf, d)  # a source without a position (a masked catalogue row) matches none
     taken = np.zeros(d.shape[1], bool)
     for i in np.argsort(d.min(axis=1)):  # a handful of galaxies per blend
         cand = np.where(taken, np.inf, d[i])

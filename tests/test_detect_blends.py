@@ -136,6 +136,14 @@ def test_sources_in_one_footprint_are_one_blend_whatever_the_tiling(prior):
     assert [g.tolist() for g in group_sources(x, y, 16.0)[0]] == [[0], [1], [2]]
 
 
+def test_matching_skips_found_sources_without_a_position():
+    from bayesblend.detect import match_sources
+
+    x_found, y_found = [np.nan, 20.5, 10.2], [5.0, 5.0, 5.0]
+    hit = match_sources(np.array([10.0, 20.0]), np.array([5.0, 5.0]), x_found, y_found, 1.5)
+    assert hit.tolist() == [2, 1]
+
+
 def test_blend_region_shape_is_a_fixed_multiple_and_covers_the_sources(galaxy_scene=None):
     x0, y0, h, w = blend_region(np.array([100.0, 120.0]), np.array([30.0, 34.0]), (256, 256), margin=40)
     assert h == w and h % 32 == 0  # square: one compiled shape for blends of any orientation
