@@ -179,14 +179,17 @@ def segment_sources(scene: Scene, survey: str | None = None, threshold: float = 
     return _segments(*detection_image(scene, survey), threshold)
 
 
-def _segments(det: np.ndarray, bad: np.ndarray, threshold: float) -> Table:
-    """:func:`segment_sources` on a unit-noise detection image and its bad-pixel mask."""
+def _sep_extract(det: np.ndarray, bad: np.ndarray, threshold: float, **options):
+    """sep's extraction (at least 5 pixels above ``threshold``) of a unit-noise detection image."""
     try:
-        o = sep.extract(
-            np.ascontiguousarray(det), threshold, err=1.0, mask=bad, minarea=5, deblend_cont=0.001
-        )
+        return sep.extract(np.ascontiguousarray(det), threshold, err=1.0, mask=bad, minarea=5, **options)
     except Exception as exc:  # sep raises a bare Exception on pathological images
         raise BayesblendError(f"detection failed: {exc}") from None
+
+
+def _segments(det: np.ndarray, bad: np.ndarray, threshold: float) -> Table:
+    """:func:`segment_sources` on a unit-noise detection image and its bad-pixel mask."""
+    o = _sep_extract(det, bad, threshold, deblend_cont=0.001)
     t = Table(
         {"x": o["x"], "y": o["y"], "snr": o["flux"] / np.sqrt(np.maximum(o["npix"], 1))}, dtype=[float] * 3
     )
@@ -227,18 +230,7 @@ def footprint_pairs(
         if len(idx) < 2:
             continue
         det, bad, _ = _detection_image(_tile_scene(scene, tile), survey, sky)
-        try:
-            _, seg = sep.extract(
-                np.ascontiguousarray(det),
-                FOOTPRINT_THRESHOLD,
-                err=1.0,
-                mask=bad,
-                minarea=5,
-                deblend_cont=1.0,
-                segmentation_map=True,
-            )
-        except Exception as exc:  # sep raises a bare Exception on pathological images
-            raise BayesblendError(f"detection failed: {exc}") from None
+        _, seg = _sep_extract(det, bad, FOOTPRINT_THRESHOLD, deblend_cont=1.0, segmentation_map=True)
         label = seg[y[idx] - tile.y0, x[idx] - tile.x0]
         idx, label = idx[label > 0], label[label > 0]
         order = np.argsort(label, kind="stable")  # idx stays increasing within a footprint
